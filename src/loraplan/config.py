@@ -1,0 +1,205 @@
+"""`PlanConfig`: every setting of a plan, defined and validated once.
+
+The HF callback, the Axolotl args model and the CLI all build a :class:`PlanConfig`; none of them keeps its own
+defaults or its own validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["PlanConfig"]
+
+POOLINGS = ("auto", "last", "first")
+LAST_TOKEN_MODES = ("mask", "reference")
+RANK_POLICIES = ("keep", "budget")
+
+
+@dataclass
+class PlanConfig:
+    """Settings of a plan: which strategy, how many layers, how to calibrate.
+
+    Args:
+        selector (`str`, defaults to `"cka"`):
+            Name of the layer selector: a built-in (`cka`, `activation`, `gradient`, `random`, `top`, `bottom`,
+            `every_other`, `all`) or any installed plugin's.
+        ratio (`float`, defaults to `0.5`):
+            Fraction of the layers to keep, in (0, 1]: `k = floor(ratio * L)`, at least 1.
+        count (`int`, *optional*):
+            Explicit number of layers to keep, 1..L. Overrides `ratio`.
+        cumulative (`float`, *optional*):
+            Cumulative-threshold mode (Act-LoRA): keep the smallest set of highest-scoring layers whose
+            normalised importance sums to at least this value, in (0, 1]. Overrides `ratio` and `count`.
+        share (`str`, *optional*):
+            Name of the sharer (`angular`, `odd_even` or a plugin's); `None` for no sharing.
+        share_threshold (`float`, defaults to `0.85`):
+            Similarity threshold ε of ShareLoRA's grouping, in [0, 1]. The paper used 0.85 for LLaMA-1/2, 0.80
+            for LLaMA-3, 0.9 for LLaVA.
+        rank_policy (`str` or `int`, defaults to `"keep"`):
+            Rank of the planned LoRA modules: `"keep"` the LoRA config's `r`; `"budget"` ShareLoRA's budget rule
+            `r' = floor(L r / (L - sum|S| + |S|))`; or an explicit positive integer.
+        calibration_samples (`int`, defaults to `128`):
+            Number of calibration samples N, taken in order from the data (no shuffle), as the reference does.
+        max_length (`int`, defaults to `512`):
+            Tokens per sample; longer samples are truncated.
+        batch_size (`int`, defaults to `8`):
+            Samples per calibration forward pass.
+        seed (`int`, defaults to `0`):
+            Seed for the `random` selector and anything else random.
+        target_modules (`list[str]`, *optional*):
+            Names of the LoRA target modules whose inputs the activation and gradient metrics read. Default: the
+            wrapped model's LoRA targets, or every linear module inside the layers.
+        text_field (`str`, defaults to `"text"`):
+            Column or JSON key that holds the calibration text.
+        pooling (`str`, defaults to `"auto"`):
+            One vector per sample: `"last"` non-pad token (decoders), `"first"` token (encoders, CLS), or
+            `"auto"` to decide from the architecture.
+        last_token (`str`, defaults to `"mask"`):
+            How the last real token is found: `"mask"` from the attention mask, or `"reference"` from
+            `input_ids != pad_id` with pad = eos, as the CKA reference code does (it also drops a trailing eos).
+        debiased (`bool`, defaults to `False`):
+            Use the debiased (unbiased HSIC) CKA estimator; needs at least 4 samples.
+        stability (`bool`, defaults to `True`):
+            Also score each half of the calibration data and store the rank correlation of the two rankings.
+        options (`dict`, defaults to `{}`):
+            Settings for third-party strategies, passed through untouched and recorded in the plan.
+    """
+
+    selector: str = "cka"
+    ratio: float = 0.5
+    count: int | None = None
+    cumulative: float | None = None
+    share: str | None = None
+    share_threshold: float = 0.85
+    rank_policy: str | int = "keep"
+    calibration_samples: int = 128
+    max_length: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    target_modules: list[str] | None = None
+    text_field: str = "text"
+    pooling: str = "auto"
+    last_token: str = "mask"
+    debiased: bool = False
+    stability: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_str("selector", self.selector, "a selector name such as 'cka' or 'activation'")
+        _check_number("ratio", self.ratio, 0.0, 1.0, low_open=True, fix="e.g. ratio=0.5 keeps half the layers")
+        if self.count is not None:
+            _check_int("count", self.count, 1, "an explicit number of layers to keep, at least 1")
+        if self.cumulative is not None:
+            _check_number(
+                "cumulative", self.cumulative, 0.0, 1.0, low_open=True, fix="e.g. cumulative=0.9 keeps 90 % of the score"
+            )
+        if self.share is not None:
+            _check_str("share", self.share, "a sharer name such as 'angular', or None for no sharing")
+        _check_number(
+            "share_threshold", self.share_threshold, 0.0, 1.0, fix="the paper used 0.85 for LLaMA-2, 0.80 for LLaMA-3"
+        )
+        if isinstance(self.rank_policy, bool) or not (
+            self.rank_policy in RANK_POLICIES or (isinstance(self.rank_policy, int) and self.rank_policy >= 1)
+        ):
+            raise ConfigError(
+                f"`rank_policy` must be 'keep', 'budget' or a positive integer, got {self.rank_policy!r}. "
+                "Use 'keep' for the LoRA config's r, 'budget' for ShareLoRA's budget rule, or e.g. rank_policy=16."
+            )
+        _check_int("calibration_samples", self.calibration_samples, 1, "the number of calibration samples, e.g. 128")
+        _check_int("max_length", self.max_length, 1, "tokens per calibration sample, e.g. 512")
+        _check_int("batch_size", self.batch_size, 1, "samples per calibration batch, e.g. 8")
+        _check_int("seed", self.seed, 0, "a non-negative integer seed")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str) or not all(isinstance(m, str) for m in self.target_modules):
+                raise ConfigError(
+                    f"`target_modules` must be a list of module names, got {self.target_modules!r}. "
+                    "Pass e.g. ['q_proj', 'v_proj'], or leave it unset to use the LoRA config's targets."
+                )
+            if not self.target_modules:
+                raise ConfigError("`target_modules` is an empty list. Name at least one module, or leave it unset.")
+            self.target_modules = list(self.target_modules)
+        _check_str("text_field", self.text_field, "the name of the text column, e.g. 'text'")
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("last_token", self.last_token, LAST_TOKEN_MODES)
+        for name in ("debiased", "stability"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"`options` must be a mapping of plugin settings, got {self.options!r}.")
+
+    # -- conversions -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanConfig:
+        """Build from a mapping; an unknown key is an error that lists the known ones."""
+        if isinstance(data, PlanConfig):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"a loraplan config must be a mapping of settings, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = _closest(key, known)
+                hints.append(f"`{key}`" + (f" (did you mean `{close}`?)" if close else ""))
+            raise ConfigError(
+                f"unknown loraplan setting(s) {', '.join(hints)}. Known settings: {', '.join(sorted(known))}."
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> PlanConfig:
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def layer_count(self, num_layers: int) -> int:
+        """`k`, the number of layers to keep out of `num_layers` (before any cumulative threshold)."""
+        if self.count is not None:
+            if self.count > num_layers:
+                raise ConfigError(
+                    f"`count` must be between 1 and the model's {num_layers} layers, got {self.count}. "
+                    f"Lower it, or use ratio=... for a fraction."
+                )
+            return self.count
+        return max(1, math.floor(self.ratio * num_layers + 1e-9))
+
+
+def _closest(key: str, known: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _check_str(name: str, value: Any, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"`{name}` must be {what}, got {value!r}.")
+
+
+def _check_int(name: str, value: Any, low: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"`{name}` must be {what} (an integer >= {low}), got {value!r}.")
+
+
+def _check_number(
+    name: str, value: Any, low: float, high: float, *, low_open: bool = False, fix: str = ""
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"`{name}` must be a number in {interval}, got {value!r}." + (f" Fix: {fix}." if fix else ""))
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")

@@ -1,0 +1,217 @@
+"""Finding the transformer layer stack of a model, and the LoRA target modules inside each layer."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .errors import LayerDiscoveryError
+
+if TYPE_CHECKING:
+    import pluggy
+
+__all__ = ["LayerStack", "find_layers", "linear_modules", "target_modules_of", "unwrap"]
+
+#: model types whose sequence representation is the first token (CLS)
+ENCODER_MODEL_TYPES = frozenset(
+    {
+        "albert",
+        "bert",
+        "camembert",
+        "deberta",
+        "deberta-v2",
+        "distilbert",
+        "electra",
+        "ernie",
+        "mpnet",
+        "modernbert",
+        "nomic_bert",
+        "roberta",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+    }
+)
+
+
+@dataclass
+class LayerStack:
+    """Where a model's transformer layers live.
+
+    Attributes:
+        layers: the ``nn.ModuleList`` of blocks, in order.
+        path: dotted path of that list from the model root, e.g. ``"model.layers"``.
+        backbone: the module whose output's ``last_hidden_state`` (or first element) is ``h_L``, the last entry of
+            ``output_hidden_states`` (for Llama-like decoders: after the final norm).
+        pooling: ``"last"`` (decoders: last non-pad token) or ``"first"`` (encoders: CLS).
+        ambiguous: another module list in the model ends with the same name (e.g. a vision tower's ``layers``),
+            so PEFT's ``layers_pattern`` cannot tell them apart and the plan is expressed as a regex instead.
+    """
+
+    layers: nn.ModuleList
+    path: str
+    backbone: nn.Module
+    pooling: str = "last"
+    ambiguous: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def pattern(self) -> str:
+        """The name PEFT's ``layers_pattern`` matches: the last component of ``path``."""
+        return self.path.rsplit(".", 1)[-1]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return model
+    if isinstance(model, PeftModel):
+        return model.get_base_model()
+    inner = getattr(model, "model", None)
+    if type(model).__name__ == "LoraModel" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
+def _module_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            classes = {type(m) for m in module}
+            if len(classes) == 1:
+                found.append((name, module))
+    return found
+
+
+_BLOCK_NAME = re.compile(r"(Layer|Block|DecoderLayer|EncoderLayer)$")
+_NON_TEXT = re.compile(r"(^|\.)(vision|visual|image|audio|speech|vit|mm_projector|multi_modal)", re.IGNORECASE)
+_TEXT = re.compile(r"(^|\.)(language_model|text_model|model|transformer|gpt_neox|decoder|encoder)(\.|$)")
+
+
+def _backbone_for(model: nn.Module, path: str) -> nn.Module:
+    """The nearest ancestor of the layer list that is a transformers ``PreTrainedModel`` (else the root)."""
+    from transformers import PreTrainedModel
+
+    parts = path.split(".")
+    best = model
+    current = model
+    for part in parts[:-1]:
+        current = getattr(current, part) if not part.isdigit() else current[int(part)]
+        if isinstance(current, PreTrainedModel):
+            best = current
+    return best
+
+
+def _pooling_for(model: nn.Module, backbone: nn.Module) -> str:
+    for candidate in (backbone, model):
+        config = getattr(candidate, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type in ENCODER_MODEL_TYPES:
+            return "first"
+    return "last"
+
+
+def default_layer_stack(model: nn.Module) -> LayerStack | None:
+    """Built-in discovery: the block list of a transformers model (text stack preferred in multimodal models)."""
+    candidates = []
+    for name, module_list in _module_lists(model):
+        block = type(module_list[0]).__name__
+        if not _BLOCK_NAME.search(block):
+            continue
+        if _NON_TEXT.search(name):
+            continue
+        candidates.append((name, module_list))
+    if not candidates:
+        return None
+    # prefer the stack inside a language model, then the longest, then the shallowest path
+    candidates.sort(
+        key=lambda item: (
+            "language_model" not in item[0] and "text_model" not in item[0],
+            -len(item[1]),
+            item[0].count("."),
+        )
+    )
+    path, layers = candidates[0]
+    backbone = _backbone_for(model, path)
+    return LayerStack(layers=layers, path=path, backbone=backbone, pooling=_pooling_for(model, backbone))
+
+
+def find_layers(model: nn.Module, pm: pluggy.PluginManager | None = None) -> LayerStack:
+    """The layer stack of ``model`` (a PEFT wrapper is looked through), asking plugins first."""
+    from .hooks.manager import call_hook, get_plugin_manager
+
+    base = unwrap(model)
+    pm = pm if pm is not None else get_plugin_manager()
+    stack = call_hook(pm, "loraplan_find_layers", model=base)
+    if stack is None:
+        raise LayerDiscoveryError(
+            f"cannot find the transformer layer stack of {type(base).__name__}: no nn.ModuleList of identical "
+            "blocks named *Layer/*Block was found, and no plugin recognised the model. Teach loraplan the "
+            "architecture with a plugin that implements the `loraplan_find_layers(model)` hook and returns "
+            "loraplan.layers.LayerStack(layers=..., path=..., backbone=...) (see docs/hooks.md)."
+        )
+    if not isinstance(stack, LayerStack):
+        raise LayerDiscoveryError(
+            f"`loraplan_find_layers` returned {type(stack).__name__} for {type(base).__name__}; "
+            "it must return a loraplan.layers.LayerStack or None."
+        )
+    if len(stack.layers) == 0:
+        raise LayerDiscoveryError(f"the layer stack {stack.path!r} of {type(base).__name__} is empty.")
+    same_name = [
+        name
+        for name, _ in _module_lists(base)
+        if name != stack.path and name.rsplit(".", 1)[-1] == stack.pattern
+    ]
+    stack.ambiguous = stack.ambiguous or bool(same_name)
+    return stack
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    # GPT-2 style Conv1D (a linear layer with transposed weight)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """Every linear module inside one block, by dotted name relative to the block.
+
+    A PEFT LoRA wrapper counts as its base layer; LoRA's own ``lora_A``/``lora_B`` are skipped.
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        BaseTunerLayer = ()  # type: ignore[assignment]
+    found: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, module in layer.named_modules():
+        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if BaseTunerLayer and isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            if _is_linear(base):
+                found[name] = module
+            skip.append(name)
+        elif _is_linear(module):
+            found[name] = module
+    return found
+
+
+def target_modules_of(layer: nn.Module, targets: list[str] | None) -> dict[str, nn.Module]:
+    """The modules of one block that LoRA targets: names equal to or ending in ``.target`` (PEFT's rule)."""
+    modules = linear_modules(layer)
+    if targets is None:
+        return modules
+    return {
+        name: module
+        for name, module in modules.items()
+        if any(name == t or name.endswith("." + t) for t in targets)
+    }

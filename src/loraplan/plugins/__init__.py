@@ -1,0 +1,1 @@
+"""Built-in strategies. Each module is a plugin, registered exactly as a third-party plugin would be."""

@@ -1,0 +1,93 @@
+"""Text reports of a plan: the per-layer table and the trainable-parameter comparison."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .plan import LoraPlan
+
+__all__ = ["ParameterCount", "format_plan", "parameter_count"]
+
+
+@dataclass
+class ParameterCount:
+    """Trainable LoRA parameters of LoRA on every layer versus the plan (same target modules)."""
+
+    rank: int
+    plan_rank: int
+    all_layers: int
+    plan: int
+
+    @property
+    def ratio(self) -> float:
+        return self.plan / self.all_layers if self.all_layers else math.nan
+
+
+def parameter_count(plan: LoraPlan, rank: int | None = None) -> ParameterCount:
+    """LoRA parameters ``r (in + out)`` per target module, all layers at ``rank`` versus the plan's distinct modules
+    at the plan's rank. ``rank`` defaults to the rank the plan was made for, else 8."""
+    base = rank if rank is not None else plan.calibration.get("base_rank") or plan.rank or 8
+    plan_rank = plan.resolve_rank(base)
+    shapes = plan.layers.get("module_shapes") or {}
+    per_layer = sum(i + o for i, o in shapes.values())
+    return ParameterCount(
+        rank=base,
+        plan_rank=plan_rank,
+        all_layers=plan.num_layers * per_layer * base,
+        plan=plan.num_modules() * per_layer * plan_rank,
+    )
+
+
+def _fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if abs(value) >= 1000 or (value != 0 and abs(value) < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
+    """The per-layer table (scores, selected, group), the parameter comparison, stability and warnings."""
+    names = [n for n in plan.scores if n != "importance"] + (["importance"] if "importance" in plan.scores else [])
+    header = ["layer", *names, "selected", "group"]
+    rows = []
+    for layer in range(plan.num_layers):
+        group = plan.group_of(layer)
+        mark = "yes" if layer in plan.selected_layers else ("FLAGGED" if layer in plan.flagged_layers else "")
+        rows.append(
+            [str(layer), *(_fmt(plan.scores[n][layer]) for n in names), mark, "" if group is None else f"G{group}"]
+        )
+    widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(header)]
+    lines = [
+        f"loraplan plan: {plan.model.get('class')} ({plan.num_layers} layers at {plan.layers.get('path')}), "
+        f"selector={plan.selector}"
+        + (f", share={plan.share} (threshold {plan.config.get('share_threshold')})" if plan.share else "")
+        + f", {plan.calibration.get('num_samples')} calibration samples",
+        "  ".join(h.rjust(w) for h, w in zip(header, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.append("")
+    lines.append(f"selected layers ({len(plan.selected_layers)}/{plan.num_layers}): {plan.selected_layers}")
+    if plan.share_groups:
+        lines.append(
+            "share groups: "
+            + ", ".join(f"G{i}={g}" for i, g in enumerate(plan.share_groups))
+            + f" -> {plan.num_modules()} distinct LoRA module sets"
+        )
+    count = parameter_count(plan, rank)
+    if count.all_layers:
+        targets = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in plan.layers.get("module_shapes", {})}))
+        lines.append(
+            f"trainable LoRA parameters ({targets}): all layers at r={count.rank}: {count.all_layers:,}; "
+            f"plan at r={count.plan_rank}: {count.plan:,} ({count.ratio:.1%}, saving {1 - count.ratio:.1%})"
+        )
+    for name, rho in plan.stability.items():
+        lines.append(f"stability of the {name} ranking across two halves of the calibration data: Spearman {rho:.3f}")
+    for layer, reason in sorted(plan.flagged_layers.items()):
+        lines.append(f"flagged layer {layer}: {reason}")
+    for warning in plan.warnings:
+        if not warning.startswith("layer ") or "flagged" not in warning:
+            lines.append(f"warning: {warning}")
+    return "\n".join(lines)
