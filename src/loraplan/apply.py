@@ -146,6 +146,21 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _fold_delta(module: nn.Module, adapter: str, why: str) -> None:
+    """Add a module's current LoRA delta to its base weight before the module is dropped or re-created, so an
+    initialisation that leaves B non-zero (PiSSA, OLoRA...) does not change the model's function."""
+    if not _b_nonzero(module, module, adapter):
+        return
+    if module.use_dora.get(adapter, False):
+        raise ConfigError(
+            f"a DoRA adapter with a non-zero initialisation (`init_lora_weights`) cannot be {why} after wrapping. "
+            "Build the model with plan.to_lora_config(...) instead of narrowing it with apply_plan."
+        )
+    base = module.get_base_layer()
+    with torch.no_grad():
+        base.weight.add_(module.get_delta_weight(adapter).to(base.weight.dtype))
+
+
 def _narrow(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: str) -> int:
     removed = 0
     selected = set(plan.selected_layers)
@@ -154,6 +169,7 @@ def _narrow(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: s
             continue
         layer = stack.layers[index]
         for name, module in modules.items():
+            _fold_delta(module, adapter, "removed from an unplanned layer")
             if set(module.lora_A.keys()) == {adapter}:
                 _set_submodule(layer, name, module.get_base_layer())
             else:
@@ -167,6 +183,7 @@ def _rerank(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: s
     for modules in lora_modules_by_layer(peft_model, stack, adapter).values():
         for name, module in modules.items():
             if module.r[adapter] != config.r:
+                _fold_delta(module, adapter, f"re-created at r={config.r}")
                 alpha = module.lora_alpha[adapter]
                 module.update_layer(adapter, config.r, lora_alpha=alpha, config=config)
                 changed += 1

@@ -241,7 +241,7 @@ def _forward_pass(
     act_batches: list[torch.Tensor] = []
     act_current: list[torch.Tensor | None] = [None] * num_layers
     act_calls = [0] * num_layers
-    norm_cache: dict[tuple[int, int], torch.Tensor] = {}
+    norm_cache: dict[Any, Any] = {}
 
     def pool(index: int, value: Any) -> None:
         hidden = _first_tensor(value)
@@ -283,9 +283,14 @@ def _forward_pass(
 
                 def pre(module: nn.Module, args: tuple, kwargs: dict, _l: int = layer_number) -> None:
                     x = args[0] if args else next(iter(kwargs.values()))
-                    key = (x.data_ptr(), x.numel())
-                    sums = norm_cache.get(key)
+                    if norm_cache.get("layer") != _l:  # inputs are shared only within a layer (q/k/v, gate/up)
+                        norm_cache.clear()
+                        norm_cache["layer"] = _l
+                    # the cache holds the tensor itself, so its memory cannot be reused by another tensor meanwhile
+                    hit = norm_cache.get(id(x))
+                    sums = hit[1] if hit is not None and hit[0] is x else None
                     if sums is None:
+                        original = x
                         mask = state.mask
                         if x.dim() == 2 and mask is not None and x.shape[0] == mask.numel():
                             x = x.reshape(mask.shape[0], mask.shape[1], -1)
@@ -296,7 +301,7 @@ def _forward_pass(
                             )
                         norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32)
                         sums = (norms * mask).sum(dim=1).double()
-                        norm_cache[key] = sums
+                        norm_cache[id(original)] = (original, sums)
                     act_calls[_l] += 1
                     act_current[_l] = sums if act_current[_l] is None else act_current[_l] + sums
 

@@ -121,7 +121,7 @@ class PlanConfig:
                     "Pass e.g. ['q_proj', 'v_proj'], or leave it unset to use the LoRA config's targets."
                 )
             if not self.target_modules:
-                raise ConfigError("`target_modules` is an empty list. Name at least one module, or leave it unset.")
+                raise ConfigError("`target_modules` must name at least one module, got []. Name e.g. ['q_proj'], or leave it unset.")
             self.target_modules = list(self.target_modules)
         _check_str("text_field", self.text_field, "the name of the text column, e.g. 'text'")
         _check_choice("pooling", self.pooling, POOLINGS)

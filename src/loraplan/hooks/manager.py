@@ -84,7 +84,7 @@ class Registered:
 def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, Registered]:
     found: dict[str, Registered] = {}
     caller = getattr(pm.hook, hook_name)
-    for impl in reversed(caller.get_hookimpls()):  # registration order: built-ins first
+    for impl in caller.get_hookimpls():  # registration order: built-ins first
 
         def register(strategy: Any, _plugin: str = impl.plugin_name) -> None:
             name = getattr(strategy, "name", None)

@@ -1,0 +1,108 @@
+"""Shared fixtures. HF_HUB_OFFLINE is set before transformers is imported: no test touches a model hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["LORAPLAN_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # tests register plugins explicitly
+
+import pytest
+import torch
+
+from loraplan import get_plugin_manager
+
+
+@pytest.fixture
+def pm():
+    """A fresh plugin manager for each test (built-ins only; no installed plugins)."""
+    return get_plugin_manager(load_entrypoints=False)
+
+
+def tiny_llama(layers: int = 6, seed: int = 0, vocab: int = 101):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(layers: int = 4, seed: int = 0, vocab: int = 101, head: bool = True):
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    model = BertForSequenceClassification(config) if head else BertModel(config)
+    return model.eval()
+
+
+def random_batches(
+    n_batches: int = 4, batch: int = 4, length: int = 12, vocab: int = 101, seed: int = 0, ragged: bool = True
+):
+    """Token batches with right padding of varying length (token 0 never used as a real token)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, vocab, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        if ragged:
+            lengths = torch.randint(length // 2, length + 1, (batch,), generator=g)
+            for row, n in enumerate(lengths.tolist()):
+                ids[row, n:] = 0
+                mask[row, n:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from loraplan.assets import smollm2_path
+
+    return smollm2_path(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from loraplan.assets import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def reviews():
+    from loraplan.assets import fine_foods
+
+    return fine_foods("train")
+
+
+@pytest.fixture
+def make_llama():
+    return tiny_llama
+
+
+@pytest.fixture
+def make_bert():
+    return tiny_bert
+
+
+@pytest.fixture
+def make_batches():
+    return random_batches

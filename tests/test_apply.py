@@ -1,0 +1,225 @@
+"""Realising a plan with real PEFT: LoraConfig, narrowing, tying, saving, stock loading, LoRA variants."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from loraplan import LoraPlan, PlanConfig, apply_plan, load_adapter, make_plan, save_adapter
+from loraplan.apply import lora_modules_by_layer
+from loraplan.errors import ConfigError, PlanMismatchError
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _plan(make_llama, make_batches, pm, **cfg):
+    settings = dict(selector="cka", share="angular", share_threshold=0.5, calibration_samples=16)
+    settings.update(cfg)
+    return make_plan(make_llama(layers=6), make_batches(), PlanConfig(**settings), plugin_manager=pm, progress=False)
+
+
+def _lora_layers(model) -> set[int]:
+    found = set()
+    for name, _ in model.named_modules():
+        m = re.search(r"\.layers\.(\d+)\..*lora_A$", name)
+        if m:
+            found.add(int(m.group(1)))
+    return found
+
+
+def _train_steps(model, steps=2, seed=0):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(3, 100, (4, 10), generator=g)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return opt
+
+
+def test_to_lora_config_realises_the_selection(pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm, share=None)
+    base = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    cfg = plan.to_lora_config(base)
+    assert cfg is not base and base.layers_to_transform is None
+    assert cfg.layers_to_transform == plan.selected_layers and cfg.layers_pattern == "layers"
+    assert cfg.r == 4
+    model = get_peft_model(make_llama(layers=6), cfg)
+    assert _lora_layers(model) == set(plan.selected_layers)
+
+
+def test_all_linear_is_expanded_to_the_layers_modules(pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm, share=None, selector="top")
+    cfg = plan.to_lora_config(LoraConfig(r=2, target_modules="all-linear"))
+    assert sorted(cfg.target_modules) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    model = get_peft_model(make_llama(layers=6), cfg)
+    assert _lora_layers(model) == {3, 4, 5}
+    assert not any("lm_head.lora" in n for n, _ in model.named_modules())
+
+
+def test_a_regex_target_is_narrowed_not_replaced(pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm, share=None, selector="bottom")
+    cfg = plan.to_lora_config(LoraConfig(r=2, target_modules=r".*\.(q_proj|v_proj)"))
+    assert isinstance(cfg.target_modules, str) and cfg.layers_to_transform is None
+    model = get_peft_model(make_llama(layers=6), cfg)
+    assert _lora_layers(model) == {0, 1, 2}
+    names = {n.rsplit(".", 2)[-2] for n, _ in model.named_modules() if n.endswith("lora_A")}
+    assert names == {"q_proj", "v_proj"}
+
+
+def test_an_ambiguous_layer_container_becomes_a_regex(pm, make_batches):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=4,
+                                 image_size=32, patch_size=8)
+    text = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          num_hidden_layers=4, vocab_size=101)
+    build = lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=100))  # noqa: E731
+    plan = make_plan(build(), make_batches(), PlanConfig(selector="top", calibration_samples=8), plugin_manager=pm, progress=False)
+    assert plan.layers["ambiguous"] and plan.selected_layers == [2, 3]
+    # PEFT's layers_to_transform would also hit the vision tower's layers 2 and 3 (it has q_proj too)
+    cfg = plan.to_lora_config(LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert isinstance(cfg.target_modules, str)
+    model = get_peft_model(build(), cfg)
+    adapted = sorted({n.split(".lora_A")[0] for n, _ in model.named_modules() if n.endswith("lora_A")})
+    assert adapted and all(".language_model.layers." in n for n in adapted)
+    assert {int(re.search(r"layers\.(\d+)", n).group(1)) for n in adapted} == {2, 3}
+
+
+def test_apply_plan_narrows_ties_and_trains_one_tensor(pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm)
+    assert plan.share_groups, "the threshold must form groups for this test"
+    model = get_peft_model(make_llama(layers=6), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    before = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    apply_plan(model, plan)
+    assert _lora_layers(model) == set(plan.selected_layers)
+    assert model.peft_config["default"].layers_to_transform == plan.selected_layers
+    by_layer = lora_modules_by_layer(model)
+    for group in plan.share_groups:
+        for name in by_layer[group[0]]:
+            for member in group[1:]:
+                assert by_layer[member][name].lora_A["default"] is by_layer[group[0]][name].lora_A["default"]
+                assert by_layer[member][name].lora_B["default"] is by_layer[group[0]][name].lora_B["default"]
+    per_layer = 4 * ((32 + 32) + (32 + 16) + (64 + 32))
+    after = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert after == plan.num_modules() * per_layer < before
+    lead, member = plan.share_groups[0][0], plan.share_groups[0][1]
+    weight_before = by_layer[lead]["self_attn.q_proj"].lora_B["default"].weight.detach().clone()
+    _train_steps(model)
+    by_layer = lora_modules_by_layer(model)
+    a = by_layer[lead]["self_attn.q_proj"].lora_B["default"].weight
+    b = by_layer[member]["self_attn.q_proj"].lora_B["default"].weight
+    assert a.data_ptr() == b.data_ptr() and not torch.equal(a.detach(), weight_before)
+
+
+def test_save_then_stock_peft_load_gives_the_same_logits_with_sharing(tmp_path, pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm)
+    assert plan.share_groups
+    model = get_peft_model(make_llama(layers=6, seed=0), LoraConfig(r=4, target_modules=TARGETS))
+    apply_plan(model, plan)
+    _train_steps(model)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "loraplan.json").is_file()
+    assert LoraPlan.load(tmp_path / "adapter") == plan
+
+    stock = PeftModel.from_pretrained(make_llama(layers=6, seed=0), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, expected)
+    assert _lora_layers(stock) == set(plan.selected_layers)
+    lead, member = plan.share_groups[0][:2]
+    stock_layers = lora_modules_by_layer(stock)
+    assert stock_layers[member]["self_attn.q_proj"].lora_A["default"] is not stock_layers[lead]["self_attn.q_proj"].lora_A["default"]
+
+    ours = load_adapter(make_llama(layers=6, seed=0), tmp_path / "adapter", is_trainable=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected)
+    our_layers = lora_modules_by_layer(ours)
+    assert our_layers[member]["self_attn.q_proj"].lora_A["default"] is our_layers[lead]["self_attn.q_proj"].lora_A["default"]
+    assert ours.loraplan_plan == plan
+
+
+def test_loading_an_adapter_trained_untied_with_a_sharing_plan_is_refused(tmp_path, pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm)
+    model = get_peft_model(make_llama(layers=6), plan.to_lora_config(LoraConfig(r=4, target_modules=TARGETS)))
+    _train_steps(model)  # trained with stock PEFT: the group's copies drift apart
+    save_adapter(model, tmp_path / "adapter", plan=plan)
+    with pytest.raises(PlanMismatchError, match="was not trained with these groups tied"):
+        load_adapter(make_llama(layers=6), tmp_path / "adapter")
+
+
+def test_budget_rank_recreates_modules_at_the_raised_rank(pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm, rank_policy="budget")
+    r = plan.resolve_rank(4)
+    assert r > 4
+    model = get_peft_model(make_llama(layers=6), LoraConfig(r=4, target_modules=TARGETS))
+    apply_plan(model, plan)
+    assert model.peft_config["default"].r == r
+    for modules in lora_modules_by_layer(model).values():
+        for module in modules.values():
+            assert module.r["default"] == r and module.lora_A["default"].weight.shape[0] == r
+            assert module.lora_A["default"].weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(use_dora=True), dict(use_rslora=True), dict(init_lora_weights="pissa")],
+    ids=["dora", "rslora", "pissa"],
+)
+def test_lora_variants_keep_the_function_and_the_ties(variant, tmp_path, pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm)
+    reference = make_llama(layers=6, seed=0)
+    model = get_peft_model(make_llama(layers=6, seed=0), LoraConfig(r=4, target_modules=TARGETS, **variant))
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        untouched = reference(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, untouched, rtol=1e-4, atol=1e-4)
+    apply_plan(model, plan)
+    with torch.no_grad():  # narrowing and tying (with the base-weight correction for PiSSA) keep the function
+        torch.testing.assert_close(model(input_ids=ids).logits, untouched, rtol=1e-4, atol=1e-4)
+    _train_steps(model)
+    by_layer = lora_modules_by_layer(model)
+    lead, member = plan.share_groups[0][:2]
+    assert by_layer[member]["mlp.down_proj"].lora_B["default"] is by_layer[lead]["mlp.down_proj"].lora_B["default"]
+    if "use_dora" in variant:
+        assert by_layer[member]["mlp.down_proj"].lora_magnitude_vector["default"] is not by_layer[lead]["mlp.down_proj"].lora_magnitude_vector["default"]
+
+
+def test_loraplus_optimizer_with_tied_modules(pm, make_llama, make_batches):
+    from peft.optimizers import create_loraplus_optimizer
+
+    plan = _plan(make_llama, make_batches, pm)
+    model = get_peft_model(make_llama(layers=6), LoraConfig(r=4, target_modules=TARGETS))
+    apply_plan(model, plan)
+    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    assert len({id(p) for p in params}) == len(params)  # each shared tensor once
+    assert len(params) == len([p for p in model.parameters() if p.requires_grad])
+    lrs = {group["lr"] for group in opt.param_groups if group["params"]}
+    assert 1e-3 in lrs and 16e-3 in lrs
+    ids = torch.randint(3, 100, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+
+def test_apply_plan_errors(pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm)
+    with pytest.raises(ConfigError, match="needs a PEFT LoRA model"):
+        apply_plan(make_llama(layers=6), plan)
+    with pytest.raises(PlanMismatchError, match="does not fit"):
+        apply_plan(get_peft_model(make_llama(layers=4), LoraConfig(r=2, target_modules=TARGETS)), plan)
+    narrowed = LoraConfig(r=2, target_modules=TARGETS, layers_to_transform=[0], layers_pattern="layers")
+    with pytest.raises(PlanMismatchError, match="no LoRA module there"):
+        apply_plan(get_peft_model(make_llama(layers=6), narrowed), plan)
+    with pytest.raises(ConfigError, match="`adapter_name` 'other'"):
+        apply_plan(get_peft_model(make_llama(layers=6), LoraConfig(r=2, target_modules=TARGETS)), plan, adapter_name="other")
