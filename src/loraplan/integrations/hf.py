@@ -10,6 +10,7 @@ plan beside it; a resumed run reuses the saved plan and checks the checkpoint ag
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from pathlib import Path
@@ -17,10 +18,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..apply import apply_plan
+from ..apply import apply_plan, tie_share_groups
 from ..config import PlanConfig
 from ..distributed import from_main, make_plan_everywhere
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanMismatchError
 from ..plan import PLAN_FILE, LoraPlan
 from ._common import SHARING_REASON, check_applied, check_checkpoint, non_reentrant_model, resolve_plan
 
@@ -53,6 +54,22 @@ def _calling_trainer(callback: TrainerCallback) -> Any:
                 handler = getattr(candidate, "callback_handler", None)
                 if handler is not None and any(cb is callback for cb in handler.callbacks):
                     return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def _resume_argument() -> Any:
+    """The ``resume_from_checkpoint`` the calling ``Trainer`` is resuming from (already resolved from ``True`` to a
+    path by ``Trainer.train``): callbacks are not told, so it is read from the training loop's arguments."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if isinstance(frame.f_locals.get("self"), Trainer) and "resume_from_checkpoint" in frame.f_locals:
+                return frame.f_locals["resume_from_checkpoint"]
             frame = frame.f_back
     finally:
         del frame
@@ -191,6 +208,9 @@ class LoraPlanCallback(TrainerCallback):
         )
         apply_plan(model, plan, adapter_name=self.adapter_name)
         self.plan = plan
+        if not getattr(model.load_adapter, "__loraplan_guard__", False):
+            self._guard_adapter_loads(model, plan)
+            model.load_adapter.__loraplan_guard__ = True
         logger.info(
             "loraplan: plan %s: LoRA on layers %s%s", how, plan.selected_layers,
             f", share groups {plan.share_groups}" if plan.share_groups else "",
@@ -272,7 +292,7 @@ class LoraPlanCallback(TrainerCallback):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         candidates = []
-        requested = getattr(args, "resume_from_checkpoint", None)
+        requested = _resume_argument()
         if isinstance(requested, str):
             candidates.append(Path(requested))
         candidates.append(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -286,12 +306,30 @@ class LoraPlanCallback(TrainerCallback):
 
         checked = from_main(verify)
         if checked is None:
-            logger.warning(
-                "loraplan: resumed at step %d but found no checkpoint among %s to check against the plan; the "
-                "loaded weights could not be verified.", state.global_step, [str(c) for c in candidates],
+            raise PlanMismatchError(
+                f"the run resumed at step {state.global_step}, but none of {[str(c) for c in candidates]} is a "
+                "checkpoint, so the loaded weights cannot be checked against the plan. Resume with "
+                "trainer.train(resume_from_checkpoint=<checkpoint directory of this run>)."
             )
-        else:
-            logger.info("loraplan: resumed from %s, which was trained with this plan; share groups still tied", checked)
+        logger.info("loraplan: resumed from %s, which was trained with this plan; share groups still tied", checked)
+
+    def _guard_adapter_loads(self, model: Any, plan: LoraPlan) -> None:
+        """Check a checkpoint against the plan before ``Trainer`` loads it into the model (``load_adapter``, the
+        resume path without DeepSpeed/FSDP), and re-tie the share groups once it is loaded."""
+        original = model.load_adapter
+        adapter = self.adapter_name or getattr(model, "active_adapter", "default")
+
+        @functools.wraps(original)
+        def load_adapter(model_id, adapter_name, *args, **kwargs):
+            planned = adapter_name == adapter and Path(str(model_id)).is_dir()
+            if planned:
+                check_checkpoint(model_id, plan)
+            result = original(model_id, adapter_name, *args, **kwargs)
+            if planned:
+                tie_share_groups(model, plan, adapter_name, verify_equal=True)
+            return result
+
+        model.load_adapter = load_adapter
 
     # -- saving -------------------------------------------------------------------------------------------------
     def on_save(self, args, state, control, **kwargs):
