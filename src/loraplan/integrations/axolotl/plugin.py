@@ -33,6 +33,8 @@ from .._common import SHARING_REASON, check_checkpoint, resolve_plan
 from .args import PLUGIN, LoraPlanAxolotlConfig
 
 logger = logging.getLogger("loraplan")
+#: Axolotl's logger class shows INFO only for loggers under "axolotl": the plugin's summary lines go there
+LOG = logging.getLogger("axolotl.loraplan")
 
 __all__ = ["LoraPlanPlugin"]
 
@@ -159,7 +161,7 @@ class LoraPlanPlugin(BasePlugin):
         plan.check_model(model)
         rank = plan.resolve_rank(int(cfg.lora_r))
         if rank != cfg.lora_r:
-            logger.info("loraplan: `lora_r` %s -> %s (rank_policy=%r)", cfg.lora_r, rank, config.rank_policy)
+            LOG.info("loraplan: `lora_r` %s -> %s (rank_policy=%r)", cfg.lora_r, rank, config.rank_policy)
             cfg.lora_r = rank
         if plan.layers.get("ambiguous"):
             raise ConfigError(
@@ -170,7 +172,7 @@ class LoraPlanPlugin(BasePlugin):
         cfg.peft_layers_to_transform = list(plan.selected_layers)
         cfg.peft_layers_pattern = [plan.layers.get("pattern") or plan.model["layers_path"].rsplit(".", 1)[-1]]
         self.plan = plan
-        logger.info(
+        LOG.info(
             "loraplan: plan %s: LoRA on layers %s%s", how, plan.selected_layers,
             f", share groups {plan.share_groups}" if plan.share_groups else "",
         )
