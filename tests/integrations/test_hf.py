@@ -211,3 +211,18 @@ def test_custom_checkpointing_with_sharing_is_refused(tmp_path, model_dir, token
             module._gradient_checkpointing_func = offloaded_checkpoint
     with pytest.raises(ConfigError, match="offloaded_checkpoint, not torch's checkpoint.*share: null"):
         make_trainer(model, tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts))
+
+
+def test_model_init_is_refused_at_train(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    trainer = Trainer(
+        model_init=lambda: checks.lora_model(model_dir),
+        args=TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
+        train_dataset=tokenised(texts, tokenizer),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+        callbacks=[LoraPlanCallback(shared, calibration_data=texts)],
+    )
+    with pytest.raises(ConfigError, match="`model_init`"):
+        trainer.train()
