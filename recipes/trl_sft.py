@@ -199,6 +199,15 @@ def report(trainer: Any, callback: Any, path: str) -> None:
         "checkpointing_kwargs": trainer.args.activation_checkpointing_kwargs
         if hasattr(trainer.args, "activation_checkpointing_kwargs")
         else trainer.args.gradient_checkpointing_kwargs,
+        "gradient_checkpointing_kwargs": trainer.args.gradient_checkpointing_kwargs,
+        # what the model's checkpointed layers actually run with
+        "model_checkpointing": sorted(
+            {
+                repr(getattr(m._gradient_checkpointing_func, "keywords", None))
+                for m in model.modules()
+                if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")
+            }
+        ),
     }
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ def assert_same_plan_and_ties(ranks: list[dict]) -> LoraPlan:
                     assert ids["lora_A_id"] == lead[name]["lora_A_id"], f"rank {facts['rank']}: {name} untied"
                     assert ids["lora_B_id"] == lead[name]["lora_B_id"]
         assert facts["checkpointing_kwargs"]["use_reentrant"] is False
+        assert facts["model_checkpointing"] == ["{'use_reentrant': False}"]
         assert all(math.isfinite(loss) for loss in facts["losses"])
     return plan
 

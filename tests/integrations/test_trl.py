@@ -117,3 +117,10 @@ def test_misspelt_setting_is_refused_at_construction(settings):
 
     with pytest.raises(ConfigError, match=r"`ratoi` \(did you mean `ratio`\?\)"):
         LoraPlanCallback(settings, calibration_data=TRAIN_DATASET)
+
+
+def test_a_single_string_as_calibration_data_is_refused():
+    from loraplan import ConfigError
+
+    with pytest.raises(ConfigError, match=r"`calibration_data` is the string 'reviews.jsonl'.*TRAIN_DATASET"):
+        LoraPlanCallback(calibration_data="reviews.jsonl")

@@ -165,6 +165,11 @@ class LoraPlanCallback(TrainerCallback):
             raise ConfigError(
                 f"`config` must be a loraplan.PlanConfig or a dict of its settings, got {type(config).__name__}."
             )
+        if isinstance(calibration_data, str) and calibration_data != TRAIN_DATASET:
+            raise ConfigError(
+                f"`calibration_data` is the string {calibration_data!r}; pass a list of texts, a dataset, tokenised "
+                f"batches, or loraplan.integrations.hf.TRAIN_DATASET ({TRAIN_DATASET!r})."
+            )
         self.config = PlanConfig.from_dict(dict(config)) if isinstance(config, dict) else (config or PlanConfig())
         self._config_given = config is not None
         self.calibration_data = calibration_data
@@ -237,11 +242,6 @@ class LoraPlanCallback(TrainerCallback):
                     "has none. Pass train_dataset= to the Trainer, or give calibration_data explicitly."
                 )
             data = _training_rows(trainer.train_dataset)
-        elif isinstance(data, str):
-            raise ConfigError(
-                f"`calibration_data` is the string {data!r}; pass a list of texts, a dataset, tokenised batches, or "
-                f"loraplan.integrations.hf.TRAIN_DATASET ({TRAIN_DATASET!r})."
-            )
         tokenizer = _tokenizer_of(processing_class)
         if tokenizer is None and _is_text(data, self.config.text_field):
             raise ConfigError(
