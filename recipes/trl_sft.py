@@ -1,0 +1,258 @@
+"""LoRA fine-tuning with TRL's SFTTrainer, the layers and share groups planned by loraplan.
+
+The training code is stock TRL: the only loraplan piece is ``LoraPlanCallback`` in the trainer's callbacks. The
+model is given to TRL as a path, so TRL loads it (and, under DeepSpeed ZeRO-3, partitions it while loading), wraps
+it with the ``lora:`` settings, formats the dataset; the callback then calibrates on the first
+``loraplan.calibration_samples`` examples of TRL's formatted training data and narrows/ties the LoRA modules
+before the optimizer or the DeepSpeed engine exist.
+
+Usage (from the repository root):
+
+    # one process (CPU or one GPU)
+    python recipes/trl_sft.py --config recipes/configs/trl/tiny_cpu.yaml
+    # several processes, DDP
+    torchrun --nproc_per_node 2 recipes/trl_sft.py --config recipes/configs/trl/smollm2_135m_cka_share.yaml
+    # DeepSpeed ZeRO-3 through accelerate, or with the deepspeed launcher
+    accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/trl_sft.py --config <config.yaml>
+    deepspeed --num_gpus 8 recipes/trl_sft.py --config <config.yaml> training.deepspeed=recipes/deepspeed/zero3.json
+
+Override any value with dotted ``key=value`` arguments after the config (YAML syntax for the value), e.g.
+``training.max_steps=10 loraplan.ratio=0.25 loraplan.share=null model.name_or_path=/data/my-model``.
+``--report PATH`` writes what the run ended with (plan, tied modules, losses) as JSON, one file per rank.
+
+Config sections: ``model`` (``name_or_path``: a hub id, a local directory, or ``packaged:smollm2`` for the offline
+SmolLM2-135M-Instruct of ``loraplan.assets``; ``tiny``: a Llama shape to build with random weights and the
+tokenizer of ``name_or_path``, for smoke tests and speed runs), ``dataset`` (``fine_foods`` or a ``.jsonl`` path),
+``lora`` (``peft.LoraConfig`` arguments), ``loraplan`` (``loraplan.PlanConfig`` settings), ``training``
+(``trl.SFTConfig`` arguments).
+
+DeepSpeed without a GPU: accelerate does not set DeepSpeed up on a machine with no accelerator (it counts one
+process, or, with ``use_cpu``, never initialises DeepSpeed's communication, so DeepSpeed's batch-size check fails).
+This script then initialises ``deepspeed.comm`` with gloo before the training arguments and sets ``use_cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML at ``path`` with dotted ``key=value`` overrides applied (values parsed as YAML)."""
+    config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        node = config
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return validate_config(config)
+
+
+SECTIONS = ("model", "dataset", "lora", "loraplan", "training")
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Check the sections and let loraplan, PEFT and TRL validate their own parts (raises on a bad key)."""
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from loraplan import PlanConfig
+
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown config section(s) {unknown}; sections are {list(SECTIONS)}")
+    model = config.get("model") or {}
+    if not model.get("name_or_path"):
+        raise SystemExit("`model.name_or_path` is required (a hub id, a local directory or packaged:smollm2)")
+    bad = sorted(set(model) - {"name_or_path", "tiny", "dtype"})
+    if bad:
+        raise SystemExit(f"unknown `model` key(s) {bad}; known: name_or_path, tiny, dtype")
+    bad = sorted(set(config.get("dataset") or {}) - {"name", "split", "max_samples", "format"})
+    if bad:
+        raise SystemExit(f"unknown `dataset` key(s) {bad}; known: name, split, max_samples, format")
+    PlanConfig.from_dict(dict(config.get("loraplan") or {}))
+    LoraConfig(**(config.get("lora") or {}))
+    fields = set(SFTConfig.__dataclass_fields__)
+    bad = sorted(set(config.get("training") or {}) - fields)
+    if bad:
+        raise SystemExit(f"unknown `training` key(s) {bad}: not trl.SFTConfig fields")
+    return config
+
+
+def resolve_path(name: str) -> str:
+    if name == "packaged:smollm2":
+        from loraplan.assets import smollm2_path
+
+        return str(smollm2_path(quiet=True))
+    return name
+
+
+def tiny_model(shape: dict[str, Any], tokenizer_path: str) -> str:
+    """A random-init Llama of ``shape`` saved with the tokenizer of ``tokenizer_path`` (built once, cached)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from loraplan.assets import cache_dir
+
+    key = hashlib.sha256(json.dumps([shape, tokenizer_path], sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / "tiny" / key
+    if (target / "config.json").is_file():
+        return str(target)
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    torch.manual_seed(int(shape.get("seed", 0)))
+    settings = {k: v for k, v in shape.items() if k != "seed"}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **settings,
+    )
+    scratch = target.with_name(f"{key}.tmp{os.getpid()}")
+    LlamaForCausalLM(config).save_pretrained(scratch)
+    tokenizer.save_pretrained(scratch)
+    try:
+        scratch.rename(target)
+    except OSError:  # another rank got there first; both built the same model
+        shutil.rmtree(scratch, ignore_errors=True)
+    return str(target)
+
+
+def load_dataset(spec: dict[str, Any]):
+    from datasets import Dataset
+
+    name = spec.get("name", "fine_foods")
+    limit = spec.get("max_samples")
+    if name == "fine_foods":
+        from loraplan.assets import fine_foods
+
+        records = fine_foods(spec.get("split", "train"))
+    else:
+        records = [json.loads(line) for line in Path(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = records[:limit] if limit else records
+    if spec.get("format", "text") == "prompt_completion" and "text" in records[0] and "prompt" not in records[0]:
+        records = [
+            {
+                "prompt": f"Review: {r['text']}\nIs this review great? Answer:",
+                "completion": f" {r.get('score', 'great' if r.get('label') else 'other')}",
+            }
+            for r in records
+        ]
+    elif spec.get("format", "text") == "text":
+        records = [{"text": r["text"]} for r in records]
+    return Dataset.from_list(records)
+
+
+def _cpu_deepspeed(training: dict[str, Any]) -> None:
+    import torch
+
+    if not training.get("deepspeed") or torch.cuda.is_available():
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    training["use_cpu"] = True
+
+
+def report(trainer: Any, callback: Any, path: str) -> None:
+    """Per-rank facts for tests and logs: the plan, the LoRA modules of each layer and their identities."""
+    import torch
+
+    from loraplan.apply import lora_modules_by_layer
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    model = trainer.model
+    layers = {}
+    for index, modules in lora_modules_by_layer(model).items():
+        layers[str(index)] = {
+            name: {
+                "lora_A_id": id(m.lora_A["default"]),
+                "lora_B_id": id(m.lora_B["default"]),
+                "lora_A_data_ptr": m.lora_A["default"].weight.data_ptr(),
+                "lora_B_data_ptr": m.lora_B["default"].weight.data_ptr(),
+            }
+            for name, m in modules.items()
+        }
+    facts = {
+        "rank": rank,
+        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "deepspeed": trainer.is_deepspeed_enabled,
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "engine": type(trainer.model_wrapped).__name__,
+        "plan": callback.plan.to_dict(),
+        "layers": layers,
+        "global_step": trainer.state.global_step,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "checkpointing_kwargs": trainer.args.activation_checkpointing_kwargs
+        if hasattr(trainer.args, "activation_checkpointing_kwargs")
+        else trainer.args.gradient_checkpointing_kwargs,
+        "gradient_checkpointing_kwargs": trainer.args.gradient_checkpointing_kwargs,
+        # what the model's checkpointed layers actually run with
+        "model_checkpointing": sorted(
+            {
+                repr(getattr(m._gradient_checkpointing_func, "keywords", None))
+                for m in model.modules()
+                if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")
+            }
+        ),
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(f"{out.stem}.rank{rank}{out.suffix}").write_text(json.dumps(facts, indent=2), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/trl/)")
+    parser.add_argument("--report", default=None, help="write per-rank JSON facts to PATH (PATH.rank<N>.json)")
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from loraplan.integrations.hf import TRAIN_DATASET, LoraPlanCallback
+
+    training = dict(config.get("training") or {})
+    _cpu_deepspeed(training)
+    sft_args = SFTConfig(**training)
+
+    model_spec = config["model"]
+    model = resolve_path(model_spec["name_or_path"])
+    if model_spec.get("tiny"):
+        model = tiny_model(model_spec["tiny"], model)
+    if model_spec.get("dtype"):
+        sft_args.model_init_kwargs = {**(sft_args.model_init_kwargs or {}), "dtype": model_spec["dtype"]}
+
+    callback = LoraPlanCallback(config.get("loraplan") or {}, calibration_data=TRAIN_DATASET)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_args,
+        train_dataset=load_dataset(config.get("dataset") or {}),
+        peft_config=LoraConfig(**(config.get("lora") or {})),
+        callbacks=[callback],
+    )
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    trainer.save_model()
+    if args.report:
+        report(trainer, callback, args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

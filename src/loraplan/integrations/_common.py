@@ -1,0 +1,242 @@
+"""What every integration does the same way: find or compute the plan, check a model or a checkpoint against it,
+and keep activation checkpointing non-reentrant when layers share LoRA modules.
+
+Imports transformers/peft only inside functions, and no trainer framework at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..apply import lora_modules_by_layer
+from ..config import PlanConfig
+from ..distributed import from_main, load_plan_everywhere
+from ..errors import ConfigError, PlanMismatchError
+from ..layers import find_layers
+from ..plan import PLAN_FILE, LoraPlan
+
+logger = logging.getLogger("loraplan")
+
+__all__ = [
+    "check_applied",
+    "check_checkpoint",
+    "non_reentrant_model",
+    "resolve_plan",
+]
+
+#: why sharing needs non-reentrant checkpointing, quoted in warnings and errors
+SHARING_REASON = (
+    "layers share LoRA modules, and reentrant checkpointing runs a separate backward per layer, so the shared "
+    "parameters' gradient hooks fire once per layer (DeepSpeed ZeRO-2/3 asserts, DDP reports a parameter marked "
+    "ready twice)"
+)
+
+
+def _normalised(config: PlanConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True))
+
+
+def config_differences(plan: LoraPlan, config: PlanConfig) -> list[str]:
+    """Settings in which ``config`` differs from the ones ``plan`` was made with."""
+    wanted = _normalised(config)
+    return [
+        f"{key}: plan {plan.config.get(key)!r}, now {wanted[key]!r}"
+        for key in sorted(wanted)
+        if plan.config.get(key) != wanted[key]
+    ]
+
+
+def resolve_plan(
+    *,
+    plan: LoraPlan | None,
+    plan_path: str | Path | None,
+    reuse_dirs: Sequence[str | Path],
+    config: PlanConfig,
+    config_given: bool,
+    calibrate: Callable[[], LoraPlan] | None,
+    no_data_message: str,
+) -> tuple[LoraPlan, str]:
+    """The plan to use, and how it was obtained.
+
+    Order: a plan object; ``plan_path``; a ``loraplan.json`` already in one of ``reuse_dirs`` (a resumed or
+    repeated run: reused, never recomputed, and it must have been made with the same settings when settings are
+    given); else ``calibrate()``. Without any of them: :class:`ConfigError` with ``no_data_message``.
+    Every rank gets rank 0's plan.
+    """
+    if plan is not None:
+        return plan, "given"
+    if plan_path is not None:
+        return load_plan_everywhere(plan_path), f"loaded from {plan_path}"
+
+    def existing() -> str | None:
+        for directory in reuse_dirs:
+            candidate = Path(directory) / PLAN_FILE
+            if candidate.is_file():
+                return str(candidate)
+        return None
+
+    found = from_main(existing)
+    if found is not None:
+        reused = load_plan_everywhere(found)
+        differences = config_differences(reused, config) if config_given else []
+        if differences:
+            raise ConfigError(
+                f"`plan_path`: {found} holds the plan of an earlier run, made with other settings ("
+                + "; ".join(differences)
+                + "). A resumed run reuses its saved plan and never recomputes it. To plan again with the new "
+                "settings, delete that file or use a fresh output directory; to keep the saved plan, pass the "
+                "settings it was made with (or none)."
+            )
+        return reused, f"reused {found} (not recomputed)"
+    if calibrate is None:
+        raise ConfigError(no_data_message)
+    return calibrate(), "computed from the calibration data"
+
+
+def check_applied(model: Any, plan: LoraPlan, adapter_name: str | None = None) -> None:
+    """Raise :class:`PlanMismatchError` unless LoRA sits exactly in the planned layers and every share group
+    uses one set of ``lora_A``/``lora_B`` modules."""
+    stack = find_layers(model)
+    by_layer = lora_modules_by_layer(model, stack, adapter_name)
+    with_lora = sorted(i for i, modules in by_layer.items() if modules)
+    if with_lora != list(plan.selected_layers):
+        raise PlanMismatchError(
+            f"the model has LoRA in layers {with_lora}, but the plan selects {plan.selected_layers}. Something "
+            "re-wrapped or re-created the model after loraplan applied the plan (e.g. `model_init`); apply the plan "
+            "to the model that trains."
+        )
+    adapter = adapter_name or _only_adapter(by_layer)
+    for group in plan.share_groups:
+        lead = by_layer[group[0]]
+        for member in group[1:]:
+            for name, module in by_layer[member].items():
+                if adapter is None or name not in lead:
+                    continue
+                for part in ("lora_A", "lora_B"):
+                    if getattr(module, part)[adapter] is not getattr(lead[name], part)[adapter]:
+                        raise PlanMismatchError(
+                            f"share group {group}: {part} of {name!r} in layer {member} is no longer the module of "
+                            f"layer {group[0]}. The tie was broken after the plan was applied (a checkpoint or "
+                            "adapter load that re-created LoRA modules); re-apply the plan before training."
+                        )
+
+
+def _only_adapter(by_layer: dict[int, dict[str, Any]]) -> str | None:
+    for modules in by_layer.values():
+        for module in modules.values():
+            names = list(module.lora_A.keys())
+            if names:
+                return names[0]
+    return None
+
+
+def _adapter_weights(directory: Path) -> dict[str, Any] | None:
+    import torch
+
+    safe = directory / "adapter_model.safetensors"
+    if safe.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safe))
+    legacy = directory / "adapter_model.bin"
+    if legacy.is_file():
+        return torch.load(str(legacy), map_location="cpu", weights_only=True)
+    return None
+
+
+def check_checkpoint(checkpoint: str | Path, plan: LoraPlan) -> None:
+    """Raise :class:`PlanMismatchError` unless ``checkpoint`` was trained with ``plan``: its ``loraplan.json``
+    records the same layers, groups and rank, its adapter holds LoRA only in the planned layers, and the saved
+    copies of each share group are identical (they were one tensor)."""
+    directory = Path(checkpoint)
+    plan_file = directory / PLAN_FILE
+    if not plan_file.is_file():
+        raise PlanMismatchError(
+            f"the checkpoint {directory} has no {PLAN_FILE}, so it was not saved by a run with this plan (loraplan "
+            "writes the plan beside every checkpoint). Resume from a checkpoint of this run, or start a new run "
+            "in a fresh output directory."
+        )
+    saved = LoraPlan.load(plan_file)
+    for what in ("selected_layers", "share_groups", "rank", "num_layers"):
+        if getattr(saved, what) != getattr(plan, what):
+            raise PlanMismatchError(
+                f"`{what}`: the checkpoint {directory} was trained with {getattr(saved, what)!r}, this run's plan "
+                f"has {getattr(plan, what)!r}. Resume with the plan of that run (it is {plan_file}), or train "
+                "from scratch in a fresh output directory."
+            )
+    weights = _adapter_weights(directory)
+    if weights is None:
+        return
+    path = plan.layers.get("path") or plan.model.get("layers_path") or ""
+    pattern = re.compile(rf"(?:^|\.){re.escape(path)}\.(\d+)\.")
+    by_layer: dict[int, dict[str, Any]] = {}
+    for key, tensor in weights.items():
+        if "lora_" not in key:
+            continue
+        match = pattern.search(key)
+        if match is None:
+            continue
+        layer = int(match.group(1))
+        if layer not in plan.selected_layers:
+            raise PlanMismatchError(
+                f"the checkpoint {directory} has LoRA weights in layer {layer} ({key}), which the plan does not "
+                f"select ({plan.selected_layers}). It was trained with another plan."
+            )
+        by_layer.setdefault(layer, {})[key[: match.start(1)] + "{}" + key[match.end(1) :]] = tensor
+    for group in plan.share_groups:
+        lead = by_layer.get(group[0], {})
+        for member in group[1:]:
+            for key, tensor in by_layer.get(member, {}).items():
+                other = lead.get(key)
+                if other is None or tensor.numel() == 0:
+                    continue
+                if not bool((other == tensor).all()):
+                    raise PlanMismatchError(
+                        f"share group {group}: the checkpoint {directory} holds different {key.format('<i>')} in "
+                        f"layers {group[0]} and {member}, so they were not one tensor when it was saved. It was "
+                        "trained without these share groups."
+                    )
+
+
+def _is_torch_checkpoint(fn: Any) -> bool:
+    import torch.utils.checkpoint as tuc
+
+    if fn is tuc.checkpoint:
+        return True
+    # transformers' `offload=True` wraps torch's checkpoint in a local `checkpoint_func` (modeling_utils)
+    return getattr(fn, "__name__", "") == "checkpoint_func" and getattr(fn, "__module__", "") == "transformers.modeling_utils"
+
+
+def non_reentrant_model(model: Any) -> int:
+    """Make every module that already checkpoints its forward use torch's non-reentrant checkpointing.
+
+    Returns how many modules were switched from reentrant (or unspecified) to non-reentrant. A module that
+    checkpoints with something other than ``torch.utils.checkpoint.checkpoint`` (e.g. a custom offloading
+    autograd function) cannot be switched: :class:`ConfigError` says which and why.
+    """
+    switched = 0
+    for name, module in model.named_modules():
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if fn is None or not getattr(module, "gradient_checkpointing", False):
+            continue
+        inner, keywords = (fn.func, dict(fn.keywords)) if isinstance(fn, functools.partial) else (fn, {})
+        if not _is_torch_checkpoint(inner):
+            label = getattr(inner, "__qualname__", type(inner).__name__)
+            raise ConfigError(
+                f"activation checkpointing of {name or 'the model'} uses {label}, not torch's checkpoint, and "
+                f"shared LoRA modules need non-reentrant checkpointing: {SHARING_REASON}. Turn off the custom "
+                "checkpointing/offloading (e.g. Axolotl `activation_offloading: legacy` or `disk`), or set "
+                "`share: null` in the loraplan settings."
+            )
+        if keywords.get("use_reentrant") is False:
+            continue
+        keywords["use_reentrant"] = False
+        module._gradient_checkpointing_func = functools.partial(inner, *getattr(fn, "args", ()), **keywords)
+        switched += 1
+    return switched

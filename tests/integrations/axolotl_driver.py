@@ -1,0 +1,102 @@
+"""Runs inside the Axolotl venv for tests/integrations/test_axolotl.py (the main venv cannot import axolotl 0.21).
+
+``python axolotl_driver.py train CONFIG REPORT``
+    Axolotl's Python entry point, as ``axolotl train`` runs it (``load_cfg`` → ``load_datasets`` → ``train``),
+    then writes REPORT (JSON): the LoRA modules of each layer with their identities after the steps, the
+    checkpointing functions, the losses, and the largest difference between the trained model's logits and those
+    of the saved adapter loaded with stock ``PeftModel.from_pretrained``. The test makes the assertions.
+``python axolotl_driver.py validate CONFIG...``
+    Validates each Axolotl YAML with the plugin's args model merged in, as ``load_cfg`` does (no model download).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def train(config: str, report: str) -> None:
+    import torch
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+    from axolotl.integrations.base import PluginManager
+    from axolotl.train import train as axolotl_train
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = load_cfg(config)
+    # Axolotl's logger class drops INFO from non-axolotl loggers; the test reads loraplan's INFO lines
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[loraplan-driver] [%(levelname)s] %(message)s"))
+    logger = logging.getLogger("loraplan")
+    logger.filters.clear()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    dataset_meta = load_datasets(cfg=cfg)
+    model, tokenizer, trainer = axolotl_train(cfg=cfg, dataset_meta=dataset_meta)
+    PluginManager.get_instance().post_train_unload(cfg)
+
+    layers: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A and ".layers." in name:
+            index, inner = name.split(".layers.", 1)[1].split(".", 1)
+            layers.setdefault(index, {})[inner] = {
+                "lora_A_id": id(module.lora_A["default"]),
+                "lora_B_id": id(module.lora_B["default"]),
+                "lora_A_data_ptr": module.lora_A["default"].weight.data_ptr(),
+                "lora_B_data_ptr": module.lora_B["default"].weight.data_ptr(),
+                "lora_B_absmax": float(module.lora_B["default"].weight.detach().abs().max()),
+            }
+    checkpointing = sorted(
+        {
+            repr(getattr(m._gradient_checkpointing_func, "keywords", None))
+            for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")
+        }
+    )
+    tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    inputs = tok(["A fine cup of tea.", "Stale and bitter, never again."], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        want = model(**inputs).logits
+        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base_model), cfg.output_dir).eval()
+        got = fresh(**inputs).logits
+    reloaded_layers = sorted(
+        {int(n.split(".layers.")[1].split(".")[0]) for n, _ in fresh.named_modules() if ".lora_A." in n}
+    )
+    facts = {
+        "layers": layers,
+        "checkpointing": checkpointing,
+        "global_step": trainer.state.global_step,
+        "losses": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+        "stock_reload_max_abs_diff": float((got - want).abs().max()),
+        "stock_reload_class": type(fresh).__module__ + "." + type(fresh).__name__,
+        "stock_reload_layers": reloaded_layers,
+        "peft_layers_to_transform": list(cfg.peft_layers_to_transform or []),
+        "gradient_checkpointing_kwargs": dict(cfg.gradient_checkpointing_kwargs or {}),
+    }
+    Path(report).write_text(json.dumps(facts, indent=1), encoding="utf-8")
+
+
+def validate(configs: list[str]) -> None:
+    import yaml
+    from axolotl.utils.config import prepare_plugins, validate_config
+    from axolotl.utils.dict import DictDefault
+
+    for path in configs:
+        cfg = DictDefault(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+        prepare_plugins(cfg)
+        checked = validate_config(cfg)
+        print(json.dumps({"config": path, "loraplan": dict(checked["loraplan"])}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "train":
+        train(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "validate":
+        validate(sys.argv[2:])
+    else:
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}")

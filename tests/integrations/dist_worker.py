@@ -1,0 +1,97 @@
+"""Worker for tests/integrations/test_distributed.py, launched with ``torchrun --nproc_per_node 2``.
+
+``python dist_worker.py broadcast OUT MODEL_DIR``: plans and errors across two gloo ranks.
+``python dist_worker.py zero3 OUT MODEL_DIR``: calibration on weights DeepSpeed ZeRO-3 partitioned at creation.
+Each rank writes ``OUT/rank<N>.json`` with what it observed; the test makes the assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SETTINGS = {"selector": "cka", "ratio": 0.5, "share": "angular", "share_threshold": 0.0, "calibration_samples": 12,
+            "max_length": 24, "batch_size": 4, "last_token": "reference"}
+
+
+def texts(reverse: bool) -> list[str]:
+    from loraplan.assets import fine_foods
+
+    rows = [r["text"][:300] for r in fine_foods("train")[:40]]
+    return rows[::-1] if reverse else rows
+
+
+def broadcast(out: Path, model_dir: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraplan import CalibrationError, make_plan
+    from loraplan.distributed import from_main, load_plan_everywhere, make_plan_everywhere
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    facts: dict = {"rank": rank, "world_size": dist.get_world_size()}
+    facts["value"] = from_main(lambda: rank * 10 + 1)
+    try:
+        from_main(lambda: (_ for _ in ()).throw(CalibrationError("no real token")) if rank == 0 else 5)
+    except CalibrationError as exc:
+        facts["error"] = ["CalibrationError", str(exc)]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    # each rank holds different data; every rank must end with rank 0's plan
+    plan = make_plan_everywhere(model, texts(reverse=rank == 1), SETTINGS, tokenizer, progress=False)
+    facts["plan"] = plan.to_dict()
+    facts["own_plan"] = make_plan(model, texts(reverse=rank == 1), SETTINGS, tokenizer, progress=False).to_dict()
+    if rank == 0:  # only rank 0 can see this file
+        plan.save(out / "rank0-only" / "loraplan.json")
+    dist.barrier()
+    facts["loaded"] = load_plan_everywhere(out / "rank0-only" / "loraplan.json").to_dict()
+    return facts
+
+
+def zero3(out: Path, model_dir: str) -> dict:
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from loraplan import make_plan
+    from loraplan.distributed import is_partitioned, make_plan_everywhere
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    rank = dist.get_rank()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    # as under a ZeRO-3 Trainer: with a live HfDeepSpeedConfig, from_pretrained partitions while loading
+    ds_config = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    partitioned = AutoModelForCausalLM.from_pretrained(model_dir)
+    facts = {
+        "rank": rank,
+        "partitioned": is_partitioned(partitioned),
+        "local_numel": sum(p.numel() for p in partitioned.parameters()),
+        "full_numel": sum(p.numel() for p in reference.parameters()),
+    }
+    plan = make_plan_everywhere(partitioned, texts(False), SETTINGS, tokenizer, progress=False)
+    facts["plan"] = plan.to_dict()
+    facts["reference_plan"] = make_plan(reference, texts(False), SETTINGS, tokenizer, progress=False).to_dict()
+    facts["still_partitioned_after"] = sum(p.numel() for p in partitioned.parameters())
+    del ds_config
+    return facts
+
+
+def main() -> None:
+    mode, out, model_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    facts = {"broadcast": broadcast, "zero3": zero3}[mode](out, model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{facts['rank']}.json").write_text(json.dumps(facts, indent=1), encoding="utf-8")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

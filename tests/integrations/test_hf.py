@@ -1,0 +1,228 @@
+"""LoraPlanCallback in a real ``transformers.Trainer``: 2 CPU steps on a tiny Llama, resume, and bad input."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import pytest
+import torch
+
+from loraplan import ConfigError, LoraPlan, PlanConfig, PlanMismatchError, make_plan
+from loraplan.integrations.hf import TRAIN_DATASET, LoraPlanCallback
+
+
+def tokenised(texts, tokenizer, max_length=32):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": texts}).map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+    )
+
+
+def make_trainer(model, out, tokenizer, dataset, callback, **overrides):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    settings = dict(
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        save_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=dataset,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+        callbacks=[callback] if callback is not None else None,
+    )
+
+
+def test_two_steps_plan_ties_checkpoints_and_stock_reload(tmp_path, model_dir, tokenizer, texts, checks, shared, caplog):
+    model = checks.lora_model(model_dir)
+    callback = LoraPlanCallback(shared, calibration_data=texts)
+    with caplog.at_level(logging.WARNING, logger="loraplan"):
+        trainer = make_trainer(
+            model, tmp_path, tokenizer, tokenised(texts, tokenizer), callback,
+            activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True},
+        )
+    plan = callback.plan
+    # sharing is on and reentrant checkpointing was asked for: switched, under both names, and said so
+    assert trainer.args.activation_checkpointing_kwargs["use_reentrant"] is False
+    assert trainer.args.gradient_checkpointing_kwargs["use_reentrant"] is False
+    assert any("switched from reentrant to non-reentrant" in r.getMessage() for r in caplog.records)
+    assert LoraPlan.load(tmp_path / "loraplan.json") == plan
+    assert plan.calibration["num_samples"] == shared["calibration_samples"]
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(math.isfinite(loss) for _, loss in checks.losses(trainer))
+    # checkpointing ran non-reentrant on the model itself
+    funcs = [m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert funcs and all(f.keywords["use_reentrant"] is False for f in funcs)
+    checks.plan_realised(model, plan)
+    checks.trained(model, plan)
+    for step in (1, 2):
+        assert LoraPlan.load(tmp_path / f"checkpoint-{step}" / "loraplan.json") == plan
+    trainer.save_model()
+    checks.stock_reload(model, model_dir, tmp_path, tokenizer)
+
+
+def test_resume_reuses_plan_and_ties(tmp_path, model_dir, tokenizer, texts, checks, shared, caplog):
+    dataset = tokenised(texts, tokenizer)
+    first = make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts))
+    first.train()
+    saved = (tmp_path / "loraplan.json").read_bytes()
+    before = checks.losses(first)
+
+    # no calibration data this time: a recomputation would have nothing to calibrate on
+    callback = LoraPlanCallback(shared)
+    model = checks.lora_model(model_dir)
+    with caplog.at_level(logging.INFO, logger="loraplan"):
+        second = make_trainer(model, tmp_path, tokenizer, dataset, callback, max_steps=4)
+        second.train(resume_from_checkpoint=True)
+    assert (tmp_path / "loraplan.json").read_bytes() == saved
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("reused" in m and "not recomputed" in m for m in messages)
+    assert any("resumed from" in m and "checkpoint-2" in m for m in messages)
+    assert second.state.global_step == 4
+    after = checks.losses(second)
+    assert [s for s, _ in after] == [1, 2, 3, 4] and after[:2] == before
+    assert all(math.isfinite(loss) for _, loss in after)
+    checks.plan_realised(model, callback.plan)
+    assert LoraPlan.load(tmp_path / "checkpoint-4" / "loraplan.json") == callback.plan
+
+
+def test_resume_from_checkpoint_of_another_plan_is_an_error(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    dataset = tokenised(texts, tokenizer)
+    make_trainer(checks.lora_model(model_dir), tmp_path / "a", tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts)).train()
+    other = make_plan(checks.lora_model(model_dir), texts, {**shared, "ratio": 0.75}, tokenizer, progress=False)
+    other.save(tmp_path / "other.json")
+    trainer = make_trainer(
+        checks.lora_model(model_dir), tmp_path / "b", tokenizer, dataset, LoraPlanCallback(plan_path=tmp_path / "other.json"),
+        max_steps=4,
+    )
+    with pytest.raises(PlanMismatchError, match="selected_layers"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+
+
+def test_callback_added_after_construction_fails_at_train(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    trainer = make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), None)
+    trainer.add_callback(LoraPlanCallback(shared, calibration_data=texts))
+    with pytest.raises(ConfigError, match=r"added after the Trainer was constructed.*callbacks=\[LoraPlanCallback"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_neither_data_nor_plan_explains_both(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    with pytest.raises(ConfigError, match=r"`calibration_data`.*calibration_data=.*TRAIN_DATASET.*plan_path="):
+        make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared))
+
+
+def test_plan_for_another_model_is_an_error(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.num_hidden_layers = 6
+    bigger = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules=["q_proj"]))
+    make_plan(bigger, texts, shared, tokenizer, progress=False).save(tmp_path / "six.json")
+    with pytest.raises(PlanMismatchError, match="num_layers: plan 6, model 4"):
+        make_trainer(
+            checks.lora_model(model_dir), tmp_path / "out", tokenizer, tokenised(texts, tokenizer),
+            LoraPlanCallback(plan_path=tmp_path / "six.json"),
+        )
+
+
+def test_changed_settings_with_a_saved_plan_is_an_error(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    dataset = tokenised(texts, tokenizer)
+    make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts))
+    with pytest.raises(ConfigError, match=r"ratio: plan 0\.5, now 0\.25.*delete that file or use a fresh output"):
+        make_trainer(
+            checks.lora_model(model_dir), tmp_path, tokenizer, dataset,
+            LoraPlanCallback({**shared, "ratio": 0.25}, calibration_data=texts),
+        )
+
+
+def test_user_optimizer_is_refused(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    from transformers import Trainer, TrainingArguments
+
+    model = checks.lora_model(model_dir)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ConfigError, match="`optimizers`"):
+        Trainer(
+            model=model,
+            args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+            train_dataset=tokenised(texts, tokenizer),
+            optimizers=(optimizer, None),
+            callbacks=[LoraPlanCallback(shared, calibration_data=texts)],
+        )
+
+
+def test_unwrapped_model_is_refused(tmp_path, model_dir, tokenizer, texts, shared):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ConfigError, match="needs a LoRA-wrapped model.*get_peft_model"):
+        make_trainer(
+            AutoModelForCausalLM.from_pretrained(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer),
+            LoraPlanCallback(shared, calibration_data=texts),
+        )
+
+
+def test_train_dataset_calibration_uses_the_trainers_rows(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    from loraplan.data import prepare_batches
+
+    dataset = tokenised(texts, tokenizer)
+    callback = LoraPlanCallback(shared, calibration_data=TRAIN_DATASET)
+    make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, dataset, callback)
+    config = PlanConfig.from_dict(shared)
+    expected = prepare_batches(dataset.select(range(config.calibration_samples)), config, tokenizer)
+    assert callback.plan.calibration["num_samples"] == config.calibration_samples
+    assert callback.plan.calibration["data_hash"] == expected.data_hash
+
+
+def test_model_already_checkpointing_reentrantly_is_switched(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    model = checks.lora_model(model_dir)
+    model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    make_trainer(model, tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts))
+    funcs = [m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert funcs and all(isinstance(f, functools.partial) and f.keywords["use_reentrant"] is False for f in funcs)
+
+
+def test_custom_checkpointing_with_sharing_is_refused(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    model = checks.lora_model(model_dir)
+    model.base_model.model.activation_checkpointing_enable()
+
+    def offloaded_checkpoint(function, *args, **kwargs):  # stands for an offloading autograd function
+        return function(*args)
+
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = offloaded_checkpoint
+    with pytest.raises(ConfigError, match="offloaded_checkpoint, not torch's checkpoint.*share: null"):
+        make_trainer(model, tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts))
+
+
+def test_model_init_is_refused_at_train(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    trainer = Trainer(
+        model_init=lambda: checks.lora_model(model_dir),
+        args=TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
+        train_dataset=tokenised(texts, tokenizer),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+        callbacks=[LoraPlanCallback(shared, calibration_data=texts)],
+    )
+    with pytest.raises(ConfigError, match="`model_init`"):
+        trainer.train()
