@@ -48,9 +48,10 @@ def plot_plan(plan: LoraPlan, path: str | Path) -> Path:
         hm.set_title(f"{plan.share} similarity; groups at >= {plan.config.get('share_threshold')}")
         hm.set_xlabel("layer")
         hm.set_ylabel("layer")
-        for group in plan.share_groups:
-            lo, hi = min(group), max(group)
-            hm.add_patch(Rectangle((lo - 0.5, lo - 0.5), hi - lo + 1, hi - lo + 1, fill=False, ec="white", lw=1.5))
+        for group in plan.share_groups:  # outline every pair of layers in a group
+            for i in group:
+                for j in group:
+                    hm.add_patch(Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, ec="white", lw=1.0))
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
