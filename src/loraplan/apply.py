@@ -181,7 +181,7 @@ def _narrow(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: s
 def _rerank(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: str, config: Any) -> int:
     changed = 0
     for modules in lora_modules_by_layer(peft_model, stack, adapter).values():
-        for name, module in modules.items():
+        for module in modules.values():
             if module.r[adapter] != config.r:
                 _fold_delta(module, adapter, f"re-created at r={config.r}")
                 alpha = module.lora_alpha[adapter]
