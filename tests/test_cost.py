@@ -213,3 +213,15 @@ def test_cli_show_prints_the_cost_model_and_the_budget(tmp_path, capsys, pm, mak
     assert "cost model (FLOP counts, batch 2 x 32 tokens, r=8)" in out
     assert "activation checkpointing: with loraplan" in out and "stock PEFT" in out
     assert "budget: time_budget 0.8 (with checkpointing)" in out and "best cuts" in out
+
+
+def test_a_plan_saved_before_the_budget_settings_existed_still_matches_default_settings(pm, make_llama, make_batches):
+    from loraplan.integrations._common import config_differences
+
+    config = PlanConfig(selector="top", calibration_samples=8)
+    plan = make_plan(make_llama(layers=4), make_batches(), config, plugin_manager=pm, progress=False)
+    old = {k: v for k, v in plan.config.items() if k not in ("time_budget", "param_budget", "cost_model",
+                                                               "cost_checkpointing", "cost_shape")}
+    older = LoraPlan.from_dict({**plan.to_dict(), "config": old})
+    assert config_differences(older, config) == []
+    assert config_differences(older, config.replace(time_budget=0.5)) == ["time_budget: plan None, now 0.5"]
