@@ -59,7 +59,8 @@ def synthetic(num_layers: int = 6) -> LayerCosts:
     """Round numbers: a skipped layer 1, back-propagated 3, with LoRA 4 (+1 and +2 under checkpointing), head 2."""
     layer = {"skip": 1.0, "frozen": 3.0, "frozen_ckpt": 4.0, "lora": 4.0, "lora_ckpt": 6.0, "lora_first": 4.0,
              "lora_first_ckpt": 6.0}
-    memory = {"weights": 100.0, "saved": {"frozen": 10.0, "lora": 12.0, "checkpointed": 1.0, "head": 5.0}}
+    memory = {"weights": 100.0, "saved": {"frozen": 10.0, "lora": 12.0, "checkpointed": 1.0, "head": 5.0},
+              "head_transient": 7.0}
     return LayerCosts("flops", "GFLOP", [1, 1], 8, num_layers, layer, 2.0, 0.0, 1, memory)
 
 
@@ -79,10 +80,12 @@ def test_loraplan_is_never_predicted_slower_or_bigger_than_stock(make_llama):
 def test_predicted_memory_by_hand():
     costs = synthetic()
     # top half with checkpointing: three skipped layers keep nothing, three checkpointed keep their input (1 each),
-    # one layer's recomputation (12), the head (5), weights (100), 3 LoRA sets of 1 parameter * 16 bytes
+    # the larger of one layer's recomputation (12) and the logits' gradient (7), the head (5), weights (100), 3 LoRA
+    # sets of 1 parameter * 16 bytes
     assert predict(costs, [3, 4, 5], checkpointing=True).memory == 100 + 3 + 12 + 5 + 3 * 16
-    # stock PEFT without checkpointing but with input grads: three frozen (10) and three LoRA (12) layers saved
-    assert predict(costs, [3, 4, 5], checkpointing=False, truncate=False, input_grads=True).memory == 100 + 66 + 5 + 48
+    # stock PEFT without checkpointing but with input grads: three frozen (10) and three LoRA (12) layers saved, and
+    # the logits' gradient on top while the head back-propagates
+    assert predict(costs, [3, 4, 5], checkpointing=False, truncate=False, input_grads=True).memory == 100 + 66 + 7 + 5 + 48
 
 
 def test_time_budget_trades_importance_for_backward_depth():

@@ -17,8 +17,9 @@ Costs come from FLOP counts (``source="flops"``: deterministic, from the module 
 layer of the model in each regime, and the head, on the model's own device (``source="timed"``: a few forward and
 backward passes of a copy of layer 0, so the model itself is not touched). Peak memory is the weights, the LoRA
 parameters with their gradients and AdamW state, and the tensors autograd saves: per recorded layer, per
-checkpointed layer (its input), for the head, plus one layer's recomputation under checkpointing; estimated from
-shapes with ``flops``, measured (bytes of saved tensors of one layer) with ``timed``.
+checkpointed layer (its input), for the head, plus the larger of the logits' gradient and (under checkpointing) one
+layer's recomputation; estimated from shapes with ``flops``, measured (bytes of saved tensors of one layer) with
+``timed``.
 """
 
 from __future__ import annotations
@@ -133,11 +134,11 @@ def predict(
     kept = {"skip": 0.0, "frozen": saved.get("frozen", 0.0), "lora": saved.get("lora", 0.0),
             "lora_first": saved.get("lora", 0.0)}
     activations = sum(saved.get("checkpointed", 0.0) if r.endswith("_ckpt") else kept[r] for r in per_layer)
-    recompute = 0.0
-    if checkpointing:
+    transient = mem.get("head_transient", 0.0)  # while the head back-propagates
+    if checkpointing:  # later, one layer at a time is recomputed
         recorded = [r.removesuffix("_ckpt") for r in per_layer if r != "skip"]
-        recompute = max((kept[r] for r in recorded), default=0.0)
-    memory = mem.get("weights", 0.0) + params * LORA_TRAIN_BYTES + activations + recompute + saved.get("head", 0.0)
+        transient = max([transient] + [kept[r] for r in recorded])
+    memory = mem.get("weights", 0.0) + params * LORA_TRAIN_BYTES + activations + transient + saved.get("head", 0.0)
     return Prediction(step, memory, per_layer)
 
 
@@ -282,6 +283,8 @@ def flop_costs(
             "checkpointed": float(tokens * size * hidden),
             "head": float(tokens * head_module.out_features * 4 * 2) if head_module is not None else 0.0,
         },
+        # the gradient of the (float32) logits, alive while the head back-propagates
+        "head_transient": float(tokens * head_module.out_features * 4) if head_module is not None else 0.0,
     }
     return LayerCosts(
         source="flops",
@@ -383,18 +386,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], None], passes: int, device: torch.device, reset: Callable[[], None]) -> float:
-    reset()
-    fn()  # warm-up
-    times = []
-    for _ in range(passes):
+def _median_times(
+    jobs: dict[str, Callable[[], None]], passes: int, device: torch.device, reset: Callable[[], None]
+) -> dict[str, float]:
+    """Median seconds of each job over ``passes`` rounds after one warm-up each. The jobs take turns within every
+    round, so that a change in the machine's load shifts all of them alike."""
+    for fn in jobs.values():
         reset()
-        _sync(device)
-        start = time.perf_counter()
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(passes):
+        for name, fn in jobs.items():
+            reset()
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _saved_bytes(fn: Callable[[], None], exclude: set[int]) -> float:
@@ -419,11 +428,12 @@ def measure_costs(
     rank: int,
     batch: int,
     seq_len: int,
-    passes: int = 3,
+    passes: int = 5,
     stack: LayerStack | None = None,
 ) -> LayerCosts:
     """Time a copy of layer 0 in every regime, the head and an AdamW step on the model's device (median of
-    ``passes`` after one warm-up each), and measure the bytes autograd saves. The model itself is not changed."""
+    ``passes`` rounds after one warm-up, the regimes taking turns), and measure the bytes autograd saves. The model
+    itself is not changed."""
     with torch.enable_grad():
         return _measure(model, targets=targets, rank=rank, batch=batch, seq_len=seq_len, passes=passes, stack=stack)
 
@@ -478,10 +488,7 @@ def _measure(
         for p in lora_params:
             p.grad = None
 
-    costs = {
-        regime: _median_time(run(lora if regime.startswith("lora") else plain, regime), passes, device, reset)
-        for regime in REGIMES
-    }
+    jobs = {regime: run(lora if regime.startswith("lora") else plain, regime) for regime in REGIMES}
     exclude = {p.untyped_storage().data_ptr() for p in list(plain.parameters()) + list(lora.parameters())}
     exclude |= {t.untyped_storage().data_ptr() for t in (hidden, *rest) if isinstance(t, torch.Tensor)}
     saved = {
@@ -489,12 +496,7 @@ def _measure(
         "lora": _saved_bytes(run(lora, "lora"), exclude),
         "checkpointed": float(hidden.numel() * hidden.element_size()),
     }
-    reset()
-    run(lora, "lora")()
-    optimizer = torch.optim.AdamW(lora_params, lr=1e-4)
-    optimizer_time = _median_time(optimizer.step, passes, device, lambda: None)
     head_module = _output_head(base)
-    head_time = 0.0
     saved["head"] = 0.0
     if head_module is not None:
         weight = head_module.weight.detach()
@@ -508,8 +510,14 @@ def _measure(
             logits = torch.nn.functional.linear(x, weight, bias)
             torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), labels).backward()
 
-        head_time = _median_time(head_step, passes, device, lambda: None)
+        jobs["head"] = head_step
         saved["head"] = _saved_bytes(head_step, exclude | {weight.untyped_storage().data_ptr()})
+    costs = _median_times(jobs, passes, device, reset)
+    head_time = costs.pop("head", 0.0)
+    reset()
+    run(lora, "lora")()  # gradients for the optimizer step
+    optimizer = torch.optim.AdamW(lora_params, lr=1e-4)
+    optimizer_time = _median_times({"step": optimizer.step}, passes, device, lambda: None)["step"]
     del plain, lora, optimizer
     return LayerCosts(
         source="timed",
@@ -521,10 +529,11 @@ def _measure(
         head=head_time,
         optimizer_per_param=optimizer_time / max(1, sum(p.numel() for p in lora_params)),
         lora_params_per_layer=flops.lora_params_per_layer,
-        memory={"source": "measured", "weights": flops.memory["weights"], "saved": saved},
+        memory={"source": "measured", "weights": flops.memory["weights"], "saved": saved,
+                "head_transient": flops.memory["head_transient"]},
         device=device.type,
         dtype=str(dtype).replace("torch.", ""),
-        notes=[f"median of {passes} timed passes of a copy of layer 0 per regime, after one warm-up"],
+        notes=[f"median of {passes} timed rounds (regimes and head in turn) of a copy of layer 0, after one warm-up"],
     )
 
 
