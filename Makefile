@@ -24,7 +24,7 @@ DEFAULT_MARKERS := not heavy and not axolotl
 DEMO_DIR ?= demo
 DEMO_ARGS ?= --samples 128 --max-length 256 --selector cka --ratio 0.5 --share angular --share-threshold 0.85
 
-.PHONY: venv demo test test-fast test-integrations-heavy axolotl-venv test-axolotl bench clean
+.PHONY: venv demo test test-fast test-integrations-heavy axolotl-venv test-axolotl bench bench-speed bench-speed-smoke clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,18 @@ test-axolotl: venv axolotl-venv
 
 bench: venv
 	$(PY) benchmarks/calibration.py
+
+# Step time and peak memory of plans, all-layer LoRA vs stock PEFT vs loraplan (docs/speed.md). The default is the
+# CPU table (SmolLM2-135M, DESIGN §5 settings, ~30 min on 2 cores); on a GPU: make bench-speed SPEED_PRESET=gpu.
+# SPEED_ARGS adds options, e.g. SPEED_ARGS="--threads 1" on a CPU that other jobs share.
+SPEED_PRESET ?= cpu
+SPEED_ARGS ?=
+bench-speed: venv
+	$(PY) benchmarks/step_time.py --preset $(SPEED_PRESET) --time-budget 0.6 --write-doc docs/speed.md $(SPEED_ARGS)
+
+# the same on a tiny model, in seconds (what the test suite runs too)
+bench-speed-smoke: venv
+	$(PY) benchmarks/step_time.py --preset smoke $(SPEED_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

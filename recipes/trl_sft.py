@@ -18,13 +18,15 @@ Usage (from the repository root):
 
 Override any value with dotted ``key=value`` arguments after the config (YAML syntax for the value), e.g.
 ``training.max_steps=10 loraplan.ratio=0.25 loraplan.share=null model.name_or_path=/data/my-model``.
-``--report PATH`` writes what the run ended with (plan, tied modules, losses) as JSON, one file per rank.
+``--report PATH`` writes what the run ended with (plan, tied modules, losses, which layers ran without autograd) as
+JSON, one file per rank.
 
 Config sections: ``model`` (``name_or_path``: a hub id, a local directory, or ``packaged:smollm2`` for the offline
 SmolLM2-135M-Instruct of ``loraplan.assets``; ``tiny``: a Llama shape to build with random weights and the
 tokenizer of ``name_or_path``, for smoke tests and speed runs), ``dataset`` (``fine_foods`` or a ``.jsonl`` path),
-``lora`` (``peft.LoraConfig`` arguments), ``loraplan`` (``loraplan.PlanConfig`` settings), ``training``
-(``trl.SFTConfig`` arguments).
+``lora`` (``peft.LoraConfig`` arguments), ``loraplan`` (``loraplan.PlanConfig`` settings, plus
+``truncate_backward: false`` to back-propagate every layer as stock PEFT does), ``training`` (``trl.SFTConfig``
+arguments).
 
 DeepSpeed without a GPU: accelerate does not set DeepSpeed up on a machine with no accelerator (it counts one
 process, or, with ``use_cpu``, never initialises DeepSpeed's communication, so DeepSpeed's batch-size check fails).
@@ -82,7 +84,10 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     bad = sorted(set(config.get("dataset") or {}) - {"name", "split", "max_samples", "format"})
     if bad:
         raise SystemExit(f"unknown `dataset` key(s) {bad}; known: name, split, max_samples, format")
-    PlanConfig.from_dict(dict(config.get("loraplan") or {}))
+    settings = {k: v for k, v in dict(config.get("loraplan") or {}).items() if k != "truncate_backward"}
+    PlanConfig.from_dict(settings)
+    if not isinstance((config.get("loraplan") or {}).get("truncate_backward", True), bool):
+        raise SystemExit("`loraplan.truncate_backward` must be true or false")
     LoraConfig(**(config.get("lora") or {}))
     fields = set(SFTConfig.__dataclass_fields__)
     bad = sorted(set(config.get("training") or {}) - fields)
@@ -167,6 +172,26 @@ def _cpu_deepspeed(training: dict[str, Any]) -> None:
     training["use_cpu"] = True
 
 
+#: per layer, whether its output required grad in the training forwards (for --report)
+_OUTPUT_RECORDS: dict[int, set[bool]] = {}
+
+
+def _record_lower_layers(model: Any) -> None:
+    """Note, per layer, whether its output required grad during training (what truncation changes)."""
+    from loraplan.layers import find_layers
+
+    def hook(index: int):
+        def record(module: Any, args: Any, output: Any) -> None:
+            if module.training:
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                _OUTPUT_RECORDS.setdefault(index, set()).add(bool(hidden.requires_grad))
+
+        return record
+
+    for index, layer in enumerate(find_layers(model).layers):
+        layer.register_forward_hook(hook(index))
+
+
 def report(trainer: Any, callback: Any, path: str) -> None:
     """Per-rank facts for tests and logs: the plan, the LoRA modules of each layer and their identities."""
     import torch
@@ -201,6 +226,8 @@ def report(trainer: Any, callback: Any, path: str) -> None:
         else trainer.args.gradient_checkpointing_kwargs,
         "gradient_checkpointing_kwargs": trainer.args.gradient_checkpointing_kwargs,
         # what the model's checkpointed layers actually run with
+        "truncation": _truncation(model),
+        "output_requires_grad": {str(i): sorted(v) for i, v in sorted(_OUTPUT_RECORDS.items())},
         "model_checkpointing": sorted(
             {
                 repr(getattr(m._gradient_checkpointing_func, "keywords", None))
@@ -212,6 +239,14 @@ def report(trainer: Any, callback: Any, path: str) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_name(f"{out.stem}.rank{rank}{out.suffix}").write_text(json.dumps(facts, indent=2), encoding="utf-8")
+
+
+def _truncation(model: Any) -> dict[str, Any] | None:
+    from loraplan.truncate import truncation_of
+
+    truncation = truncation_of(model)
+    return None if truncation is None else {"active": truncation.active, "layers": truncation.layers,
+                                            "reason": truncation.reason}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     if model_spec.get("dtype"):
         sft_args.model_init_kwargs = {**(sft_args.model_init_kwargs or {}), "dtype": model_spec["dtype"]}
 
-    callback = LoraPlanCallback(config.get("loraplan") or {}, calibration_data=TRAIN_DATASET)
+    settings = dict(config.get("loraplan") or {})
+    truncate_backward = settings.pop("truncate_backward", True)  # how the plan is applied, not a plan setting
+    callback = LoraPlanCallback(settings, calibration_data=TRAIN_DATASET, truncate_backward=truncate_backward)
+    recorded = _record_lower_layers if args.report else None
     trainer = SFTTrainer(
         model=model,
         args=sft_args,
@@ -247,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         peft_config=LoraConfig(**(config.get("lora") or {})),
         callbacks=[callback],
     )
+    if recorded is not None:
+        recorded(trainer.model)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model()
     if args.report:

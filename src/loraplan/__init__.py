@@ -15,6 +15,7 @@ from .errors import (
 )
 from .hooks import get_plugin_manager, hookimpl
 from .plan import LoraPlan
+from .truncate import remove_truncation
 from .planner import make_plan
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "hookimpl",
     "load_adapter",
     "make_plan",
+    "remove_truncation",
     "save_adapter",
 ]

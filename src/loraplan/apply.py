@@ -15,6 +15,7 @@ from torch import nn
 from .errors import ConfigError, PlanMismatchError
 from .layers import LayerStack, find_layers, unwrap
 from .plan import PLAN_FILE, LoraPlan
+from .truncate import apply_to_plan
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -251,12 +252,17 @@ def _b_nonzero(lead: nn.Module, other: nn.Module, adapter: str) -> bool:
         return any(bool(m.lora_B[adapter].weight.detach().abs().max() > 0) for m in (lead, other))
 
 
-def apply_plan(peft_model: PeftModel, plan: LoraPlan, *, adapter_name: str | None = None) -> PeftModel:
+def apply_plan(
+    peft_model: PeftModel, plan: LoraPlan, *, adapter_name: str | None = None, truncate_backward: bool = True
+) -> PeftModel:
     """Narrow an already wrapped LoRA model to ``plan`` and tie its share groups.
 
     LoRA is removed from layers the plan does not select, modules are re-created at the plan's rank if it differs
     from the adapter's, every share group is tied to one set of ``lora_A``/``lora_B`` modules, and the adapter's
     config is updated so that ``save_pretrained`` writes an adapter stock PEFT loads with the same structure.
+    With ``truncate_backward`` (the default) the layers below the lowest planned layer run without autograd and
+    without activation checkpointing (:mod:`loraplan.truncate`; exact, and left off with the reason when something
+    below is trainable); ``False`` removes that again. What was done is the last line of ``plan.notes``.
     Call it before any optimizer, DeepSpeed engine or DDP wrapper exists. Returns the same model.
     """
     adapter = _adapter(peft_model, adapter_name)
@@ -279,14 +285,16 @@ def apply_plan(peft_model: PeftModel, plan: LoraPlan, *, adapter_name: str | Non
     reranked = _rerank(peft_model, plan, stack, adapter, config)
     peft_model.peft_config[adapter] = config
     tied = tie_share_groups(peft_model, plan, adapter, stack=stack)
+    truncation = apply_to_plan(peft_model, plan, truncate_backward, stack)
     peft_model.loraplan_plan = plan
     logger.info(
-        "loraplan: LoRA kept on layers %s (%d modules removed%s), %d modules tied in %d share groups",
+        "loraplan: LoRA kept on layers %s (%d modules removed%s), %d modules tied in %d share groups; %s",
         plan.selected_layers,
         removed,
         f", {reranked} re-created at r={config.r}" if reranked else "",
         tied,
         len(plan.share_groups),
+        truncation.note(),
     )
     return peft_model
 
@@ -306,14 +314,18 @@ def save_adapter(peft_model: PeftModel, path: str | Path, plan: LoraPlan | None 
     return out
 
 
-def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
-    """Load an adapter saved by :func:`save_adapter` (or by a trainer with the plan beside it) and re-tie its share
-    groups. ``kwargs`` go to ``PeftModel.from_pretrained`` (e.g. ``is_trainable=True``)."""
+def load_adapter(
+    model: nn.Module, path: str | Path, *, adapter_name: str = "default", truncate_backward: bool = True, **kwargs: Any
+) -> PeftModel:
+    """Load an adapter saved by :func:`save_adapter` (or by a trainer with the plan beside it), re-tie its share
+    groups and, with ``truncate_backward``, run the layers below the lowest planned layer without autograd (as
+    :func:`apply_plan` does). ``kwargs`` go to ``PeftModel.from_pretrained`` (e.g. ``is_trainable=True``)."""
     from peft import PeftModel
 
     plan = LoraPlan.load(Path(path) / PLAN_FILE)
     plan.check_model(unwrap(model))
     peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, **kwargs)
     tie_share_groups(peft_model, plan, adapter_name, verify_equal=True)
+    apply_to_plan(peft_model, plan, truncate_backward)
     peft_model.loraplan_plan = plan
     return peft_model

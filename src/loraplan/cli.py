@@ -19,6 +19,14 @@ def _rank_policy(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
 
+def _shape(value: str | None) -> list[int] | str | None:
+    """``8x1024`` as ``[8, 1024]``; anything else is passed on for PlanConfig to refuse with its message."""
+    if value is None:
+        return None
+    parts = value.lower().replace(",", "x").split("x")
+    return [int(p) for p in parts] if all(p.strip().isdigit() for p in parts) else value
+
+
 def _parser() -> argparse.ArgumentParser:
     defaults = PlanConfig()
     parser = argparse.ArgumentParser(prog="loraplan", description="Plan layer-selective and shared LoRA.")
@@ -44,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--last-token", default=defaults.last_token, choices=["mask", "reference"])
     analyze.add_argument("--debiased", action="store_true", help="debiased CKA")
     analyze.add_argument("--seed", type=int, default=defaults.seed)
+    analyze.add_argument("--time-budget", type=float, default=None,
+                         help="step-time budget, a fraction of LoRA on every layer (e.g. 0.6)")
+    analyze.add_argument("--param-budget", type=float, default=None,
+                         help="trainable-parameter budget, a fraction of LoRA on every layer")
+    analyze.add_argument("--cost-model", default=defaults.cost_model, choices=["flops", "timed"],
+                         help="price layers by FLOP counts (default) or by timing layer 0 on the device")
+    analyze.add_argument("--no-checkpointing", action="store_true",
+                         help="the training run does not checkpoint activations (what --time-budget assumes)")
+    analyze.add_argument("--cost-shape", default=None, metavar="BATCHxLENGTH",
+                         help="training step shape for the cost model, e.g. 8x1024 (default: --batch-size x --max-length)")
     analyze.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     analyze.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     analyze.add_argument("--out", default="plan.json", help="where to write the plan (default: plan.json)")
@@ -101,6 +119,11 @@ def _analyze(args: argparse.Namespace) -> int:
         pooling=args.pooling,
         last_token=args.last_token,
         debiased=args.debiased,
+        time_budget=args.time_budget,
+        param_budget=args.param_budget,
+        cost_model=args.cost_model,
+        cost_checkpointing=not args.no_checkpointing,
+        cost_shape=_shape(args.cost_shape),
     )
     texts = read_texts(args.data, args.text_field, limit=args.samples)
     model, tokenizer = _load_model(args.model_dir, args.selector, args.dtype, args.device)

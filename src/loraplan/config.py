@@ -18,6 +18,7 @@ __all__ = ["PlanConfig"]
 POOLINGS = ("auto", "last", "first")
 LAST_TOKEN_MODES = ("mask", "reference")
 RANK_POLICIES = ("keep", "budget")
+COST_MODELS = ("flops", "timed")
 
 
 @dataclass
@@ -66,6 +67,24 @@ class PlanConfig:
             Use the debiased (unbiased HSIC) CKA estimator; needs at least 4 samples.
         stability (`bool`, defaults to `True`):
             Also score each half of the calibration data and store the rank correlation of the two rankings.
+        time_budget (`float`, *optional*):
+            Step-time budget as a fraction of LoRA on every layer, in (0, 1]: choose, under the selector's scores,
+            the set of layers with the highest summed importance whose step time the cost model predicts within the
+            budget. A plan's lowest layer decides how much of the network is back-propagated (loraplan runs the
+            layers below it without autograd), so the choice trades importance against backward depth; every
+            candidate cut is recorded in the plan (`cost.budget`). Overrides `ratio`; `count` caps the layers.
+        param_budget (`float`, *optional*):
+            Trainable-parameter budget as a fraction of LoRA on every layer, in (0, 1], counted at the plan's rank
+            before sharing (sharing only lowers it). Overrides `ratio`; with `time_budget` both must hold.
+        cost_model (`str`, defaults to `"flops"`):
+            How the cost model prices a layer: `"flops"` from the module shapes (deterministic: the same plan on
+            every run and rank), or `"timed"`, a few timed forward and backward passes of a copy of layer 0 and of
+            the head on the model's device (seconds on a GPU, about half a minute for SmolLM2 on a CPU).
+        cost_checkpointing (`bool`, defaults to `True`):
+            Whether training checkpoints activations; what `time_budget` assumes. The plan records predictions
+            for both.
+        cost_shape (`list[int]`, *optional*):
+            `[batch, sequence length]` of a training step, for the cost model. Default: `[batch_size, max_length]`.
         options (`dict`, defaults to `{}`):
             Settings for third-party strategies, passed through untouched and recorded in the plan.
     """
@@ -87,6 +106,11 @@ class PlanConfig:
     last_token: str = "mask"
     debiased: bool = False
     stability: bool = True
+    time_budget: float | None = None
+    param_budget: float | None = None
+    cost_model: str = "flops"
+    cost_checkpointing: bool = True
+    cost_shape: list[int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,9 +150,39 @@ class PlanConfig:
         _check_str("text_field", self.text_field, "the name of the text column, e.g. 'text'")
         _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("last_token", self.last_token, LAST_TOKEN_MODES)
-        for name in ("debiased", "stability"):
+        for name in ("debiased", "stability", "cost_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
+        if self.time_budget is not None:
+            _check_number(
+                "time_budget", self.time_budget, 0.0, 1.0, low_open=True,
+                fix="a fraction of the step time of LoRA on every layer, e.g. time_budget=0.6",
+            )
+        if self.param_budget is not None:
+            _check_number(
+                "param_budget", self.param_budget, 0.0, 1.0, low_open=True,
+                fix="a fraction of the trainable parameters of LoRA on every layer, e.g. param_budget=0.5",
+            )
+        if self.cumulative is not None and (self.time_budget is not None or self.param_budget is not None):
+            given = "time_budget" if self.time_budget is not None else "param_budget"
+            raise ConfigError(
+                f"`cumulative` ({self.cumulative!r}) and `{given}` ({getattr(self, given)!r}) both decide how many "
+                f"layers to keep; set one of them (e.g. cumulative=None)."
+            )
+        _check_choice("cost_model", self.cost_model, COST_MODELS)
+        if self.cost_shape is not None:
+            shape = self.cost_shape
+            if (
+                isinstance(shape, str)
+                or not hasattr(shape, "__len__")
+                or len(shape) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
+            ):
+                raise ConfigError(
+                    f"`cost_shape` must be [batch, sequence length], two positive integers, got {shape!r}. "
+                    "Give the training step's shape, e.g. cost_shape=[8, 1024], or leave it unset."
+                )
+            self.cost_shape = list(shape)
         if not isinstance(self.options, dict):
             raise ConfigError(f"`options` must be a mapping of plugin settings, got {self.options!r}.")
 
@@ -159,6 +213,10 @@ class PlanConfig:
     def replace(self, **changes: Any) -> PlanConfig:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def step_shape(self) -> list[int]:
+        """`[batch, sequence length]` the cost model assumes."""
+        return list(self.cost_shape) if self.cost_shape is not None else [self.batch_size, self.max_length]
 
     def layer_count(self, num_layers: int) -> int:
         """`k`, the number of layers to keep out of `num_layers` (before any cumulative threshold)."""

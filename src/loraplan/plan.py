@@ -128,6 +128,9 @@ class LoraPlan:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     #: rank correlation of each ranking across disjoint halves of the calibration data
     stability: dict[str, float] = field(default_factory=dict)
+    #: the cost model (see :mod:`loraplan.cost`): per-layer costs, predicted step-time and peak-memory ratios versus
+    #: LoRA on every layer, and, with a time or parameter budget, the trade-off the selection made
+    cost: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
@@ -242,6 +245,7 @@ class LoraPlan:
             "flagged_layers": {str(k): v for k, v in sorted(self.flagged_layers.items())},
             "diagnostics": self.diagnostics,
             "stability": self.stability,
+            "cost": self.cost,
             "warnings": self.warnings,
             "notes": self.notes,
             "versions": self.versions,
@@ -284,6 +288,7 @@ class LoraPlan:
                 flagged_layers={int(k): v for k, v in (data.get("flagged_layers") or {}).items()},
                 diagnostics=data.get("diagnostics") or {},
                 stability={k: (math.nan if v is None else v) for k, v in (data.get("stability") or {}).items()},
+                cost=data.get("cost") or {},
                 warnings=list(data.get("warnings") or []),
                 notes=list(data.get("notes") or []),
                 versions=data.get("versions") or {},

@@ -10,6 +10,7 @@ import torch
 
 from .calibration import CalibrationStats, calibrate
 from .config import PlanConfig
+from .cost import LayerCosts, costs_for, predictions, select_within_budget
 from .data import prepare_batches
 from .errors import CalibrationError, ConfigError, PluginError
 from .hooks.manager import Registered, call_hook, get_plugin_manager, lookup, selectors, sharers
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("loraplan")
 
 __all__ = ["make_plan", "resolve_targets", "versions"]
+
+#: the LoRA rank the cost model assumes when neither the model nor the caller says
+DEFAULT_COST_RANK = 8
 
 #: a single sample carrying at least this share of a layer's variance across samples makes calibration degenerate
 DEGENERATE_SHARE = 0.5
@@ -202,6 +206,24 @@ def _module_shapes(stack: LayerStack, targets: list[str] | None) -> dict[str, li
     return dict(sorted(shapes.items()))
 
 
+def _costs(
+    model: nn.Module, stack: LayerStack, config: PlanConfig, targets: list[str] | None, base_rank: int | None
+) -> tuple[LayerCosts | None, str | None]:
+    """The cost model for this plan, or ``None`` and why not. A failure is an error only where the selection needs
+    the cost model (a budget) or the timed model was asked for; otherwise the plan records that it has none."""
+    batch, seq_len = config.step_shape()
+    try:
+        costs = costs_for(
+            model, source=config.cost_model, targets=targets, rank=base_rank or DEFAULT_COST_RANK, batch=batch,
+            seq_len=seq_len, stack=stack,
+        )
+    except ConfigError as exc:
+        if config.time_budget is not None or config.param_budget is not None or config.cost_model == "timed":
+            raise
+        return None, str(exc)
+    return costs, None
+
+
 def make_plan(
     model: nn.Module,
     calibration_data: Any,
@@ -267,7 +289,25 @@ def make_plan(
         )
     if k > usable:
         ctx.k = usable
-    selected = _selection(selector, ctx, importance, config)
+    base_rank = _base_rank(model, lora_rank)
+    costs, cost_problem = _costs(model, stack, config, targets, base_rank)
+    budget = None
+    if config.time_budget is not None or config.param_budget is not None:
+        if costs is None:
+            raise ConfigError(f"`time_budget`/`param_budget` need the cost model, which failed: {cost_problem}")
+        scored = [math.nan if i in flagged else v for i, v in enumerate(importance)]
+        selected, budget = select_within_budget(
+            scored,
+            costs,
+            time_budget=config.time_budget,
+            param_budget=config.param_budget,
+            checkpointing=config.cost_checkpointing,
+            base_rank=costs.rank,
+            plan_rank=config.rank_policy if isinstance(config.rank_policy, int) else costs.rank,
+            max_count=config.count,
+        )
+    else:
+        selected = _selection(selector, ctx, importance, config)
     selected = [i for i in selected if i not in flagged]
     if not selected:
         raise CalibrationError(f"selector {config.selector!r} selected no scorable layer.")
@@ -297,7 +337,6 @@ def make_plan(
     if rho is not None:
         stability[config.selector] = rho
 
-    base_rank = _base_rank(model, lora_rank)
     dtype = next((p.dtype for p in base.parameters()), None)
     device = next((p.device for p in base.parameters()), None)
     plan = LoraPlan(
@@ -341,6 +380,17 @@ def make_plan(
         plan.calibration["base_rank"] = base_rank
     call_hook(pm, "loraplan_adjust_plan", plan=plan, model=base, stats=stats)
     plan.validate()
+    if costs is not None:
+        # after the adjust hook, so that the predictions are those of the final selection
+        rank = plan.resolve_rank(costs.rank)
+        plan.cost = {**costs.to_dict(), "predicted": predictions(costs, plan.selected_layers, plan.num_modules(), rank)}
+        if budget is not None:
+            plan.cost["budget"] = budget
+        if base_rank is None:
+            plan.cost["notes"].append(f"the LoRA rank was not known when planning; the cost model assumed r={costs.rank}")
+    else:
+        plan.cost = {"unavailable": cost_problem}
+        plan.warnings.append(f"no cost model: {cost_problem}")
     # round-trip through JSON so the in-memory plan equals the saved one exactly
     plan = LoraPlan.from_dict(plan.to_dict())
     for message in plan.warnings:

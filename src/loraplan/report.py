@@ -83,6 +83,7 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
             f"trainable LoRA parameters ({targets}): all layers at r={count.rank}: {count.all_layers:,}; "
             f"plan at r={count.plan_rank}: {count.plan:,} ({count.ratio:.1%}, saving {1 - count.ratio:.1%})"
         )
+    lines += format_cost(plan)
     for name, rho in plan.stability.items():
         lines.append(f"stability of the {name} ranking across two halves of the calibration data: Spearman {rho:.3f}")
     for layer, reason in sorted(plan.flagged_layers.items()):
@@ -91,3 +92,43 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
         if not warning.startswith("layer ") or "flagged" not in warning:
             lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def format_cost(plan: LoraPlan) -> list[str]:
+    """The cost model's predictions (and a budget's trade-off) as lines; none for a plan without a cost model."""
+    cost = plan.cost or {}
+    if "unavailable" in cost:
+        return [f"cost model: unavailable ({cost['unavailable']})"]
+    predicted = cost.get("predicted")
+    if not predicted:
+        return []
+    batch, seq = cost.get("shape", ["?", "?"])
+    how = "FLOP counts" if cost.get("source") == "flops" else f"timed on {cost.get('device')} ({cost.get('dtype')})"
+    lines = [
+        f"cost model ({how}, batch {batch} x {seq} tokens, r={cost.get('rank')}): predicted step time / peak memory "
+        "as a fraction of LoRA on every layer:"
+    ]
+    labels = {
+        "loraplan": "with loraplan (no autograd below the lowest layer)",
+        "stock": "stock PEFT, embedding output requiring grad",
+        "stock_no_input_grads": "stock PEFT, input grads off",
+    }
+    for setting, title in (("checkpointing", "activation checkpointing"), ("no_checkpointing", "no checkpointing")):
+        rows = predicted.get(setting, {})
+        if rows:
+            cells = [f"{labels.get(k, k)} {v['time']:.2f}x / {v['memory']:.2f}x" for k, v in rows.items()]
+            lines.append(f"  {title}: " + "; ".join(cells))
+    budget = cost.get("budget")
+    if budget:
+        lines.append(f"budget: {budget.get('summary')}")
+        candidates = [c for c in budget.get("candidates", []) if c.get("fits")]
+        if candidates:
+            best = sorted(candidates, key=lambda c: (-c["importance"], c["time"]))[:5]
+            lines.append("  best cuts (lowest layer: layers that fit, importance, predicted step time): " + "; ".join(
+                f"{c['lowest']}: {c['count']}, {c['importance']:.4g}, {c['time']:.2f}x" for c in best
+            ))
+    for note in cost.get("notes", []):
+        lines.append(f"  note: {note}")
+    truncation = [n for n in plan.notes if n.startswith("backward truncation:")]
+    lines += [f"{n}" for n in truncation]
+    return lines

@@ -2,6 +2,8 @@
 
 ``python dist_worker.py broadcast OUT MODEL_DIR``: plans and errors across two gloo ranks.
 ``python dist_worker.py zero3 OUT MODEL_DIR``: calibration on weights DeepSpeed ZeRO-3 partitioned at creation.
+``python dist_worker.py fsdp2 OUT MODEL_DIR``: a top-half plan under FSDP2 (``fully_shard`` per layer) with
+checkpointing, once with loraplan's truncated backward and once without.
 Each rank writes ``OUT/rank<N>.json`` with what it observed; the test makes the assertions.
 """
 
@@ -82,9 +84,60 @@ def zero3(out: Path, model_dir: str) -> dict:
     return facts
 
 
+def fsdp2(out: Path, model_dir: str) -> dict:
+    """Two steps of SGD under FSDP2 with the plan applied before sharding, truncated and stock, same data."""
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from loraplan import LoraPlan, apply_plan
+    from loraplan.layers import find_layers
+    from loraplan.plan import fingerprint
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    facts: dict = {"rank": rank}
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(rank))
+    for truncate in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        stack = find_layers(base)
+        plan = LoraPlan(num_layers=4, selected_layers=[2, 3], config={"selector": "top"}, model=fingerprint(base, stack),
+                        layers={"path": stack.path, "pattern": stack.pattern, "ambiguous": False})
+        model = get_peft_model(base, plan.to_lora_config(LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                                      init_lora_weights=False)))
+        apply_plan(model, plan, truncate_backward=truncate)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        seen: dict[int, set] = {}
+        for index, layer in enumerate(stack.layers):
+            layer.register_forward_hook(
+                lambda m, a, o, index=index: seen.setdefault(index, set()).add(bool((o[0] if isinstance(o, tuple) else o).requires_grad))
+            )
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        losses = []
+        for _ in range(2):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss))
+        name = "truncated" if truncate else "stock"
+        facts[name] = {
+            "losses": losses,
+            "lora": {n: p.full_tensor().flatten().tolist() for n, p in model.named_parameters() if "lora_" in n},
+            "output_requires_grad": {str(i): sorted(v) for i, v in sorted(seen.items())},
+        }
+    return facts
+
+
 def main() -> None:
     mode, out, model_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-    facts = {"broadcast": broadcast, "zero3": zero3}[mode](out, model_dir)
+    facts = {"broadcast": broadcast, "zero3": zero3, "fsdp2": fsdp2}[mode](out, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{facts['rank']}.json").write_text(json.dumps(facts, indent=1), encoding="utf-8")
     dist.barrier()

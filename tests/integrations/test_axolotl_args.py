@@ -18,14 +18,17 @@ def test_fields_and_defaults_come_from_plan_config():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         assert fields[f.name].get_default(call_default_factory=True) == default
         assert fields[f.name].description, f"{f.name} has no description"
-    assert set(fields) - {f.name for f in dataclasses.fields(PlanConfig)} == {"plan_path"}
+    assert set(fields) - {f.name for f in dataclasses.fields(PlanConfig)} == {"plan_path", "truncate_backward"}
 
 
 def test_block_builds_the_core_config():
     args = LoraPlanArgs(loraplan={"selector": "activation", "ratio": 0.25, "share": "angular", "plan_path": "p.json"})
     assert args.loraplan.plan_config() == PlanConfig(selector="activation", ratio=0.25, share="angular")
     assert args.loraplan.plan_path == "p.json"
+    assert args.loraplan.truncate_backward is None  # unset: the plugin truncates (apply_plan's default)
     assert LoraPlanArgs(loraplan={}).loraplan.plan_config() == PlanConfig()
+    off = LoraPlanArgs(loraplan={"truncate_backward": False}).loraplan
+    assert off.truncate_backward is False and off.plan_config() == PlanConfig()
 
 
 @pytest.mark.parametrize(

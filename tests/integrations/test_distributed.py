@@ -66,3 +66,19 @@ def test_calibration_on_zero3_partitioned_weights(tmp_path, model_dir):
     assert plan["similarity"] is not None
     for row, want in zip(plan["similarity"], reference["similarity"]):
         assert row == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.heavy
+def test_truncated_backward_under_fsdp2(tmp_path, model_dir):
+    """FSDP2 shards every layer after the plan was applied; its hooks run before loraplan's. Two SGD steps with and
+    without truncation end with the same losses and LoRA weights on both ranks, and layers 0-1 recorded nothing."""
+    ranks = torchrun("fsdp2", tmp_path, model_dir)
+    for facts in ranks:
+        stock, ours = facts["stock"], facts["truncated"]
+        assert ours["losses"] == pytest.approx(stock["losses"], rel=1e-5)
+        assert ours["lora"].keys() == stock["lora"].keys() and ours["lora"]
+        for name, values in stock["lora"].items():
+            assert ours["lora"][name] == pytest.approx(values, rel=1e-4, abs=1e-6), name
+        assert stock["output_requires_grad"] == {str(i): [True] for i in range(4)}
+        assert ours["output_requires_grad"] == {"0": [False], "1": [False], "2": [True], "3": [True]}
+    assert ranks[0]["truncated"]["lora"] == ranks[1]["truncated"]["lora"]

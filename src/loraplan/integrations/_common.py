@@ -43,13 +43,12 @@ def _normalised(config: PlanConfig) -> dict[str, Any]:
 
 
 def config_differences(plan: LoraPlan, config: PlanConfig) -> list[str]:
-    """Settings in which ``config`` differs from the ones ``plan`` was made with."""
+    """Settings in which ``config`` differs from the ones ``plan`` was made with. A setting the plan does not record
+    (it was made before the setting existed) counts as its default."""
     wanted = _normalised(config)
-    return [
-        f"{key}: plan {plan.config.get(key)!r}, now {wanted[key]!r}"
-        for key in sorted(wanted)
-        if plan.config.get(key) != wanted[key]
-    ]
+    defaults = _normalised(PlanConfig())
+    made = {key: plan.config.get(key, defaults[key]) for key in wanted}
+    return [f"{key}: plan {made[key]!r}, now {wanted[key]!r}" for key in sorted(wanted) if made[key] != wanted[key]]
 
 
 def resolve_plan(

@@ -23,6 +23,7 @@ from ..config import PlanConfig
 from ..distributed import from_main, make_plan_everywhere
 from ..errors import ConfigError, PlanMismatchError
 from ..plan import PLAN_FILE, LoraPlan
+from ..truncate import truncation_of
 from ._common import SHARING_REASON, check_applied, check_checkpoint, non_reentrant_model, resolve_plan
 
 logger = logging.getLogger("loraplan")
@@ -146,6 +147,9 @@ class LoraPlanCallback(TrainerCallback):
             The LoRA adapter to plan; default: the active one.
         progress (`bool`, defaults to `True`):
             Show a calibration progress bar on rank 0.
+        truncate_backward (`bool`, defaults to `True`):
+            Run the layers below the lowest planned layer without autograd and without activation checkpointing
+            (exact; see :func:`loraplan.apply_plan`). ``False`` back-propagates every layer, as stock PEFT does.
 
     A ``loraplan.json`` already in ``output_dir`` (an earlier or resumed run) is reused and never recomputed.
     Without a plan and without calibration data the callback raises :class:`~loraplan.ConfigError`.
@@ -160,6 +164,7 @@ class LoraPlanCallback(TrainerCallback):
         plan: LoraPlan | None = None,
         adapter_name: str | None = None,
         progress: bool = True,
+        truncate_backward: bool = True,
     ) -> None:
         if config is not None and not isinstance(config, (PlanConfig, dict)):
             raise ConfigError(
@@ -177,6 +182,9 @@ class LoraPlanCallback(TrainerCallback):
         self.plan = plan
         self.adapter_name = adapter_name
         self.progress = progress
+        if not isinstance(truncate_backward, bool):
+            raise ConfigError(f"`truncate_backward` must be true or false, got {truncate_backward!r}.")
+        self.truncate_backward = truncate_backward
         self._initialised = False
 
     # -- on_init_end --------------------------------------------------------------------------------------------
@@ -211,7 +219,7 @@ class LoraPlanCallback(TrainerCallback):
                 "trainer's own training data), or plan_path= with a saved loraplan.json."
             ),
         )
-        apply_plan(model, plan, adapter_name=self.adapter_name)
+        apply_plan(model, plan, adapter_name=self.adapter_name, truncate_backward=self.truncate_backward)
         self.plan = plan
         if not getattr(model.load_adapter, "__loraplan_guard__", False):
             self._guard_adapter_loads(model, plan)
@@ -286,6 +294,9 @@ class LoraPlanCallback(TrainerCallback):
         if state.global_step > 0:
             self._check_resume(args, state, plan)
         check_applied(model, plan, self.adapter_name)
+        truncation = truncation_of(model)
+        if truncation is not None:
+            logger.info("loraplan: %s", truncation.note())
         return control
 
     def _check_resume(self, args: Any, state: Any, plan: LoraPlan) -> None:

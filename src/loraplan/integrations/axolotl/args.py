@@ -31,6 +31,12 @@ EXTRA_KEYS = {
         "`<output_dir>/loraplan.json` when an earlier run left one there, else calibrate on the first "
         "`calibration_samples` examples of the configured training dataset.",
     ),
+    "truncate_backward": (
+        bool | None,
+        "Run the layers below the lowest planned layer without autograd and without activation checkpointing (exact; "
+        "left off, with the reason in the log and the plan, when something below is trainable). Default: on; "
+        "`false` back-propagates every layer, as stock PEFT does.",
+    ),
 }
 
 
@@ -91,7 +97,7 @@ def _build_block() -> type[BaseModel]:
         "LoraPlanAxolotlConfig",
         __base__=_BlockBase,
         __module__=__name__,
-        __doc__="The `loraplan:` block: the fields of loraplan.PlanConfig, plus `plan_path`.",
+        __doc__="The `loraplan:` block: the fields of loraplan.PlanConfig, plus `plan_path` and `truncate_backward`.",
         **fields,
     )
 

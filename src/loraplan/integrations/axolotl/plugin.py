@@ -109,6 +109,7 @@ class LoraPlanPlugin(BasePlugin):
     def __init__(self) -> None:
         super().__init__()
         self.plan: LoraPlan | None = None
+        self.truncate_backward = True
 
     def get_input_args(self) -> str:
         return "loraplan.integrations.axolotl.args.LoraPlanArgs"
@@ -169,6 +170,7 @@ class LoraPlanPlugin(BasePlugin):
                 "tower), so Axolotl's `peft_layers_pattern` cannot address it. Use the HF callback "
                 "(loraplan.integrations.hf.LoraPlanCallback) for this model."
             )
+        self.truncate_backward = block.truncate_backward is not False
         cfg.peft_layers_to_transform = list(plan.selected_layers)
         cfg.peft_layers_pattern = [plan.layers.get("pattern") or plan.model["layers_path"].rsplit(".", 1)[-1]]
         self.plan = plan
@@ -205,11 +207,11 @@ class LoraPlanPlugin(BasePlugin):
             raise ConfigError(f"`{PLUGIN}`: post_lora_load ran without pre_lora_load; the plan is missing.")
         if cfg.get("lora_model_dir"):
             check_checkpoint(cfg.lora_model_dir, self.plan)
-        apply_plan(model, self.plan)
+        apply_plan(model, self.plan, truncate_backward=self.truncate_backward)
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
         from ..hf import LoraPlanCallback
 
         if self.plan is None:
             return []
-        return [LoraPlanCallback(plan=self.plan, progress=False)]
+        return [LoraPlanCallback(plan=self.plan, progress=False, truncate_backward=self.truncate_backward)]
