@@ -148,6 +148,11 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def config_hash(config: dict[str, Any]) -> str:
+    """The config without its `report` section (where the tables go does not change the numbers)."""
+    return digest({k: v for k, v in config.items() if k != "report"})
+
+
 def task_hash(config: dict[str, Any], task_name: str) -> str:
     """Changes whenever anything that decides a task's numbers changes."""
     return digest({"task": config["tasks"][task_name], "data": config.get("data"),
@@ -409,14 +414,17 @@ def run_classifier(config: dict[str, Any], task_name: str, plan: Any, seed: int,
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer
 
-    from loraplan import apply_plan
+    from loraplan.apply import tie_share_groups
 
     task = config["tasks"][task_name]
     tokenizer = ctx["tokenizer"]
     model = load_classifier(task, tokenizer, seed)
     torch.manual_seed(seed)
+    # selection and rank are in the LoraConfig; only the share groups are left to tie. (Not apply_plan: on a model
+    # wrapped with plan.to_lora_config it reads the planned r as the base r and applies the budget rule again.)
     model = get_peft_model(model, plan.to_lora_config(lora_config(task)))
-    apply_plan(model, plan)  # ties the share groups (selection and rank are already in the LoraConfig)
+    tie_share_groups(model, plan)
+    model.loraplan_plan = plan
     layout = lora_layout(model)
     params = count_params(model)
     from datasets import Dataset
@@ -730,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     if wanted is None or "stability" in wanted:
         run_stability(config, results)
     elapsed = time.perf_counter() - started
-    results.add({"type": "session", "config_hash": digest(config), "argv": sys.argv[1:], "seconds": elapsed,
+    results.add({"type": "session", "config_hash": config_hash(config), "argv": sys.argv[1:], "seconds": elapsed,
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "niceness": os.nice(0),
                  "load_average": list(os.getloadavg())})
     print(f"done in {elapsed:.0f} s -> {output}", flush=True)

@@ -39,7 +39,7 @@ def current(config: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, 
                 out["runs"][(r["task"], r["method"], r["seed"])] = r
             else:
                 out["plans"][(r["task"], r["method"], r["plan_seed"])] = r
-        elif kind == "session" and r.get("config_hash") == quality.digest(config):
+        elif kind == "session" and r.get("config_hash") == quality.config_hash(config):
             out["sessions"].append(r)
     study = config.get("stability") or {}
     stability_hashes = {
@@ -92,7 +92,7 @@ def layers_text(layers: list[int], total: int | None) -> str:
 
 
 def groups_text(groups: list[list[int]]) -> str:
-    return " ".join("{" + ",".join(map(str, g)) + "}" for g in groups) if groups else "–"
+    return " ".join("{" + layers_text(g, None) + "}" for g in groups) if groups else "–"
 
 
 # -- tables ---------------------------------------------------------------------------------------------------------
@@ -187,7 +187,8 @@ def plans_table(config: dict[str, Any], data: dict[str, Any], task: str) -> str:
             secs = p.get("calibration_seconds")
             lines.append(
                 f"| {method.get('label', method['name'])} | {'–' if key[2] is None else key[2]} | "
-                f"{','.join(map(str, p['selected_layers']))} | {groups_text(p['share_groups'])} | {p['num_modules']} | "
+                f"{layers_text(p['selected_layers'], p['plan']['num_layers'])} | {groups_text(p['share_groups'])} | "
+                f"{p['num_modules']} | "
                 f"{p['rank']} | {'–' if rho is None else f'{rho:.2f}'} | {'–' if secs is None else f'{secs:.1f}'} |"
             )
     return ("\n".join(lines) + "\n") if found else "_no plans yet_\n"
@@ -271,12 +272,42 @@ def environment_block(config: dict[str, Any], data: dict[str, Any], config_path:
     return "\n".join(lines) + "\n"
 
 
+def pilots_table(path: Path) -> str:
+    """The pilot runs (same script, all-layer LoRA, one seed) that chose the steps and learning rates."""
+    import json
+
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tasks = {(r["pilot"], r["task_hash"]): r for r in records if r["type"] == "task"}
+    lines = [
+        "| pilot | task | steps × batch | lr | review tokens | LoRA targets | checkpointing | test reviews | majority "
+        "| accuracy | train s |",
+        "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        if r["type"] != "run":
+            continue
+        task = tasks[(r["pilot"], r["task_hash"])]
+        s, t = task["settings"], task["settings"]["training"]
+        checkpointing = "on (TRL default)" if task["kind"] == "sft" and t.get("gradient_checkpointing") is None else (
+            "off" if task["kind"] == "sft" else "–")
+        lines.append(
+            f"| {r['pilot']} | {r['task']} | {t['max_steps']} × {t['per_device_train_batch_size']} | "
+            f"{t['learning_rate']:g} | {s['review_tokens']} | {len(s['lora']['target_modules'])} | {checkpointing} | "
+            f"{task['test_examples']} | {task['majority']:.3f} | {r['accuracy']:.3f} | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # -- figures --------------------------------------------------------------------------------------------------------
 
 MARKER_STYLE = ["o", "s", "D", "^", "v", "<", ">", "P", "X", "*", "h", "p"]
+COLOURS = ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f", "#9467bd", "#8c564b", "#d62728", "#e377c2",
+           "#bcbd22", "#17becf", "#aec7e8"]
 
 
 def figure(config: dict[str, Any], data: dict[str, Any], model: str, path: Path) -> Path | None:
+    """Accuracy (mean ± std over seeds) against trainable LoRA parameters, one panel per task of ``model``, one
+    marker per configuration; configurations with the same parameter count are spread a little sideways."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,29 +316,42 @@ def figure(config: dict[str, Any], data: dict[str, Any], model: str, path: Path)
     tasks = [t for t, s in config["tasks"].items() if s["model"] == model and t in data["tasks"]]
     if not tasks:
         return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.2), squeeze=False)
+    index = {m["name"]: i for i, m in enumerate(config["methods"])}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.5, 5.2 * len(tasks)), 4.4), squeeze=False)
     handles = {}
     for ax, task in zip(axes[0], tasks):
         rows = task_summary(config, data, task)
-        for i, r in enumerate(rows):
+        same: dict[float, int] = {}
+        for r in rows:
+            x = statistics.fmean(r["lora_params"])
+            same[x] = same.get(x, 0) + 1
+        seen: dict[float, int] = {}
+        for r in rows:
             m, s = mean_std(r["accuracy"])
             x = statistics.fmean(r["lora_params"])
-            h = ax.errorbar(x, m, yerr=0 if math.isnan(s) else s, fmt=MARKER_STYLE[i % len(MARKER_STYLE)],
-                            markersize=7, capsize=3, label=r["label"], color=plt.cm.tab20(i / max(1, len(rows))))
+            k = seen.get(x, 0)
+            seen[x] = k + 1
+            shift = 1.06 ** (k - (same[x] - 1) / 2)  # spread equal-x markers on the log axis
+            i = index[r["method"]]
+            h = ax.errorbar(x * shift, m, yerr=0 if math.isnan(s) else s, fmt=MARKER_STYLE[i % len(MARKER_STYLE)],
+                            markersize=6, capsize=3, label=r["label"], color=COLOURS[i % len(COLOURS)])
             handles[r["label"]] = h
-        ax.axhline(data["tasks"][task]["majority"], color="grey", linestyle="--", linewidth=1)
-        ax.text(ax.get_xlim()[0], data["tasks"][task]["majority"], " majority class", va="bottom", fontsize=8,
-                color="grey")
+        majority = data["tasks"][task]["majority"]
+        ax.axhline(majority, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.annotate("majority class", (0.01, majority), xycoords=("axes fraction", "data"), va="bottom", fontsize=8,
+                    color="grey")
         kind = config["tasks"][task]["kind"]
-        ax.set_title(f"{task} ({'sequence classifier' if kind == 'classifier' else 'TRL SFT, exact answer'})",
-                     fontsize=10)
-        ax.set_xlabel("trainable LoRA parameters")
-        ax.set_ylabel("test accuracy (mean ± std over seeds)")
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(3, 3))
-        ax.grid(alpha=0.3)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8,
+        ax.set_title(f"{task}: {'sequence classifier' if kind == 'classifier' else 'TRL SFT, exact answer'} "
+                     f"({data['tasks'][task]['test_examples']} test reviews)", fontsize=9)
+        ax.set_xlabel("trainable LoRA parameters (log scale)")
+        ax.set_ylabel("test accuracy, mean ± std over seeds")
+        ax.grid(alpha=0.3, which="both")
+    columns = 4 if len(tasks) == 1 else 6
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(columns, len(handles)), fontsize=8,
                frameon=False)
-    fig.tight_layout(rect=(0, 0.12 if len(handles) > 6 else 0.08, 1, 1))
+    rows_of_legend = math.ceil(len(handles) / columns)
+    fig.tight_layout(rect=(0, 0.06 * rows_of_legend + 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -355,7 +399,13 @@ def write(config: dict[str, Any], records: list[dict[str, Any]], config_path: st
         if made is not None:
             figures[model] = made
     text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Results\n"
-    text = replace_blocks(text, blocks(config, data, config_path, figures, doc))
+    new = blocks(config, data, config_path, figures, doc)
+    if settings.get("pilots"):
+        pilots = Path(settings["pilots"])
+        pilots = pilots if pilots.is_absolute() else ROOT / pilots
+        if pilots.is_file():
+            new["pilots"] = pilots_table(pilots)
+    text = replace_blocks(text, new)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text, encoding="utf-8")
     print(f"wrote {doc}" + "".join(f"\nwrote {p} ({p.stat().st_size // 1024} KB)" for p in figures.values()))
