@@ -150,8 +150,8 @@ def results_table(config: dict[str, Any], data: dict[str, Any], task: str) -> st
         f"{facts['train_examples']} training reviews; seeds {config['seeds']}.",
         "",
         "| configuration | layers | share groups | r | LoRA params | vs all | accuracy (mean ± std) | Δ vs all "
-        "(paired) | train s | n |",
-        "|---|---|---|---|---:|---:|---|---|---:|---:|",
+        "(paired) | train s (wall) | train s (CPU) | n |",
+        "|---|---|---|---|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         layers = layers_text(r["layers"], total) if r["layers"] is not None else f"{r['num_layers']} (seed-dependent)"
@@ -164,7 +164,7 @@ def results_table(config: dict[str, Any], data: dict[str, Any], task: str) -> st
         mark = "" if r["plan_matches"] else " ⚠"
         lines.append(
             f"| {r['label']}{mark} | {layers} | {groups} | {'/'.join(map(str, r['rank']))} | {params:,.0f} | {ratio} | "
-            f"{pm(r['accuracy'])} | {diff} | {pm(r['train_seconds'], 1)} | {r['n']} |"
+            f"{pm(r['accuracy'])} | {diff} | {pm(r['train_seconds'], 0)} | {pm(r['train_cpu_seconds'], 0)} | {r['n']} |"
         )
     if any(not r["plan_matches"] for r in rows):
         lines.append("")
@@ -279,9 +279,9 @@ def pilots_table(path: Path) -> str:
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     tasks = {(r["pilot"], r["task_hash"]): r for r in records if r["type"] == "task"}
     lines = [
-        "| pilot | task | steps × batch | lr | review tokens | LoRA targets | checkpointing | test reviews | majority "
-        "| accuracy | train s |",
-        "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|",
+        "| pilot | task | steps × batch | lr | review tokens | LoRA targets | LoRA dropout | checkpointing | test reviews "
+        "| majority | accuracy | train s |",
+        "|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in records:
         if r["type"] != "run":
@@ -292,7 +292,8 @@ def pilots_table(path: Path) -> str:
             "off" if task["kind"] == "sft" else "–")
         lines.append(
             f"| {r['pilot']} | {r['task']} | {t['max_steps']} × {t['per_device_train_batch_size']} | "
-            f"{t['learning_rate']:g} | {s['review_tokens']} | {len(s['lora']['target_modules'])} | {checkpointing} | "
+            f"{t['learning_rate']:g} | {s['review_tokens']} | {len(s['lora']['target_modules'])} | "
+            f"{s['lora'].get('lora_dropout', 0.0):g} | {checkpointing} | "
             f"{task['test_examples']} | {task['majority']:.3f} | {r['accuracy']:.3f} | {r['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
