@@ -24,7 +24,8 @@ DEFAULT_MARKERS := not heavy and not axolotl
 DEMO_DIR ?= demo
 DEMO_ARGS ?= --samples 128 --max-length 256 --selector cka --ratio 0.5 --share angular --share-threshold 0.85
 
-.PHONY: venv demo test test-fast test-integrations-heavy axolotl-venv test-axolotl bench bench-speed bench-speed-smoke clean
+.PHONY: venv demo test test-fast test-integrations-heavy axolotl-venv test-axolotl bench bench-speed \
+	bench-speed-smoke bench-quality bench-quality-smoke bench-quality-report clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,6 +90,23 @@ bench-speed: venv
 # the same on a tiny model, in seconds (what the test suite runs too)
 bench-speed-smoke: venv
 	$(PY) benchmarks/step_time.py --preset smoke $(SPEED_ARGS)
+
+# The quality benchmark (docs/results.md): every plan configuration trained on MiniLM and SmolLM2 (classifier and
+# TRL SFT) over 3 seeds. Resumable: finished cells in benchmarks/results/quality.jsonl are skipped. Niced, because
+# it runs for hours on a 2-core CPU shared with other work; then the tables and figures are regenerated.
+bench-quality: venv
+	$(PY) -m loraplan.assets prepare >/dev/null
+	nice -n 19 $(PY) benchmarks/quality.py --config benchmarks/quality.yaml $(QUALITY_ARGS)
+	$(PY) benchmarks/quality.py --config benchmarks/quality.yaml --report
+
+bench-quality-report: venv
+	$(PY) benchmarks/quality.py --config benchmarks/quality.yaml --report
+
+# the same script, one seed, a few steps on tiny subsets (also run by tests/test_quality_benchmark.py)
+bench-quality-smoke: venv
+	$(PY) benchmarks/quality.py --config benchmarks/quality_smoke.yaml --output $(CURDIR)/.cache/quality_smoke.jsonl
+	$(PY) benchmarks/quality.py --config benchmarks/quality_smoke.yaml --output $(CURDIR)/.cache/quality_smoke.jsonl \
+		--report report.doc=$(CURDIR)/.cache/quality_smoke.md report.figures=$(CURDIR)/.cache/quality_smoke_figures
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
