@@ -76,8 +76,12 @@ axolotl-venv: $(AXO_VENV)/.installed
 test-axolotl: venv axolotl-venv
 	LORAPLAN_AXOLOTL_PYTHON=$(CURDIR)/$(AXO_PY) $(PY) -m pytest -m axolotl tests/integrations $(PYTEST_ARGS)
 
+# calibration cost: all statistics vs a bare forward over the same batches (docs/benchmarks/calibration.md)
+CALIB_ARGS ?= --samples 32 --max-length 256 --repeats 3
 bench: venv
-	$(PY) benchmarks/calibration.py
+	$(PY) -m loraplan.assets prepare >/dev/null
+	$(PY) benchmarks/calibration.py $(CALIB_ARGS) --json benchmarks/results/calibration_cpu.json \
+		--write-doc docs/benchmarks/calibration.md
 
 # Step time and peak memory of plans, all-layer LoRA vs stock PEFT vs loraplan (docs/speed.md). The default is the
 # CPU table (SmolLM2-135M, DESIGN §5 settings, ~30 min on 2 cores); on a GPU: make bench-speed SPEED_PRESET=gpu.
@@ -85,7 +89,8 @@ bench: venv
 SPEED_PRESET ?= cpu
 SPEED_ARGS ?=
 bench-speed: venv
-	$(PY) benchmarks/step_time.py --preset $(SPEED_PRESET) --time-budget 0.6 --write-doc docs/speed.md $(SPEED_ARGS)
+	$(PY) benchmarks/step_time.py --preset $(SPEED_PRESET) --time-budget 0.6 --write-doc docs/speed.md \
+		--json benchmarks/results/step_time_$(SPEED_PRESET).json $(SPEED_ARGS)
 
 # the same on a tiny model, in seconds (what the test suite runs too)
 bench-speed-smoke: venv

@@ -211,8 +211,22 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.write_doc:
-        Path(args.write_doc).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_doc).write_text(report + "\n")
+        _write_doc(Path(args.write_doc), "gpu" if args.device.startswith("cuda") else "cpu", report)
+
+
+def _write_doc(path: Path, kind: str, report: str) -> None:
+    """Replace this device kind's block in ``path`` (between its markers), keeping the hand-written text around
+    it; a missing page or block is added."""
+    begin, end = f"<!-- calibration:{kind}:begin -->", f"<!-- calibration:{kind}:end -->"
+    block = f"{begin}\n{report}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip() + "\n\n" if text else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def _markdown(r: dict) -> str:
