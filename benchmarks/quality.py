@@ -50,10 +50,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 # under a shared, busy CPU, spinning OpenMP threads waste the time slices a niced run gets (set before torch loads)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from loraplan.overrides import load_yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_KINDS = ("classifier", "sft")
@@ -71,17 +71,7 @@ logger = logging.getLogger("quality")
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """The YAML at ``path`` with dotted ``key=value`` overrides applied, validated."""
-    config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise SystemExit(f"override {item!r} must look like section.key=value")
-        dotted, raw = item.split("=", 1)
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return validate_config(config)
+    return validate_config(load_yaml(path, overrides))
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:

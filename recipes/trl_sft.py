@@ -44,22 +44,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from loraplan.overrides import load_yaml
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """The YAML at ``path`` with dotted ``key=value`` overrides applied (values parsed as YAML)."""
-    config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise SystemExit(f"override {item!r} must look like section.key=value")
-        dotted, raw = item.split("=", 1)
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return validate_config(config)
+    """The YAML at ``path`` with dotted ``key=value`` overrides applied, validated."""
+    return validate_config(load_yaml(path, overrides))
 
 
 SECTIONS = ("model", "dataset", "lora", "loraplan", "training")

@@ -15,6 +15,16 @@ import torch
 from loraplan import get_plugin_manager
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-matrix tests: faster, and far faster on a CPU other jobs share.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def pm():
     """A fresh plugin manager for each test (built-ins only; no installed plugins)."""

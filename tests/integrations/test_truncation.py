@@ -13,12 +13,7 @@ from loraplan.integrations.hf import LoraPlanCallback
 from loraplan.layers import find_layers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dataset(texts, tokenizer):
