@@ -313,6 +313,7 @@ def figure(config: dict[str, Any], data: dict[str, Any], model: str, path: Path)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     tasks = [t for t, s in config["tasks"].items() if s["model"] == model and t in data["tasks"]]
     if not tasks:
@@ -345,7 +346,11 @@ def figure(config: dict[str, Any], data: dict[str, Any], model: str, path: Path)
         kind = config["tasks"][task]["kind"]
         ax.set_title(f"{task}: {'sequence classifier' if kind == 'classifier' else 'TRL SFT, exact answer'} "
                      f"({data['tasks'][task]['test_examples']} test reviews)", fontsize=9)
-        ax.set_xlabel("trainable LoRA parameters (log scale; equal counts spread sideways, ±3 % a marker)")
+        ax.set_xlabel("trainable LoRA parameters (log; equal counts spread ±3 %)", fontsize=8)
+        short = FuncFormatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k")
+        ax.xaxis.set_major_formatter(short)
+        ax.xaxis.set_minor_formatter(short)
+        ax.tick_params(axis="x", which="both", labelsize=7)
         ax.set_ylabel("test accuracy, mean ± std over seeds")
         ax.grid(alpha=0.3, which="both")
     columns = 4 if len(tasks) == 1 else 6
