@@ -34,6 +34,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when loaded by path
+from _markdown import write_block  # noqa: E402
+
 from loraplan import PlanConfig  # noqa: E402
 from loraplan.calibration import _loss_labels, _model_inputs, calibrate  # noqa: E402
 from loraplan.data import prepare_batches  # noqa: E402
@@ -218,15 +221,7 @@ def _write_doc(path: Path, kind: str, report: str) -> None:
     """Replace this device kind's block in ``path`` (between its markers), keeping the hand-written text around
     it; a missing page or block is added."""
     begin, end = f"<!-- calibration:{kind}:begin -->", f"<!-- calibration:{kind}:end -->"
-    block = f"{begin}\n{report}\n{end}"
-    text = path.read_text() if path.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = (text.rstrip() + "\n\n" if text else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_block(path, begin, end, f"{begin}\n{report}\n{end}")
 
 
 def _markdown(r: dict) -> str:

@@ -43,6 +43,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when loaded by path
+from _markdown import write_block  # noqa: E402
+
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -424,15 +427,7 @@ def markdown(result: dict[str, Any], preset: str) -> str:
 
 def write_doc(path: Path, block: str, preset: str) -> None:
     """Replace this preset's block in ``path`` (between its begin/end markers), or append it."""
-    begin, end = f"<!-- step_time:{preset}:begin", f"<!-- step_time:{preset}:end -->"
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
-    path.write_text(text, encoding="utf-8")
+    write_block(path, f"<!-- step_time:{preset}:begin", f"<!-- step_time:{preset}:end -->", block)
 
 
 def main(argv: list[str] | None = None) -> int:
