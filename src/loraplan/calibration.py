@@ -125,7 +125,9 @@ def _positions(batch: dict[str, torch.Tensor], pooling: str, last_token: str, pa
     return width - 1 - real.flip(dims=[1]).int().argmax(dim=1)
 
 
-def _model_inputs(module: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+def model_inputs(module: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The keyword arguments of one forward pass of ``module`` over ``batch``: the tokens and mask on ``device``, and
+    ``use_cache=False`` where the forward takes it (a pass that only reads representations builds no cache)."""
     inputs: dict[str, Any] = {
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": batch["attention_mask"].to(device),
@@ -322,7 +324,7 @@ def _forward_pass(
                 for i in range(num_layers):
                     act_current[i] = None
                     act_calls[i] = 0
-                runner(**_model_inputs(runner, batch, device))
+                runner(**model_inputs(runner, batch, device))
                 if ACTIVATIONS in requires:
                     row = []
                     for i in range(num_layers):
@@ -408,7 +410,7 @@ def _gradient_pass(
                         "head and the calibration batches carry no `labels`. Pass tokenised batches with `labels`, "
                         "or calibrate a *ForCausalLM / *ForMaskedLM model."
                     )
-                inputs = _model_inputs(base, batch, device)
+                inputs = model_inputs(base, batch, device)
                 inputs["labels"] = labels.to(device)
                 out = base(**inputs)
                 loss = getattr(out, "loss", None)

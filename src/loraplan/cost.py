@@ -312,7 +312,13 @@ class _Captured(Exception):
 
 def capture_layer_inputs(base: nn.Module, stack: LayerStack, batch: int, seq_len: int) -> tuple[tuple, dict]:
     """The positional and keyword arguments layer 0 receives for a batch of random tokens (the model runs only up to
-    layer 0). Caches are dropped so that repeated calls cost the same."""
+    layer 0). Caches are dropped so that repeated calls cost the same: whatever their keyword (``past_key_values``
+    before transformers 5.24, ``cache`` since), a cache would grow at every timed call and carry the autograd graph
+    of the previous one."""
+    from transformers.cache_utils import Cache
+
+    from .calibration import model_inputs
+
     config = _text_config(base)
     vocab = int(getattr(config, "vocab_size", 0) or 100)
     device = _device(base)
@@ -326,7 +332,7 @@ def capture_layer_inputs(base: nn.Module, stack: LayerStack, batch: int, seq_len
     handle = stack.layers[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         with torch.no_grad():
-            base(input_ids=ids, attention_mask=torch.ones_like(ids))
+            base(**model_inputs(base, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, device))
     except _Captured:
         pass
     finally:
@@ -337,8 +343,8 @@ def capture_layer_inputs(base: nn.Module, stack: LayerStack, batch: int, seq_len
             f"({stack.path}.0), so it cannot be timed. Use cost_model='flops'."
         )
     args, kwargs = captured["args"], dict(captured["kwargs"])
-    for key in ("past_key_values", "layer_past", "past_key_value"):
-        if key in kwargs:
+    for key, value in kwargs.items():
+        if isinstance(value, Cache) or key in ("past_key_values", "past_key_value", "layer_past", "cache"):
             kwargs[key] = None
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
