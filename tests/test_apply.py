@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from loraplan import LoraPlan, PlanConfig, apply_plan, load_adapter, make_plan, save_adapter
-from loraplan.apply import lora_modules_by_layer
+from loraplan.apply import OUTSIDE_NOTE, lora_modules_by_layer
 from loraplan.errors import ConfigError, PlanMismatchError
+from loraplan.layout import stack_exclusion
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -48,18 +50,23 @@ def test_to_lora_config_realises_the_selection(pm, make_llama, make_batches):
     plan = _plan(make_llama, make_batches, pm, share=None)
     base = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
     cfg = plan.to_lora_config(base)
-    assert cfg is not base and base.layers_to_transform is None
-    assert cfg.layers_to_transform == plan.selected_layers and cfg.layers_pattern == "layers"
+    assert cfg is not base and base.exclude_modules is None and base.layers_to_transform is None
+    # the user's targets stay; the stack's container and its unplanned layers are excluded (never layers_to_transform=[])
+    assert cfg.target_modules == base.target_modules and cfg.layers_to_transform is None
+    assert cfg.exclude_modules == stack_exclusion(plan) == r"model\.layers(?:\.(?:0|1|2)(?:\..*)?)?"
     assert cfg.r == 4
     model = get_peft_model(make_llama(layers=6), cfg)
     assert _lora_layers(model) == set(plan.selected_layers)
+    assert plan.to_lora_config(cfg) == cfg  # a config made for the plan is its own result
 
 
-def test_all_linear_is_expanded_to_the_layers_modules(pm, make_llama, make_batches):
-    plan = _plan(make_llama, make_batches, pm, share=None, selector="top")
+def test_all_linear_gives_every_linear_module_of_the_planned_layers(pm, make_llama, make_batches):
+    # calibrated on q/v only: the plan's targets decide what is scored, the LoraConfig's what gets LoRA
+    plan = _plan(make_llama, make_batches, pm, share=None, selector="top", target_modules=["q_proj", "v_proj"])
     cfg = plan.to_lora_config(LoraConfig(r=2, target_modules="all-linear"))
-    assert sorted(cfg.target_modules) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     model = get_peft_model(make_llama(layers=6), cfg)
+    adapted = [n for n, _ in model.named_modules(remove_duplicate=False) if n.endswith(".lora_A")]
+    assert len(adapted) == 3 * 7  # seven linear modules in each of the three planned layers
     assert _lora_layers(model) == {3, 4, 5}
     assert not any("lm_head.lora" in n for n, _ in model.named_modules())
 
@@ -67,14 +74,14 @@ def test_all_linear_is_expanded_to_the_layers_modules(pm, make_llama, make_batch
 def test_a_regex_target_is_narrowed_not_replaced(pm, make_llama, make_batches):
     plan = _plan(make_llama, make_batches, pm, share=None, selector="bottom")
     cfg = plan.to_lora_config(LoraConfig(r=2, target_modules=r".*\.(q_proj|v_proj)"))
-    assert isinstance(cfg.target_modules, str) and cfg.layers_to_transform is None
+    assert cfg.target_modules == r".*\.(q_proj|v_proj)" and cfg.layers_to_transform is None
     model = get_peft_model(make_llama(layers=6), cfg)
     assert _lora_layers(model) == {0, 1, 2}
     names = {n.rsplit(".", 2)[-2] for n, _ in model.named_modules() if n.endswith("lora_A")}
     assert names == {"q_proj", "v_proj"}
 
 
-def test_an_ambiguous_layer_container_becomes_a_regex(pm, make_batches):
+def test_a_vision_tower_keeps_the_lora_its_config_gives_it(pm, make_batches, caplog):
     import transformers as tf
 
     torch.manual_seed(0)
@@ -85,13 +92,22 @@ def test_an_ambiguous_layer_container_becomes_a_regex(pm, make_batches):
     build = lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=100))  # noqa: E731
     plan = make_plan(build(), make_batches(), PlanConfig(selector="top", calibration_samples=8), plugin_manager=pm, progress=False)
     assert plan.layers["ambiguous"] and plan.selected_layers == [2, 3]
-    # PEFT's layers_to_transform would also hit the vision tower's layers 2 and 3 (it has q_proj too)
+    # PEFT's layers_to_transform would also hit the vision tower's layers 2 and 3 (it has q_proj too); the exclusion
+    # names the language model's layers by their full path
     cfg = plan.to_lora_config(LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert isinstance(cfg.target_modules, str)
     model = get_peft_model(build(), cfg)
     adapted = sorted({n.split(".lora_A")[0] for n, _ in model.named_modules() if n.endswith("lora_A")})
-    assert adapted and all(".language_model.layers." in n for n in adapted)
-    assert {int(re.search(r"layers\.(\d+)", n).group(1)) for n in adapted} == {2, 3}
+    language = [n for n in adapted if ".language_model.layers." in n]
+    tower = [n for n in adapted if ".vision_tower." in n]
+    assert {int(re.search(r"layers\.(\d+)", n).group(1)) for n in language} == {2, 3}
+    assert len(tower) == 4 * 2 and len(adapted) == len(language) + len(tower)  # q and v of all 4 tower layers
+    # the same through apply_plan, which says what it kept outside the stack
+    with caplog.at_level(logging.INFO, logger="loraplan"):
+        wrapped = apply_plan(get_peft_model(build(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), plan)
+    assert sorted({n.split(".lora_A")[0] for n, _ in wrapped.named_modules() if n.endswith("lora_A")}) == adapted
+    note = next(n for n in plan.notes if n.startswith(OUTSIDE_NOTE))
+    assert "model.vision_tower.encoder.layers.{0-3}.self_attn.q_proj" in note
+    assert any("outside the stack" in r.getMessage() and "vision_tower" in r.getMessage() for r in caplog.records)
 
 
 def test_apply_plan_narrows_ties_and_trains_one_tensor(pm, make_llama, make_batches):
@@ -101,7 +117,7 @@ def test_apply_plan_narrows_ties_and_trains_one_tensor(pm, make_llama, make_batc
     before = sum(p.numel() for p in model.parameters() if p.requires_grad)
     apply_plan(model, plan)
     assert _lora_layers(model) == set(plan.selected_layers)
-    assert model.peft_config["default"].layers_to_transform == plan.selected_layers
+    assert model.peft_config["default"].exclude_modules == stack_exclusion(plan)
     by_layer = lora_modules_by_layer(model)
     for group in plan.share_groups:
         for name in by_layer[group[0]]:

@@ -1,9 +1,9 @@
-"""Realising a plan with PEFT: a `LoraConfig` for a fresh model, narrowing and tying an already wrapped one, and
-saving/loading adapters so that stock PEFT reads them and loraplan re-ties them."""
+"""Realising a plan with PEFT: narrowing and tying an already wrapped model, and saving/loading adapters so that
+stock PEFT reads them and loraplan re-ties them. Where LoRA may sit, and the `LoraConfig` that says so, is
+:mod:`loraplan.layout`."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from pathlib import Path
@@ -13,7 +13,18 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, PlanMismatchError
-from .layers import LayerStack, find_layers, unwrap
+from .layers import LayerStack, find_layers, stack_at, unwrap
+from .layout import (
+    Site,
+    adapters_of,
+    expected_sites,
+    layer_index,
+    lora_sites,
+    plan_lora_config,
+    reached_sites,
+    show,
+    show_all,
+)
 from .plan import PLAN_FILE, LoraPlan
 from .truncate import apply_to_plan
 
@@ -22,108 +33,54 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("loraplan")
 
-__all__ = ["apply_plan", "load_adapter", "lora_modules_by_layer", "plan_lora_config", "save_adapter", "tie_share_groups"]
-
-
-# -- LoraConfig ---------------------------------------------------------------------------------------------------
-
-
-def _module_names(plan: LoraPlan, base: Any) -> list[str] | None:
-    targets = base.target_modules
-    if targets is None:
-        return None
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            names = plan.layers.get("target_modules")
-            if not names:
-                raise PlanMismatchError(
-                    "the plan does not record the layers' linear modules, so `target_modules='all-linear'` cannot be "
-                    "narrowed to its layers; recompute the plan or list the target modules."
-                )
-            return list(names)
-        return None
-    return sorted(targets)
-
-
-def _default_targets(plan: LoraPlan) -> list[str]:
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
-
-    model_type = plan.model.get("model_type")
-    if model_type in defaults:
-        return list(defaults[model_type])
-    raise ConfigError(
-        f"`target_modules` is not set and PEFT has no default targets for model type {model_type!r}; set "
-        "target_modules in the LoraConfig."
-    )
-
-
-def plan_lora_config(plan: LoraPlan, base: LoraConfig) -> LoraConfig:
-    """A copy of ``base`` whose ``layers_to_transform``/``layers_pattern`` (or, where the layer container is
-    ambiguous or ``target_modules`` is a regex, a ``target_modules`` regex) and ``r`` realise ``plan``.
-
-    Never produces ``layers_to_transform=[]`` (PEFT reads an empty list as "all layers").
-    """
-    from peft import LoraConfig
-
-    if not isinstance(base, LoraConfig):
-        raise ConfigError(f"`base_lora_config` must be a peft.LoraConfig, got {type(base).__name__}.")
-    plan.validate()
-    if not plan.selected_layers:  # pragma: no cover - validate() refuses it
-        raise PlanMismatchError("the plan selects no layer.")
-    config = copy.deepcopy(base)
-    config.r = plan.resolve_rank(base.r)
-    path = plan.layers.get("path") or plan.model.get("layers_path")
-    pattern = plan.layers.get("pattern") or (path.rsplit(".", 1)[-1] if path else None)
-    if not path or not pattern:
-        raise PlanMismatchError("the plan does not record where the layers are (`layers.path`); recompute it.")
-    indices = "|".join(str(i) for i in plan.selected_layers)
-    names = _module_names(plan, base)
-    regex_target = isinstance(base.target_modules, str) and base.target_modules != "all-linear"
-    if plan.layers.get("ambiguous") or regex_target:
-        layer_prefix = rf"{re.escape(path)}\.(?:{indices})\."
-        if regex_target:
-            # keep the user's regex, and require the module to sit in a planned layer
-            config.target_modules = rf"(?=(?:.*\.)?{layer_prefix})(?:{base.target_modules})"
-        else:
-            wanted = names if names is not None else _default_targets(plan)
-            alternatives = "|".join(re.escape(n) for n in wanted)
-            config.target_modules = rf"(?:.*\.)?{layer_prefix}(?:.*\.)?(?:{alternatives})"
-        config.layers_to_transform = None
-        config.layers_pattern = None
-    else:
-        if names is not None:
-            config.target_modules = names
-        config.layers_to_transform = list(plan.selected_layers)
-        config.layers_pattern = pattern
-    return config
+__all__ = [
+    "adapter_of",
+    "apply_plan",
+    "attach_loaded",
+    "check_layout",
+    "load_adapter",
+    "lora_modules_by_layer",
+    "plan_lora_config",
+    "plan_stack",
+    "save_adapter",
+    "tie_share_groups",
+]
 
 
 # -- wrapped models -----------------------------------------------------------------------------------------------
 
+#: prefix of the plan note that lists the LoRA apply_plan kept outside the planned stack
+OUTSIDE_NOTE = "LoRA outside the layer stack:"
 
-def _lora_layer_cls() -> type:
-    from peft.tuners.lora import LoraLayer
 
-    return LoraLayer
+def plan_stack(model: nn.Module, plan: LoraPlan) -> LayerStack:
+    """The model's layer stack where ``plan`` found it. No plugin is asked again, so a stack that a plugin on the
+    planner's manager found is found here too."""
+    path = plan.layers.get("path") or plan.model.get("layers_path")
+    return stack_at(model, path) if path else find_layers(model)
 
 
 def lora_modules_by_layer(
     peft_model: nn.Module, stack: LayerStack | None = None, adapter_name: str | None = None
 ) -> dict[int, dict[str, nn.Module]]:
-    """LoRA-wrapped modules of each layer (relative name -> module), for ``adapter_name`` if given."""
+    """LoRA layers of each layer of the stack (relative name -> module), for ``adapter_name`` if given. Nested
+    parameter wrappers (``target_parameters``) appear under their own names (``mlp.experts``,
+    ``mlp.experts.base_layer``)."""
+    from peft.tuners.lora import LoraLayer
+
     stack = stack if stack is not None else find_layers(peft_model)
-    lora_layer = _lora_layer_cls()
     found: dict[int, dict[str, nn.Module]] = {}
     for index, layer in enumerate(stack.layers):
-        modules = {}
-        for name, module in layer.named_modules():
-            if isinstance(module, lora_layer) and (adapter_name is None or adapter_name in module.lora_A):
-                modules[name] = module
-        found[index] = modules
+        found[index] = {
+            name: module
+            for name, module in layer.named_modules()
+            if isinstance(module, LoraLayer) and (adapters := adapters_of(module))
+            and (adapter_name is None or adapter_name in adapters)
+        }
     return found
 
 
-def _adapter(peft_model: nn.Module, adapter_name: str | None) -> str:
+def adapter_of(peft_model: nn.Module, adapter_name: str | None) -> str:
     configs = getattr(peft_model, "peft_config", None)
     if not isinstance(configs, dict) or not configs:
         raise ConfigError(
@@ -147,47 +104,82 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _b_nonzero(module: nn.Module, adapter: str) -> bool:
+    with torch.no_grad():
+        if adapter in module.lora_B:
+            return bool(module.lora_B[adapter].weight.detach().abs().max() > 0)
+        if adapter in getattr(module, "lora_embedding_B", {}):
+            return bool(module.lora_embedding_B[adapter].detach().abs().max() > 0)
+    return False
+
+
 def _fold_delta(module: nn.Module, adapter: str, why: str) -> None:
     """Add a module's current LoRA delta to its base weight before the module is dropped or re-created, so an
     initialisation that leaves B non-zero (PiSSA, OLoRA...) does not change the model's function."""
-    if not _b_nonzero(module, module, adapter):
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    if not isinstance(module, LoraLayer) or not _b_nonzero(module, adapter):
         return
-    if module.use_dora.get(adapter, False):
+    if module.use_dora.get(adapter, False) or isinstance(module, ParamWrapper) or adapter not in module.lora_A:
         raise ConfigError(
-            f"a DoRA adapter with a non-zero initialisation (`init_lora_weights`) cannot be {why} after wrapping. "
-            "Build the model with plan.to_lora_config(...) instead of narrowing it with apply_plan."
+            f"`init_lora_weights`: a LoRA module with a non-zero initialisation ({type(module).__name__}"
+            f"{', DoRA' if module.use_dora.get(adapter, False) else ''}) cannot be {why} after wrapping. Build the "
+            "model with plan.to_lora_config(...) instead of narrowing it with apply_plan."
         )
     base = module.get_base_layer()
     with torch.no_grad():
         base.weight.add_(module.get_delta_weight(adapter).to(base.weight.dtype))
 
 
+def _wrapper_chain(module: nn.Module) -> list[nn.Module]:
+    """A LoRA layer and the LoRA layers it wraps (parameter wrappers nest, one per targeted parameter)."""
+    from peft.tuners.lora import LoraLayer
+
+    chain = [module]
+    while isinstance(getattr(chain[-1], "base_layer", None), LoraLayer):
+        chain.append(chain[-1].base_layer)
+    return chain
+
+
 def _narrow(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: str) -> int:
+    """Remove ``adapter`` from the layers the plan does not select. Returns the number of sites removed."""
     removed = 0
     selected = set(plan.selected_layers)
     for index, modules in lora_modules_by_layer(peft_model, stack, adapter).items():
         if index in selected:
             continue
         layer = stack.layers[index]
-        for name, module in modules.items():
-            _fold_delta(module, adapter, "removed from an unplanned layer")
-            if set(module.lora_A.keys()) == {adapter}:
-                _set_submodule(layer, name, module.get_base_layer())
+        handled: list[str] = []
+        for name in sorted(modules):  # an outer wrapper sorts before the wrappers nested in it
+            if any(name.startswith(done + ".") for done in handled):
+                continue
+            handled.append(name)
+            chain = [m for m in _wrapper_chain(modules[name]) if adapter in adapters_of(m)]
+            for module in chain:
+                _fold_delta(module, adapter, "removed from an unplanned layer")
+            if all(adapters_of(m) <= {adapter} for m in _wrapper_chain(modules[name])):
+                _set_submodule(layer, name, modules[name].get_base_layer())
             else:
-                module.delete_adapter(adapter)
-            removed += 1
+                for module in chain:
+                    module.delete_adapter(adapter)
+            removed += len(chain)
     return removed
 
 
-def _rerank(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: str, config: Any) -> int:
+def _rerank(peft_model: nn.Module, adapter: str, config: Any) -> int:
+    """Re-create every LoRA layer whose rank or alpha differs from what ``config`` gives it (PEFT's own pattern
+    rule), so that the model is what stock PEFT builds from the saved config. Returns how many were re-created."""
+    from peft.utils.other import get_pattern_key
+
     changed = 0
-    for modules in lora_modules_by_layer(peft_model, stack, adapter).values():
-        for module in modules.values():
-            if module.r[adapter] != config.r:
-                _fold_delta(module, adapter, f"re-created at r={config.r}")
-                alpha = module.lora_alpha[adapter]
-                module.update_layer(adapter, config.r, lora_alpha=alpha, config=config)
-                changed += 1
+    for (_, key), module in lora_sites(peft_model, adapter).items():
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
+        if module.r[adapter] == r and module.lora_alpha[adapter] == alpha:
+            continue
+        _fold_delta(module, adapter, f"re-created at r={r}")
+        module.update_layer(adapter, r, lora_alpha=alpha, config=config)
+        changed += 1
     return changed
 
 
@@ -205,8 +197,8 @@ def tie_share_groups(
     is unchanged by tying. With ``verify_equal`` (re-tying a loaded adapter) the copies must already be equal.
     Returns the number of modules tied.
     """
-    adapter = _adapter(peft_model, adapter_name)
-    stack = stack if stack is not None else find_layers(peft_model)
+    adapter = adapter_of(peft_model, adapter_name)
+    stack = stack if stack is not None else plan_stack(peft_model, plan)
     by_layer = lora_modules_by_layer(peft_model, stack, adapter)
     tied = 0
     for group in plan.share_groups:
@@ -220,6 +212,12 @@ def tie_share_groups(
                     raise PlanMismatchError(
                         f"share group {group}: layer {member} has no LoRA module {name!r} to share with layer {leader}."
                     )
+                if adapter not in lead.lora_A:
+                    raise ConfigError(
+                        f"share group {group}: {name!r} is a LoRA {type(lead).__name__} without lora_A/lora_B "
+                        "modules (an embedding); loraplan ties linear LoRA modules only. Leave it out of "
+                        "target_modules, or set `share` to None."
+                    )
                 if other.lora_A[adapter] is lead.lora_A[adapter] and other.lora_B[adapter] is lead.lora_B[adapter]:
                     continue
                 for part in ("lora_A", "lora_B"):
@@ -227,7 +225,8 @@ def tie_share_groups(
                     if a.shape != b.shape:
                         raise PlanMismatchError(
                             f"share group {group}: {part} of {name!r} has shape {tuple(b.shape)} in layer {member} "
-                            f"but {tuple(a.shape)} in layer {leader}; only same-shaped modules can share."
+                            f"but {tuple(a.shape)} in layer {leader}; only same-shaped modules can share (a "
+                            "layer-specific `rank_pattern` entry gives them different ranks)."
                         )
                     if verify_equal and not torch.equal(a.detach().cpu(), b.detach().cpu()):
                         raise PlanMismatchError(
@@ -235,7 +234,7 @@ def tie_share_groups(
                             f"{member}, so this adapter was not trained with these groups tied. Load it with stock "
                             "PEFT, or with the plan it was trained with."
                         )
-                correct = not verify_equal and _b_nonzero(lead, other, adapter)
+                correct = not verify_equal and (_b_nonzero(lead, adapter) or _b_nonzero(other, adapter))
                 before = other.get_delta_weight(adapter).detach() if correct else None
                 other.lora_A[adapter] = lead.lora_A[adapter]
                 other.lora_B[adapter] = lead.lora_B[adapter]
@@ -247,53 +246,118 @@ def tie_share_groups(
     return tied
 
 
-def _b_nonzero(lead: nn.Module, other: nn.Module, adapter: str) -> bool:
-    with torch.no_grad():
-        return any(bool(m.lora_B[adapter].weight.detach().abs().max() > 0) for m in (lead, other))
+def check_layout(peft_model: nn.Module, adapter: str, config: Any, what: str) -> None:
+    """:class:`PlanMismatchError` unless the adapter's LoRA sits exactly where ``config`` puts it."""
+    have = set(lora_sites(peft_model, adapter))
+    want = reached_sites(peft_model, config)
+    if have != want:
+        parts = []
+        if have - want:
+            parts.append(f"LoRA on {show_all(have - want)}, which its config does not reach")
+        if want - have:
+            parts.append(f"no LoRA on {show_all(want - have)}, which its config reaches")
+        raise PlanMismatchError(
+            f"adapter {adapter!r} has " + " and ".join(parts) + f" ({what}). Something changed the LoRA modules "
+            "without updating the adapter's LoraConfig, so a saved adapter would not reload as it trained. Wrap the "
+            "model with peft.get_peft_model (or TRL's peft_config) and leave its LoRA modules to loraplan."
+        )
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    parts, start = [], None
+    for position, value in enumerate(indices):
+        if start is None:
+            start = value
+        if position + 1 == len(indices) or indices[position + 1] != value + 1:
+            parts.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ",".join(parts)
+
+
+def summarise_sites(sites: set[Site]) -> list[str]:
+    """Sites as short lines: one per name pattern, with the layer numbers folded (``...layers.{0-23}.q_proj``)."""
+    folded: dict[tuple[str, str], list[int]] = {}
+    for kind, name in sites:
+        match = re.search(r"\.(\d+)(?=\.)", name)
+        if match is None:
+            folded.setdefault((kind, name), [])
+            continue
+        pattern = name[: match.start()] + ".{}" + name[match.end() :]
+        folded.setdefault((kind, pattern), []).append(int(match.group(1)))
+    lines = []
+    for (kind, pattern), indices in sorted(folded.items()):
+        name = pattern.replace("{}", "{" + _ranges(sorted(indices)) + "}") if indices else pattern
+        lines.append(show((kind, name)))
+    return lines
+
+
+def _record_outside(plan: LoraPlan, sites: set[Site], path: str) -> list[str]:
+    """Note (in the plan and the log) the LoRA that the user's config puts outside the planned stack."""
+    outside = summarise_sites({(kind, name) for kind, name in sites if layer_index(name, path) is None})
+    plan.notes = [n for n in plan.notes if not n.startswith(OUTSIDE_NOTE)]
+    if outside:
+        plan.notes.append(
+            f"{OUTSIDE_NOTE} {', '.join(outside)} keep LoRA as the LoraConfig says (the plan covers `{path}` only); "
+            "they are in the saved adapter config. Leave them out with LoraConfig(exclude_modules=...)."
+        )
+    return outside
 
 
 def apply_plan(
     peft_model: PeftModel, plan: LoraPlan, *, adapter_name: str | None = None, truncate_backward: bool = True
 ) -> PeftModel:
-    """Narrow an already wrapped LoRA model to ``plan`` and tie its share groups.
+    """Narrow a LoRA model to ``plan`` and tie its share groups.
 
-    LoRA is removed from layers the plan does not select, modules are re-created at the plan's rank if it differs
-    from the adapter's, every share group is tied to one set of ``lora_A``/``lora_B`` modules, and the adapter's
-    config is updated so that ``save_pretrained`` writes an adapter stock PEFT loads with the same structure.
+    The model is one wrapped with the user's own ``LoraConfig`` (any targets: a list, a regex, ``"all-linear"``,
+    ``target_parameters``; any ``rank_pattern``/``alpha_pattern``, ``modules_to_save``, DoRA...), or one wrapped with
+    ``plan.to_lora_config(...)``. The user's targets decide what carries LoRA, the plan where in its layer stack:
+    LoRA is removed from the stack's unplanned layers, kept on every target in the planned ones and, as the config
+    says, outside the stack (listed in ``plan.notes`` and the log). Modules are re-created where the plan's rank
+    policy changes a rank, every share group is tied to one set of ``lora_A``/``lora_B`` modules, and the adapter's
+    config is rewritten (:func:`loraplan.layout.plan_lora_config`) so that ``save_pretrained`` writes an adapter that
+    stock PEFT loads with exactly this structure; the result is checked against what PEFT builds from that config.
+    Targets that reach a second text stack (encoder-decoder models) are refused before anything changes.
+
     With ``truncate_backward`` (the default) the layers below the lowest planned layer run without autograd and
     without activation checkpointing (:mod:`loraplan.truncate`; exact, and left off with the reason when something
-    below is trainable); ``False`` removes that again. What was done is the last line of ``plan.notes``.
-    Call it before any optimizer, DeepSpeed engine or DDP wrapper exists. Returns the same model.
+    below is trainable); ``False`` removes that again. What was done is in the last lines of ``plan.notes``.
+    Call it before any optimizer, DeepSpeed engine or DDP wrapper exists. Applying the same plan again changes
+    nothing. Returns the same model.
     """
-    adapter = _adapter(peft_model, adapter_name)
-    stack = find_layers(peft_model)
+    adapter = adapter_of(peft_model, adapter_name)
     plan.validate()
+    stack = plan_stack(peft_model, plan)
     plan.check_model(peft_model, stack)
-    config = plan_lora_config(plan, peft_model.peft_config[adapter])
-    if isinstance(peft_model.peft_config[adapter].target_modules, (set, list, tuple)) and not isinstance(
-        config.target_modules, str
-    ):
-        config.target_modules = set(peft_model.peft_config[adapter].target_modules)
-    by_layer = lora_modules_by_layer(peft_model, stack, adapter)
-    missing = [i for i in plan.selected_layers if not by_layer.get(i)]
+    current = peft_model.peft_config[adapter]
+    check_layout(peft_model, adapter, current, "before the plan was applied")
+    wanted = expected_sites(peft_model, plan, current)  # refuses a second text stack
+    carried = {layer_index(name, stack.path) for _, name in lora_sites(peft_model, adapter)}
+    missing = [i for i in plan.selected_layers if i not in carried]
     if missing:
         raise PlanMismatchError(
             f"the plan selects layers {missing}, but the model has no LoRA module there for adapter {adapter!r}. "
             "Wrap the model with LoRA on every layer (or at least the planned ones) before apply_plan."
         )
+    config = plan_lora_config(plan, current, model=peft_model)
     removed = _narrow(peft_model, plan, stack, adapter)
-    reranked = _rerank(peft_model, plan, stack, adapter, config)
+    reranked = _rerank(peft_model, adapter, config)
     peft_model.peft_config[adapter] = config
     tied = tie_share_groups(peft_model, plan, adapter, stack=stack)
+    if set(lora_sites(peft_model, adapter)) != wanted:  # pragma: no cover - would be a loraplan bug
+        raise PlanMismatchError("loraplan left LoRA where neither the plan nor the LoraConfig put it; please report this.")
+    check_layout(peft_model, adapter, config, "after the plan was applied")
+    outside = _record_outside(plan, wanted, stack.path)
     truncation = apply_to_plan(peft_model, plan, truncate_backward, stack)
     peft_model.loraplan_plan = plan
     logger.info(
-        "loraplan: LoRA kept on layers %s (%d modules removed%s), %d modules tied in %d share groups; %s",
+        "loraplan: LoRA kept on layers %s (%d modules removed%s), %d modules tied in %d share groups%s; %s",
         plan.selected_layers,
         removed,
-        f", {reranked} re-created at r={config.r}" if reranked else "",
+        f", {reranked} re-created at the planned rank" if reranked else "",
         tied,
         len(plan.share_groups),
+        f"; outside the stack, as the LoraConfig says: {', '.join(outside)}" if outside else "",
         truncation.note(),
     )
     return peft_model
@@ -314,6 +378,28 @@ def save_adapter(peft_model: PeftModel, path: str | Path, plan: LoraPlan | None 
     return out
 
 
+def attach_loaded(
+    peft_model: PeftModel, plan: LoraPlan, *, adapter_name: str = "default", truncate_backward: bool = True
+) -> PeftModel:
+    """Finish a model whose adapter was loaded from a checkpoint trained with ``plan`` (``PeftModel.from_pretrained``,
+    Axolotl's ``lora_model_dir``): check that its LoRA sits in the planned layers only, re-tie the share groups (the
+    saved copies must be equal) and, with ``truncate_backward``, truncate the backward below the lowest planned
+    layer."""
+    stack = plan_stack(peft_model, plan)
+    plan.check_model(peft_model, stack)
+    carried = sorted({i for _, name in lora_sites(peft_model, adapter_name)
+                      if (i := layer_index(name, stack.path)) is not None})
+    if carried != list(plan.selected_layers):
+        raise PlanMismatchError(
+            f"the loaded adapter {adapter_name!r} has LoRA in layers {carried}, but the plan selects "
+            f"{plan.selected_layers}. Load it with the plan it was trained with (the loraplan.json beside it)."
+        )
+    tie_share_groups(peft_model, plan, adapter_name, verify_equal=True, stack=stack)
+    apply_to_plan(peft_model, plan, truncate_backward, stack)
+    peft_model.loraplan_plan = plan
+    return peft_model
+
+
 def load_adapter(
     model: nn.Module, path: str | Path, *, adapter_name: str = "default", truncate_backward: bool = True, **kwargs: Any
 ) -> PeftModel:
@@ -323,9 +409,6 @@ def load_adapter(
     from peft import PeftModel
 
     plan = LoraPlan.load(Path(path) / PLAN_FILE)
-    plan.check_model(unwrap(model))
+    plan.check_model(model, plan_stack(model, plan))
     peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, **kwargs)
-    tie_share_groups(peft_model, plan, adapter_name, verify_equal=True)
-    apply_to_plan(peft_model, plan, truncate_backward)
-    peft_model.loraplan_plan = plan
-    return peft_model
+    return attach_loaded(peft_model, plan, adapter_name=adapter_name, truncate_backward=truncate_backward)

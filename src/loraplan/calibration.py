@@ -121,6 +121,10 @@ def _positions(batch: dict[str, torch.Tensor], pooling: str, last_token: str, pa
             + ("(every token equals the pad/eos id in last_token='reference' mode)" if last_token == "reference" else "")
             + ". Remove empty samples, or use last_token='mask'."
         )
+    if last_token == "reference":
+        # the reference's own rule: the count of non-pad tokens minus one, every eos (= pad) masked, also one in the
+        # middle of a sample (a chat template's end-of-turn): not the last real position then
+        return real.sum(dim=1) - 1
     width = ids.shape[1]
     return width - 1 - real.flip(dims=[1]).int().argmax(dim=1)
 

@@ -13,7 +13,16 @@ from .errors import LayerDiscoveryError
 if TYPE_CHECKING:
     import pluggy
 
-__all__ = ["LayerStack", "find_layers", "linear_modules", "target_modules_of", "unwrap"]
+__all__ = [
+    "LayerStack",
+    "block_stacks",
+    "find_layers",
+    "linear_modules",
+    "other_text_stacks",
+    "stack_at",
+    "target_modules_of",
+    "unwrap",
+]
 
 #: model types whose sequence representation is the first token (CLS)
 ENCODER_MODEL_TYPES = frozenset(
@@ -119,16 +128,32 @@ def _pooling_for(model: nn.Module, backbone: nn.Module) -> str:
     return "last"
 
 
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every list of identical transformer blocks (``*Layer``/``*Block``) in ``model``, of any modality."""
+    return [(name, blocks) for name, blocks in _module_lists(model) if _BLOCK_NAME.search(type(blocks[0]).__name__)]
+
+
+def is_text_stack(path: str) -> bool:
+    """Whether a block list at ``path`` belongs to the text model (not a vision, audio or projector tower)."""
+    return not _NON_TEXT.search(path)
+
+
+def other_text_stacks(model: nn.Module, path: str) -> list[tuple[str, nn.ModuleList]]:
+    """Text block stacks of ``model`` other than the one at ``path`` (the other half of an encoder-decoder), leaving
+    out lists nested inside that stack or holding it."""
+    return [
+        (name, blocks)
+        for name, blocks in block_stacks(model)
+        if name != path
+        and is_text_stack(name)
+        and not name.startswith(path + ".")
+        and not path.startswith(name + ".")
+    ]
+
+
 def default_layer_stack(model: nn.Module) -> LayerStack | None:
     """Built-in discovery: the block list of a transformers model (text stack preferred in multimodal models)."""
-    candidates = []
-    for name, module_list in _module_lists(model):
-        block = type(module_list[0]).__name__
-        if not _BLOCK_NAME.search(block):
-            continue
-        if _NON_TEXT.search(name):
-            continue
-        candidates.append((name, module_list))
+    candidates = [(name, blocks) for name, blocks in block_stacks(model) if is_text_stack(name)]
     if not candidates:
         return None
     # prefer the stack inside a language model, then the longest, then the shallowest path
@@ -165,13 +190,36 @@ def find_layers(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Lay
         )
     if len(stack.layers) == 0:
         raise LayerDiscoveryError(f"the layer stack {stack.path!r} of {type(base).__name__} is empty.")
-    same_name = [
-        name
-        for name, _ in _module_lists(base)
-        if name != stack.path and name.rsplit(".", 1)[-1] == stack.pattern
-    ]
-    stack.ambiguous = stack.ambiguous or bool(same_name)
+    stack.ambiguous = stack.ambiguous or _name_is_shared(base, stack.path)
     return stack
+
+
+def stack_at(model: nn.Module, path: str) -> LayerStack:
+    """The layer stack at a recorded ``path`` (a plan's ``layers.path``), without asking any plugin: code that runs
+    after a plan exists reads the stack from where the plan found it, whoever found it."""
+    base = unwrap(model)
+    try:
+        layers = base.get_submodule(path)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise LayerDiscoveryError(
+            f"the plan's layer stack `{path}` is not a non-empty nn.ModuleList in this {type(base).__name__}"
+            + (f" (found {type(layers).__name__})" if layers is not None else "")
+            + ". The plan was made for another model: recompute it for this one, or load the plan that belongs to it."
+        )
+    backbone = _backbone_for(base, path)
+    return LayerStack(
+        layers=layers, path=path, backbone=backbone, pooling=_pooling_for(base, backbone),
+        ambiguous=_name_is_shared(base, path),
+    )
+
+
+def _name_is_shared(model: nn.Module, path: str) -> bool:
+    """Another module list ends with the same name as the one at ``path`` (PEFT's ``layers_pattern`` cannot tell
+    them apart)."""
+    last = path.rsplit(".", 1)[-1]
+    return any(name != path and name.rsplit(".", 1)[-1] == last for name, _ in _module_lists(model))
 
 
 def _is_linear(module: nn.Module) -> bool:

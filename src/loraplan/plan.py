@@ -199,6 +199,15 @@ class LoraPlan:
         path); log a warning if only the class or the config hash differ."""
         import logging
 
+        from .errors import LayerDiscoveryError
+        from .layers import stack_at
+
+        path = self.layers.get("path") or self.model.get("layers_path")
+        if stack is None and path:
+            try:
+                stack = stack_at(model, path)
+            except LayerDiscoveryError as exc:
+                raise PlanMismatchError(str(exc)) from exc
         current = fingerprint(model, stack)
         problems = []
         for key in ("num_layers", "hidden_size", "layers_path"):
@@ -222,11 +231,14 @@ class LoraPlan:
                 )
 
     # -- PEFT ---------------------------------------------------------------------------------------------------
-    def to_lora_config(self, base_lora_config: LoraConfig) -> LoraConfig:
-        """A new PEFT ``LoraConfig`` that realises this plan's selection and rank (see :mod:`loraplan.apply`)."""
-        from .apply import plan_lora_config
+    def to_lora_config(self, base_lora_config: LoraConfig, model: nn.Module | None = None) -> LoraConfig:
+        """A new PEFT ``LoraConfig`` from the user's: its targets decide what gets LoRA, this plan where in the layer
+        stack, its rank policy the ranks (see :func:`loraplan.layout.plan_lora_config`). ``model``, the model about
+        to be wrapped, is needed for ``target_parameters`` and lets the result be checked against what PEFT will
+        build."""
+        from .layout import plan_lora_config
 
-        return plan_lora_config(self, base_lora_config)
+        return plan_lora_config(self, base_lora_config, model)
 
     # -- persistence --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from .cost import LayerCosts, costs_for, predictions, select_within_budget
 from .data import prepare_batches
 from .errors import CalibrationError, ConfigError, PluginError
 from .hooks.manager import Registered, call_hook, get_plugin_manager, lookup, selectors, sharers
-from .layers import LayerStack, find_layers, target_modules_of, unwrap
+from .layers import LayerStack, find_layers, linear_modules, other_text_stacks, target_modules_of, unwrap
+from .layout import refuse_other_stacks
 from .plan import LoraPlan, fingerprint
 from .similarity import is_constant, sample_variance_share, spearman
 from .strategies import SelectionContext, SharingContext, SharingResult, cumulative_pick
@@ -206,6 +207,19 @@ def _module_shapes(stack: LayerStack, targets: list[str] | None) -> dict[str, li
     return dict(sorted(shapes.items()))
 
 
+def _other_stacks(base: nn.Module, stack: LayerStack, targets: list[str] | None) -> list[dict[str, Any]]:
+    """Other text layer stacks (the other half of an encoder-decoder model): refused when the LoRA targets reach
+    them, else recorded in the plan so that a LoraConfig reaching them later is refused too."""
+    found = []
+    reached: dict[str, list[str]] = {}
+    for path, blocks in other_text_stacks(base, stack.path):
+        modules = sorted(linear_modules(blocks[0]))
+        found.append({"path": path, "num_layers": len(blocks), "modules": modules})
+        reached[path] = [f"{path}.{i}.{name}" for i, block in enumerate(blocks) for name in target_modules_of(block, targets)]
+    refuse_other_stacks(reached, stack.path, type(base).__name__)
+    return found
+
+
 def _costs(
     model: nn.Module, stack: LayerStack, config: PlanConfig, targets: list[str] | None, base_rank: int | None
 ) -> tuple[LayerCosts | None, str | None]:
@@ -255,6 +269,7 @@ def make_plan(
     num_layers = stack.num_layers
     k = config.layer_count(num_layers)
     targets = resolve_targets(model, config)
+    other_stacks = _other_stacks(base, stack, targets)
 
     requires = set(selector.strategy.requires) | (set(sharer.strategy.requires) if sharer else set())
     needed = max(
@@ -355,6 +370,7 @@ def make_plan(
             "target_modules": sorted({name.rsplit(".", 1)[-1] for name in stats.target_names[0]}),
             "module_shapes": _module_shapes(stack, targets),
             "targets_from": "config" if config.target_modules else ("peft" if targets else "all-linear"),
+            "other_stacks": other_stacks,
         },
         calibration={
             "num_samples": batches.num_samples,
@@ -375,11 +391,12 @@ def make_plan(
         warnings=plan_warnings,
         versions=versions(),
     )
-    if base_rank is not None:
-        plan.rank = plan.resolve_rank(base_rank)
-        plan.calibration["base_rank"] = base_rank
     call_hook(pm, "loraplan_adjust_plan", plan=plan, model=base, stats=stats)
     plan.validate()
+    if base_rank is not None:
+        # after the adjust hook: the budget rank depends on the final selection and groups
+        plan.rank = plan.resolve_rank(base_rank)
+        plan.calibration["base_rank"] = base_rank
     if costs is not None:
         # after the adjust hook, so that the predictions are those of the final selection
         rank = plan.resolve_rank(costs.rank)

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..apply import lora_modules_by_layer
+from ..apply import adapter_of, check_layout, lora_modules_by_layer, plan_stack
 from ..config import PlanConfig
 from ..distributed import from_main, load_plan_everywhere
 from ..errors import ConfigError, PlanMismatchError
-from ..layers import find_layers
+from ..layout import layer_index, lora_sites
 from ..plan import PLAN_FILE, LoraPlan
 
 logger = logging.getLogger("loraplan")
@@ -99,23 +99,27 @@ def resolve_plan(
 
 
 def check_applied(model: Any, plan: LoraPlan, adapter_name: str | None = None) -> None:
-    """Raise :class:`PlanMismatchError` unless LoRA sits exactly in the planned layers and every share group
-    uses one set of ``lora_A``/``lora_B`` modules."""
-    stack = find_layers(model)
-    by_layer = lora_modules_by_layer(model, stack, adapter_name)
-    with_lora = sorted(i for i, modules in by_layer.items() if modules)
+    """Raise :class:`PlanMismatchError` unless, over the whole model, LoRA sits exactly where the plan and the
+    adapter's config say (in the planned layers of the stack, and outside it only where the config reaches) and
+    every share group uses one set of ``lora_A``/``lora_B`` modules."""
+    adapter = adapter_of(model, adapter_name)
+    stack = plan_stack(model, plan)
+    with_lora = sorted(
+        {i for _, name in lora_sites(model, adapter) if (i := layer_index(name, stack.path)) is not None}
+    )
     if with_lora != list(plan.selected_layers):
         raise PlanMismatchError(
             f"the model has LoRA in layers {with_lora}, but the plan selects {plan.selected_layers}. Something "
             "re-wrapped or re-created the model after loraplan applied the plan (e.g. `model_init`); apply the plan "
             "to the model that trains."
         )
-    adapter = adapter_name or _only_adapter(by_layer)
+    check_layout(model, adapter, model.peft_config[adapter], "when training began")
+    by_layer = lora_modules_by_layer(model, stack, adapter)
     for group in plan.share_groups:
         lead = by_layer[group[0]]
         for member in group[1:]:
             for name, module in by_layer[member].items():
-                if adapter is None or name not in lead:
+                if name not in lead:
                     continue
                 for part in ("lora_A", "lora_B"):
                     if getattr(module, part)[adapter] is not getattr(lead[name], part)[adapter]:
@@ -124,15 +128,6 @@ def check_applied(model: Any, plan: LoraPlan, adapter_name: str | None = None) -
                             f"layer {group[0]}. The tie was broken after the plan was applied (a checkpoint or "
                             "adapter load that re-created LoRA modules); re-apply the plan before training."
                         )
-
-
-def _only_adapter(by_layer: dict[int, dict[str, Any]]) -> str | None:
-    for modules in by_layer.values():
-        for module in modules.values():
-            names = list(module.lora_A.keys())
-            if names:
-                return names[0]
-    return None
 
 
 def _adapter_weights(directory: Path) -> dict[str, Any] | None:

@@ -6,10 +6,13 @@ Lifecycle (Axolotl's model loader calls the hooks in this order):
   ``loraplan:`` block asks for sharing, makes gradient checkpointing non-reentrant (or refuses a checkpointing
   mode that cannot be, with the reason).
 - ``pre_lora_load``: reuses a saved plan, or calibrates the base model on the first ``calibration_samples``
-  examples of the configured training dataset (every rank gets rank 0's plan), then sets
-  ``peft_layers_to_transform``/``peft_layers_pattern`` (and ``lora_r`` when the plan's rank policy changes it),
-  so PEFT wraps only the planned layers.
-- ``post_lora_load``: ties the share groups on the fresh ``PeftModel``.
+  examples of the configured training dataset (every rank gets rank 0's plan), and writes it to ``output_dir``.
+- ``post_lora_load``: applies the plan to the fresh ``PeftModel`` exactly as the HF callback does
+  (:func:`loraplan.apply_plan`): LoRA stays on every target of the planned layers and, as the YAML's LoRA settings
+  say, outside the stack; the stack's other layers lose it; ranks follow the plan's rank policy (``lora_rank_pattern``
+  included); share groups are tied; the adapter config is rewritten so that the saved adapter reloads as it
+  trained. (Setting ``peft_layers_to_transform`` before wrapping would drop targets outside the layers, would not
+  reach ``lora_target_parameters`` and cannot address a stack whose name another module list shares.)
 - ``add_callbacks_pre_trainer``: a :class:`~loraplan.integrations.hf.LoraPlanCallback` that writes the plan to
   ``output_dir`` and beside every checkpoint, and checks a resumed checkpoint against the plan.
 """
@@ -144,7 +147,7 @@ class LoraPlanPlugin(BasePlugin):
                 kwargs["use_reentrant"] = False
                 cfg.gradient_checkpointing_kwargs = kwargs
 
-    # -- selection: before PEFT wraps ---------------------------------------------------------------------------
+    # -- the plan: before PEFT wraps -----------------------------------------------------------------------------
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
         block = _block(cfg)
         config = block.plan_config()
@@ -160,19 +163,7 @@ class LoraPlanPlugin(BasePlugin):
             no_data_message="`loraplan`: no plan and no calibration data.",
         )
         plan.check_model(model)
-        rank = plan.resolve_rank(int(cfg.lora_r))
-        if rank != cfg.lora_r:
-            LOG.info("loraplan: `lora_r` %s -> %s (rank_policy=%r)", cfg.lora_r, rank, config.rank_policy)
-            cfg.lora_r = rank
-        if plan.layers.get("ambiguous"):
-            raise ConfigError(
-                f"the layer stack {plan.layers.get('path')!r} shares its name with another module list (e.g. a vision "
-                "tower), so Axolotl's `peft_layers_pattern` cannot address it. Use the HF callback "
-                "(loraplan.integrations.hf.LoraPlanCallback) for this model."
-            )
         self.truncate_backward = block.truncate_backward is not False
-        cfg.peft_layers_to_transform = list(plan.selected_layers)
-        cfg.peft_layers_pattern = [plan.layers.get("pattern") or plan.model["layers_path"].rsplit(".", 1)[-1]]
         self.plan = plan
         LOG.info(
             "loraplan: plan %s: LoRA on layers %s%s", how, plan.selected_layers,
@@ -201,7 +192,7 @@ class LoraPlanPlugin(BasePlugin):
         with _plain_attention(model):
             return make_plan_everywhere(model, train_dataset, config, tokenizer, lora_rank=int(cfg.lora_r))
 
-    # -- sharing: after PEFT wraps ------------------------------------------------------------------------------
+    # -- applying it: after PEFT wraps ---------------------------------------------------------------------------
     def post_lora_load(self, cfg: Any, model: Any) -> None:
         if self.plan is None:
             raise ConfigError(f"`{PLUGIN}`: post_lora_load ran without pre_lora_load; the plan is missing.")

@@ -1,0 +1,375 @@
+"""Where LoRA sits: the sites a wrapped model carries, the sites a ``LoraConfig`` reaches on a model, and the
+``LoraConfig`` that realises a plan.
+
+A *site* is one place that carries LoRA: a module PEFT replaced, ``("module", "model.layers.3.self_attn.q_proj")``,
+or a parameter it wraps through ``target_parameters``, ``("parameter", "model.layers.3.mlp.experts.down_proj")``.
+Names are relative to the transformers model, as PEFT's own matching sees them, and the sites a config reaches are
+found with PEFT's own matching functions (not a copy of their rules), so that what this module predicts is what
+``get_peft_model`` and ``PeftModel.from_pretrained`` do.
+
+The rule a plan adds to a user's ``LoraConfig``: **the user's targets decide what gets LoRA, the plan decides where
+in its layer stack.** The planned layers keep every target the config reaches there; the other layers of the stack
+lose theirs (``exclude_modules``, and explicit ``target_parameters`` names, since PEFT's ``layers_to_transform`` and
+``exclude_modules`` do not apply to parameters); whatever the config reaches outside the stack (a pooler, an
+``lm_head`` target, a vision tower) keeps LoRA exactly as the config says and is reported. A second text stack (the
+decoder of an encoder-decoder model) that the targets reach cannot be left unplanned: that is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .errors import ConfigError, PlanMismatchError
+from .layers import other_text_stacks, unwrap
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+    from .plan import LoraPlan
+
+__all__ = [
+    "MODULE",
+    "adapters_of",
+    "expected_sites",
+    "stack_exclusion",
+    "PARAMETER",
+    "Site",
+    "layer_index",
+    "lora_sites",
+    "plan_lora_config",
+    "reached_sites",
+    "show",
+    "show_all",
+]
+
+Site = tuple[str, str]
+MODULE = "module"
+PARAMETER = "parameter"
+
+#: path components of the internals of PEFT's other wrappers (modules_to_save, trainable tokens): never targets
+_INTERNAL_PARTS = frozenset({"original_module", "modules_to_save", "token_adapter"})
+
+
+def show(site: Site) -> str:
+    """A site as the messages print it."""
+    kind, name = site
+    return name if kind == MODULE else f"{name} (parameter)"
+
+
+def show_all(sites: Iterable[Site], limit: int = 6) -> str:
+    names = [show(s) for s in sorted(sites)]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _internal(name: str) -> bool:
+    """A module inside a PEFT wrapper (LoRA's own ``lora_A``/``lora_B``/..., a modules_to_save copy)."""
+    return any(part.startswith("lora_") or part in _INTERNAL_PARTS for part in name.split("."))
+
+
+def strip_base_layer(name: str) -> str:
+    """A module name as PEFT matches it: without the ``base_layer`` components its wrappers insert."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def layer_index(name: str, path: str) -> int | None:
+    """The index of the layer of the stack at ``path`` that holds ``name``, or ``None`` outside the stack."""
+    if not name.startswith(path + "."):
+        return None
+    head = name[len(path) + 1 :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def adapters_of(module: nn.Module) -> set[str]:
+    return set(getattr(module, "lora_A", {}) or {}) | set(getattr(module, "lora_embedding_A", {}) or {})
+
+
+def lora_sites(model: nn.Module, adapter: str | None = None) -> dict[Site, nn.Module]:
+    """Every site of ``model`` (a PEFT model or its base model) that carries LoRA for ``adapter`` (any adapter if
+    ``None``), mapped to its LoRA layer. Nested parameter wrappers are one site each."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    found: dict[Site, nn.Module] = {}
+    for name, module in unwrap(model).named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        adapters = adapters_of(module)
+        if not adapters or (adapter is not None and adapter not in adapters):
+            continue
+        if isinstance(module, ParamWrapper):
+            found[(PARAMETER, f"{strip_base_layer(name)}.{module.parameter_name}")] = module
+        else:
+            found[(MODULE, name)] = module
+    return found
+
+
+def _resolved(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """A copy of ``config`` with the targets PEFT itself would resolve on ``model`` when wrapping it: the transformers
+    v5 MoE conversion, the default targets of the model type, ``"all-linear"``."""
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    config = copy.deepcopy(config)
+    model_config = getattr(model, "config", None)
+    if hasattr(model_config, "model_type"):
+        try:
+            from peft.utils.transformers_weight_conversion import (
+                convert_peft_config_for_transformers,
+                get_model_conversion_mapping,
+            )
+        except ImportError:  # pragma: no cover - older PEFT without the transformers v5 conversion
+            pass
+        else:
+            convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+        if config.target_modules is None:
+            mapping = LoraModel.target_module_mapping.get(model_config.model_type)
+            if mapping is not None:
+                config.target_modules = mapping if isinstance(mapping, str) else set(mapping)
+    return _maybe_include_all_linear_layers(config, model)
+
+
+def _matches_parameter(key: str, targets: Iterable[str]) -> bool:
+    """PEFT's rule for ``target_parameters``: the full name, or a suffix of it after a dot."""
+    return any(key == t or key.endswith("." + t) for t in targets)
+
+
+def reached_sites(model: nn.Module, config: LoraConfig) -> set[Site]:
+    """The sites stock PEFT gives LoRA when it wraps ``model`` (or, for a wrapped model, loads an adapter onto its
+    base) with ``config``: modules by PEFT's ``check_target_module_exists``, parameters by its ``target_parameters``
+    rule."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    base = unwrap(model)
+    config = _resolved(config, base)
+    sites: set[Site] = set()
+    seen: set[str] = set()
+    targets = config.target_modules
+    parameters = set(config.target_parameters or [])
+    for name, module in base.named_modules():
+        if not name or _internal(name):
+            continue
+        key = strip_base_layer(name)
+        if targets and key not in seen and check_target_module_exists(config, key):
+            sites.add((MODULE, key))
+        seen.add(key)
+        if parameters:
+            for parameter, _ in module.named_parameters(recurse=False):
+                full = f"{key}.{parameter}"
+                if _matches_parameter(full, parameters):
+                    sites.add((PARAMETER, full))
+    return sites
+
+
+# -- the LoraConfig of a plan -------------------------------------------------------------------------------------
+
+
+def _stack_path(plan: LoraPlan) -> str:
+    path = plan.layers.get("path") or plan.model.get("layers_path")
+    if not path:
+        raise PlanMismatchError("the plan does not record where the layers are (`layers.path`); recompute it.")
+    return path
+
+
+def stack_exclusion(plan: LoraPlan) -> str:
+    """The ``exclude_modules`` regex (PEFT full-matches it) of everything in the stack but the planned layers: the
+    stack's own container and all of its unplanned layers. It is always present in a planned config, so it also tells
+    a config that was already made for this plan (:func:`plan_lora_config` is idempotent)."""
+    selected = set(plan.selected_layers)
+    others = "|".join(str(i) for i in range(plan.num_layers) if i not in selected)
+    path = re.escape(_stack_path(plan))
+    return rf"{path}(?:\.(?:{others})(?:\..*)?)?" if others else path
+
+
+def _made_for(exclusions: Any, ours: str) -> bool:
+    return isinstance(exclusions, str) and (exclusions == ours or exclusions.endswith(f"|(?:{ours})"))
+
+
+def _merged_exclusions(user: Any, ours: str) -> Any:
+    """The user's ``exclude_modules`` (a regex or a list of names) and ours as one regex."""
+    if not user or _made_for(user, ours):
+        return user or ours
+    if isinstance(user, str):
+        return f"(?:{user})|(?:{ours})"
+    names = "|".join(re.escape(n) for n in sorted(user))  # PEFT's list rule: the name, or a suffix after a dot
+    return rf"(?:(?:.*\.)?(?:{names}))|(?:{ours})"
+
+
+def _ranks(plan: LoraPlan, base: LoraConfig, config: LoraConfig) -> None:
+    policy = plan.config.get("rank_policy", "keep")
+    config.r = plan.resolve_rank(base.r)
+    pattern = dict(base.rank_pattern or {})
+    if not pattern or policy == "keep":
+        return
+    if policy == "budget":
+        # ShareLoRA's budget rule scales every rank by the same rule, the user's per-module ones included
+        config.rank_pattern = {key: plan.resolve_rank(int(value)) for key, value in pattern.items()}
+        return
+    raise ConfigError(
+        f"`rank_policy` is {policy!r}, one rank for every planned module, but the LoraConfig sets per-module ranks "
+        f"(`rank_pattern` {pattern}). Keep them with rank_policy='keep' (or scale them with 'budget'), or drop "
+        "rank_pattern from the LoraConfig."
+    )
+
+
+def _check_layers_to_transform(plan: LoraPlan, base: LoraConfig) -> None:
+    given = base.layers_to_transform
+    if given is None or (isinstance(given, list) and not given):
+        return
+    allowed = {given} if isinstance(given, int) else set(given)
+    missing = [i for i in plan.selected_layers if i not in allowed]
+    if missing:
+        raise ConfigError(
+            f"`layers_to_transform` is {given!r}, which leaves out planned layers {missing}: LoRA would not reach "
+            f"every layer the plan selects ({plan.selected_layers}). loraplan decides the layers: remove "
+            "layers_to_transform (and layers_pattern) from the LoraConfig."
+        )
+
+
+def _other_stack_candidates(plan: LoraPlan) -> list[tuple[str, list[str]]]:
+    """Recorded other text stacks, as (path, full module names of their linear modules)."""
+    found = []
+    for stack in plan.layers.get("other_stacks") or []:
+        names = [f"{stack['path']}.{i}.{m}" for i in range(int(stack["num_layers"])) for m in stack.get("modules", [])]
+        found.append((stack["path"], names))
+    return found
+
+
+def _reached_by_name(config: LoraConfig, names: list[str], model_type: str | None) -> list[str]:
+    """Which of ``names`` (linear modules) ``config`` would give LoRA, without the model at hand."""
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return list(names)
+    if targets is None:
+        mapping = LoraModel.target_module_mapping.get(model_type)
+        if mapping is None:
+            return []
+        config = copy.deepcopy(config)
+        config.target_modules = mapping if isinstance(mapping, str) else set(mapping)
+    return [n for n in names if check_target_module_exists(config, n)]
+
+
+def refuse_other_stacks(reached: dict[str, list[str]], planned: str, model_class: str | None) -> None:
+    """:class:`ConfigError` when LoRA targets reach text stacks the plan does not cover (``reached``: stack path ->
+    names reached there)."""
+    reached = {path: names for path, names in reached.items() if names}
+    if not reached:
+        return
+    stacks = ", ".join(f"`{path}` ({show_all([(MODULE, n) for n in names], 2)})" for path, names in reached.items())
+    raise ConfigError(
+        f"`target_modules`: the LoRA targets reach {stacks}, a second text layer stack of "
+        f"{model_class or 'this model'} beside the planned `{planned}` (an encoder-decoder model). loraplan plans one "
+        "layer stack; the other would keep LoRA on every layer, unplanned. Planning encoder-decoder models is not "
+        "supported: fine-tune this model with stock PEFT, or restrict target_modules to the planned stack (e.g. a "
+        f"regex that starts with {re.escape(planned)!r})."
+    )
+
+
+def _planned_parameters(plan: LoraPlan, base: LoraConfig, model: nn.Module | None) -> list[str] | None:
+    if not base.target_parameters:
+        return None
+    if model is None:
+        raise ConfigError(
+            f"`target_parameters` {sorted(base.target_parameters)}: PEFT's layers_to_transform and exclude_modules do "
+            "not apply to parameters, so loraplan names each planned one, which needs the model. Call "
+            "plan.to_lora_config(lora_config, model=model), or wrap the model with your LoraConfig and call "
+            "loraplan.apply_plan(peft_model, plan)."
+        )
+    path = _stack_path(plan)
+    selected = set(plan.selected_layers)
+    keys = []
+    for kind, name in reached_sites(model, base):
+        if kind == PARAMETER:
+            index = layer_index(name, path)
+            if index is None or index in selected:
+                keys.append(name)
+    return sorted(keys)
+
+
+def _peft_rewrites_targets(base: LoraConfig, model_type: str | None) -> bool:
+    """Whether PEFT, when it wraps a model of ``model_type``, turns some of ``base``'s targets into expert parameters
+    (its transformers v5 MoE conversion), which only the model itself tells how to narrow."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except ImportError:  # pragma: no cover - a PEFT without the conversion
+        return False
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
+    targets = base.target_modules
+    if not mapping or not targets:
+        return False
+    return isinstance(targets, str) or any(t == old or t.endswith("." + old) for t in targets for old in mapping)
+
+
+def plan_lora_config(plan: LoraPlan, base: LoraConfig, model: nn.Module | None = None) -> LoraConfig:
+    """A copy of ``base`` that gives LoRA exactly where ``plan`` and ``base`` together say (see the module
+    docstring): ``exclude_modules`` gains the stack's unplanned layers, ``target_parameters`` become the planned
+    parameters' full names, ``r`` and ``rank_pattern`` follow the plan's rank policy (the budget rule scales
+    per-module ranks; alphas are kept). Applying it to a config it made already changes nothing.
+
+    ``model`` (the model to wrap, or the wrapped one) is needed for ``target_parameters`` and for MoE targets that
+    PEFT turns into parameters; with it, targets are first resolved as PEFT resolves them on that model
+    (``"all-linear"``, default targets, the MoE conversion) and the result is checked against what PEFT builds from
+    it. Never produces ``layers_to_transform=[]``.
+    """
+    from peft import LoraConfig
+
+    if not isinstance(base, LoraConfig):
+        raise ConfigError(f"`base_lora_config` must be a peft.LoraConfig, got {type(base).__name__}.")
+    plan.validate()
+    path = _stack_path(plan)
+    _check_layers_to_transform(plan, base)
+    model_type = plan.model.get("model_type")
+    if model is None and _peft_rewrites_targets(base, model_type):
+        raise ConfigError(
+            f"`target_modules` {base.target_modules!r}: when PEFT wraps a {model_type} model it turns these targets "
+            "into expert parameters (target_parameters), which loraplan can narrow to the planned layers only with "
+            "the model at hand. Call plan.to_lora_config(lora_config, model=model), or wrap the model with your "
+            "LoraConfig and call loraplan.apply_plan(peft_model, plan)."
+        )
+    source = _resolved(base, unwrap(model)) if model is not None else base
+    config = copy.deepcopy(source)
+    ours = stack_exclusion(plan)
+    if not _made_for(source.exclude_modules, ours):  # a config made for this plan keeps its (already planned) ranks
+        _ranks(plan, source, config)
+    config.exclude_modules = _merged_exclusions(source.exclude_modules, ours)
+    parameters = _planned_parameters(plan, source, model)
+    if parameters is not None:
+        config.target_parameters = parameters
+    if model is None:
+        refuse_other_stacks(
+            {p: _reached_by_name(base, names, model_type) for p, names in _other_stack_candidates(plan)},
+            path, plan.model.get("class"),
+        )
+        return config
+    wanted = expected_sites(model, plan, base)
+    got = reached_sites(model, config)
+    if got != wanted:  # pragma: no cover - a gap in the translation above, not a user error
+        raise PlanMismatchError(
+            "loraplan cannot express this plan in a LoraConfig for this model: the rewritten config would "
+            + (f"add LoRA on {show_all(got - wanted)}" if got - wanted else "")
+            + ("; " if got - wanted and wanted - got else "")
+            + (f"miss {show_all(wanted - got)}" if wanted - got else "")
+            + ". Please report this with the LoraConfig you used."
+        )
+    return config
+
+
+def expected_sites(model: nn.Module, plan: LoraPlan, base: LoraConfig) -> set[Site]:
+    """What ``base`` reaches on ``model``, minus the stack's unplanned layers: where LoRA must sit once the plan is
+    applied. Refuses a second text stack that ``base`` reaches."""
+    path = _stack_path(plan)
+    reached = reached_sites(model, base)
+    others = {p: [] for p, _ in other_text_stacks(unwrap(model), path)}
+    for site in reached:
+        for other in others:
+            if site[1].startswith(other + "."):
+                others[other].append(site[1])
+    refuse_other_stacks(others, path, type(unwrap(model)).__name__)
+    selected = set(plan.selected_layers)
+    return {s for s in reached if (i := layer_index(s[1], path)) is None or i in selected}
