@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from loraplan import LoraPlan, PlanConfig, apply_plan, load_adapter, make_plan, save_adapter
+from loraplan import LoraPlan, PlanConfig, apply_plan, hookimpl, load_adapter, make_plan, save_adapter
 from loraplan.apply import OUTSIDE_NOTE, lora_modules_by_layer
 from loraplan.errors import ConfigError, PlanMismatchError
 from loraplan.layout import stack_exclusion
@@ -239,3 +239,58 @@ def test_apply_plan_errors(pm, make_llama, make_batches):
         apply_plan(get_peft_model(make_llama(layers=6), narrowed), plan)
     with pytest.raises(ConfigError, match="`adapter_name` 'other'"):
         apply_plan(get_peft_model(make_llama(layers=6), LoraConfig(r=2, target_modules=TARGETS)), plan, adapter_name="other")
+
+
+class _Stage(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(8, 8)
+        self.v_proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + torch.tanh(self.v_proj(self.q_proj(x)))
+
+
+class _Staged(torch.nn.Module):
+    """A model only a plugin can read: blocks of class `_Stage` in a list named `stages`."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(101, 8)
+        self.stages = torch.nn.ModuleList([_Stage() for _ in range(4)])
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        for stage in self.stages:
+            h = stage(h)
+        return h
+
+
+def test_a_stack_found_by_a_plugin_on_the_callers_manager_is_found_when_applying(tmp_path, pm, make_batches):
+    from loraplan.integrations._common import check_applied
+    from loraplan.layers import LayerStack
+
+    class Teach:
+        @hookimpl
+        def loraplan_find_layers(self, model):
+            if isinstance(model, _Staged):
+                return LayerStack(layers=model.stages, path="stages", backbone=model)
+            return None
+
+    pm.register(Teach(), name="teach-staged")
+    plan = make_plan(_Staged(), make_batches(), PlanConfig(selector="top", ratio=0.5, share="odd_even",
+                                                           calibration_samples=16), plugin_manager=pm, progress=False)
+    assert plan.layers["path"] == "stages" and plan.selected_layers == [2, 3] and plan.share_groups == [[2, 3]]
+    # none of these is given the manager: they read the stack from the path the plan records
+    model = apply_plan(get_peft_model(_Staged(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), plan)
+    check_applied(model, plan)
+    assert sorted(n for n, _ in model.named_modules(remove_duplicate=False) if n.endswith(".lora_A")) == [
+        f"base_model.model.stages.{i}.{m}.lora_A" for i in (2, 3) for m in ("q_proj", "v_proj")
+    ]
+    ids = torch.randint(3, 100, (2, 6))
+    model(input_ids=ids).pow(2).mean().backward()
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(_Staged(), tmp_path / "adapter")
+    lead, member = loaded.base_model.model.stages[2], loaded.base_model.model.stages[3]
+    assert member.q_proj.lora_A["default"] is lead.q_proj.lora_A["default"]

@@ -305,3 +305,44 @@ def test_one_odd_sample_makes_calibration_degenerate_and_is_reported(pm, make_ll
     assert any("calibration is degenerate at h_0" in w for w in plan.warnings)
     assert "degenerate" in caplog.text
     assert 0 not in plan.flagged_layers  # scorable, but the warning says it rests on one sample
+
+
+def test_reference_last_token_is_the_count_of_non_eos_tokens_minus_one(pm, make_llama):
+    # a chat template puts eos (= pad = 1) in the middle of a sample: the reference code takes
+    # (input_ids != pad).sum() - 1, which is then not the last real position; reference mode does the same
+    from loraplan.calibration import calibrate
+    from loraplan.data import prepare_batches
+    from loraplan.layers import find_layers
+    from loraplan.strategies import HIDDEN
+
+    model = make_llama(layers=3)
+    model.config.eos_token_id = 1
+    ids = torch.tensor([[5, 6, 1, 7, 8, 1, 1, 1], [9, 1, 4, 4, 4, 3, 2, 1], [3, 4, 5, 6, 7, 8, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8, [1] * 8])
+    config = PlanConfig(calibration_samples=3, last_token="reference")
+    batches = prepare_batches([{"input_ids": ids, "attention_mask": mask}], config, None, model.config)
+    stats = calibrate(model, find_layers(model, pm), batches, {HIDDEN}, config, progress=False)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    positions = (ids != 1).sum(dim=1) - 1
+    assert positions.tolist() == [3, 5, 7]  # the last non-eos tokens are at 4, 5 and 7
+    for i, h in enumerate(hidden):
+        torch.testing.assert_close(stats.hidden[i], h[torch.arange(3), positions].float())
+
+
+def test_the_budget_rank_follows_an_adjusted_plan(pm, make_llama, make_batches):
+    from loraplan import hookimpl
+
+    class Regroup:
+        @hookimpl
+        def loraplan_adjust_plan(self, plan, model, stats):
+            plan.share_groups = [[2, 3], [4, 5]]
+
+    pm.register(Regroup(), name="regroup")
+    plan = make_plan(
+        make_llama(layers=6), make_batches(), PlanConfig(selector="top", count=4, rank_policy="budget",
+                                                         calibration_samples=16),
+        plugin_manager=pm, lora_rank=4, progress=False,
+    )
+    # 4 adapted layers in 2 modules: floor(4 * 4 / 2) = 8, not the 4 of the selection before the hook
+    assert plan.share_groups == [[2, 3], [4, 5]] and plan.rank == 8 == plan.resolve_rank(4)
