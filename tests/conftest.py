@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -101,6 +102,28 @@ def reviews():
     from loraplan.assets import fine_foods
 
     return fine_foods("train")
+
+
+_LORA_A = re.compile(r"^(?:base_model\.model\.)?(?P<site>.+)\.lora_(?:A|embedding_A)$")
+
+
+def lora_sites_by_name(model) -> dict[str, int]:
+    """``{site: rank}`` of the ``default`` adapter, read from module names alone (not from loraplan): every module
+    that owns a ``lora_A`` (or embedding A), under every name it has, so that a module shared by several layers is
+    listed in each (``remove_duplicate=False``)."""
+    found = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        match = _LORA_A.match(name)
+        if match and "default" in module:
+            entry = module["default"]
+            found[match["site"]] = int(entry.weight.shape[0] if hasattr(entry, "weight") else entry.shape[0])
+    return found
+
+
+@pytest.fixture
+def read_sites():
+    """:func:`lora_sites_by_name`, for test modules (conftest is not importable under importlib mode)."""
+    return lora_sites_by_name
 
 
 @pytest.fixture

@@ -142,27 +142,12 @@ OUTSIDE = {("llama", "lm_head"), ("bert_cls", "all-linear"), ("llava", "list"), 
 
 # -- independent reading of a PEFT model ----------------------------------------------------------------------------
 
-_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<site>.+)\.lora_(?:A|embedding_A)$")
-
-
-def sites(model) -> dict[str, int]:
-    """``{site: rank}`` read from module names: every module that owns a ``lora_A`` (or embedding A), listed under
-    every name it has (a shared module appears in each layer)."""
-    found = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        match = _LORA.match(name)
-        if match and "default" in module:
-            entry = module["default"]
-            found[match["site"]] = int(entry.weight.shape[0] if hasattr(entry, "weight") else entry.shape[0])
-    return found
-
-
 def layer_of(site: str, arch: str) -> int | None:
     match = re.match(rf"^{re.escape(STACK[arch])}\.(\d+)\.", site)
     return int(match.group(1)) if match else None
 
 
-def stock_expectation(arch: str, settings: dict) -> dict[str, int]:
+def stock_expectation(arch: str, settings: dict, sites) -> dict[str, int]:
     """Stock PEFT with the user's config, minus the stack's unplanned layers: where LoRA must sit, at which rank."""
     stock = get_peft_model(build(arch), LoraConfig(**copy.deepcopy(settings)))
     return {s: r for s, r in sites(stock).items() if layer_of(s, arch) is None or layer_of(s, arch) in PLANNED}
@@ -198,7 +183,7 @@ def logits(model, arch: str) -> torch.Tensor:
 def groups_are_one_tensor(model, arch: str) -> None:
     by_layer: dict[int, dict[str, torch.nn.Module]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        match = _LORA.match(name)
+        match = re.match(r"^(?:base_model\.model\.)?(?P<site>.+)\.lora_A$", name)
         if match and "default" in module and (index := layer_of(match["site"], arch)) is not None:
             relative = match["site"].split(f"{STACK[arch]}.{index}.", 1)[1]
             by_layer.setdefault(index, {})[relative] = module["default"]
@@ -233,10 +218,11 @@ def plans(pm):
 @pytest.mark.parametrize("path", ["to_lora_config", "apply_plan"])
 @pytest.mark.parametrize("share", [False, True], ids=["unshared", "shared"])
 @pytest.mark.parametrize(("arch", "feature", "settings"), CASES, ids=[f"{a}-{f}" for a, f, _ in CASES])
-def test_round_trip(arch, feature, settings, share, path, plans, tmp_path):
+def test_round_trip(arch, feature, settings, share, path, plans, tmp_path, read_sites):
+    sites = read_sites
     plan = plans(arch, share)
     assert plan.selected_layers == PLANNED and plan.share_groups == (GROUPS if share else [])
-    want = stock_expectation(arch, settings)
+    want = stock_expectation(arch, settings, sites)
     # the cases that also put LoRA outside the stack (a pooler, lm_head, a vision tower) really do
     assert any(layer_of(s, arch) is None for s in want) == ((arch, feature) in OUTSIDE)
     user = LoraConfig(**copy.deepcopy(settings))

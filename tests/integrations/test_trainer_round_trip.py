@@ -1,0 +1,137 @@
+"""The round trip through the trainers: HF ``Trainer`` with a model the user wrapped, TRL's ``SFTTrainer`` with a
+``peft_config``, each with ``LoraPlanCallback``, on the LoraConfig features that apply_plan has to rewrite (all-linear
+with per-module ranks and the budget rank, modules_to_save, MoE target_parameters). After two real optimizer steps:
+LoRA exactly where stock PEFT puts it with the user's config minus the unplanned layers, at the ranks the plan's
+policy gives, share groups one tensor, the saved config alone reproducing the layout, and stock PEFT reloading the
+saved adapter with the trained model's logits (fp32, no autocast)."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from loraplan.integrations.hf import TRAIN_DATASET, LoraPlanCallback
+
+LLAMA_ALL_LINEAR = dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"v_proj": 8},
+                        alpha_pattern={"v_proj": 4})
+MOE = dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+           target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+
+CASES = [
+    ("trainer", "llama", LLAMA_ALL_LINEAR, "keep"),
+    ("trainer", "mixtral", MOE, "keep"),
+    ("sft", "llama", dict(LLAMA_ALL_LINEAR, modules_to_save=["lm_head"]), "budget"),
+    ("sft", "mixtral", MOE, "budget"),
+]
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tiny_dir, tokenizer):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2,
+                           vocab_size=len(tokenizer), max_position_embeddings=256,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    out = tiny_dir / "mixtral"
+    MixtralForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def _layer(site: str) -> int | None:
+    match = re.match(r"^model\.layers\.(\d+)\.", site)
+    return int(match.group(1)) if match else None
+
+
+def _expected(path, settings, plan, read_sites, policy) -> dict[str, int]:
+    """Stock PEFT with the user's config, minus the unplanned layers; under the budget policy each rank scaled by
+    ShareLoRA's rule floor(L r / (L - sum|S| + |S|)), written out here independently of loraplan."""
+    from peft import LoraConfig, get_peft_model
+
+    stock = read_sites(get_peft_model(_load(path), LoraConfig(**copy.deepcopy(settings))))
+    kept = {s: r for s, r in stock.items() if _layer(s) is None or _layer(s) in plan.selected_layers}
+    if policy == "budget":
+        layers, groups = len(plan.selected_layers), plan.share_groups
+        modules = layers - sum(len(g) for g in groups) + len(groups)
+        kept = {s: max(r, layers * r // modules) for s, r in kept.items()}
+    return kept
+
+
+def _trainer(kind, path, out, settings, callback, tokenizer, texts):
+    from datasets import Dataset
+
+    common = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, save_steps=2,
+                  logging_steps=1, report_to=[], use_cpu=True, seed=0)
+    if kind == "trainer":
+        from peft import LoraConfig, get_peft_model
+        from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+        data = Dataset.from_dict({"text": texts}).map(
+            lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"])
+        return Trainer(model=get_peft_model(_load(path), LoraConfig(**copy.deepcopy(settings))),
+                       args=TrainingArguments(**common, dataloader_num_workers=0), train_dataset=data,
+                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+                       callbacks=[callback])
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer(model=_load(path), args=SFTConfig(**common, max_length=32, bf16=False),
+                      train_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer,
+                      peft_config=LoraConfig(**copy.deepcopy(settings)), callbacks=[callback])
+
+
+@pytest.mark.parametrize(("kind", "arch", "settings", "policy"), CASES,
+                         ids=[f"{k}-{a}-{p}" for k, a, _, p in CASES])
+def test_trainer_round_trip(kind, arch, settings, policy, tmp_path, model_dir, mixtral_dir, tokenizer, texts,
+                            shared, read_sites):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    path = model_dir if arch == "llama" else mixtral_dir
+    callback = LoraPlanCallback({**shared, "rank_policy": policy}, calibration_data=TRAIN_DATASET)
+    trainer = _trainer(kind, path, tmp_path / "out", settings, callback, tokenizer, texts)
+    plan = callback.plan
+    assert plan.share_groups, "the shared settings form a group on the tiny model"
+    want = _expected(path, settings, plan, read_sites, policy)
+    assert {_layer(s) for s in want} - {None} == set(plan.selected_layers)
+    if arch == "mixtral":
+        assert any(".experts" in s for s in want)
+    if policy == "budget":
+        assert plan.rank == 2 * settings["r"]  # two planned layers in one group: the budget doubles every rank
+    model = trainer.model
+    assert read_sites(model) == want
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert read_sites(model) == want
+    by_layer: dict[int, dict[str, torch.nn.Module]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        match = re.match(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_A$", name)
+        if match and "default" in module:
+            by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = module["default"]
+    for group in plan.share_groups:
+        for member in group[1:]:
+            assert by_layer[member].keys() == by_layer[group[0]].keys()
+            assert all(a is by_layer[group[0]][n] for n, a in by_layer[member].items())
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert read_sites(get_peft_model(_load(path), LoraConfig.from_pretrained(out))) == want
+
+    batch = tokenizer(["A fine cup of tea.", "Stale and bitter, never again."], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        stock = PeftModel.from_pretrained(_load(path), str(out)).eval()
+        assert read_sites(stock) == want
+        torch.testing.assert_close(stock(**batch).logits, expected)
