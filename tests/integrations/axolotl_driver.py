@@ -2,9 +2,10 @@
 
 ``python axolotl_driver.py train CONFIG REPORT``
     Axolotl's Python entry point, as ``axolotl train`` runs it (``load_cfg`` → ``load_datasets`` → ``train``),
-    then writes REPORT (JSON): the LoRA modules of each layer with their identities after the steps, the
-    checkpointing functions, the losses, and the largest difference between the trained model's logits and those
-    of the saved adapter loaded with stock ``PeftModel.from_pretrained``. The test makes the assertions.
+    then writes REPORT (JSON): the LoRA modules of each layer with their identities after the steps, every LoRA site
+    of the model with its rank, the sites that the saved adapter config alone gives a fresh model, the checkpointing
+    functions, the losses, and the largest difference between the trained model's logits and those of the saved
+    adapter loaded with stock ``PeftModel.from_pretrained``. The test makes the assertions.
 ``python axolotl_driver.py validate CONFIG...``
     Validates each Axolotl YAML with the plugin's args model merged in, as ``load_cfg`` does (no model download).
 """
@@ -23,7 +24,7 @@ def train(config: str, report: str) -> None:
     from axolotl.common.datasets import load_datasets
     from axolotl.integrations.base import PluginManager
     from axolotl.train import train as axolotl_train
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel, get_peft_model
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,6 +68,8 @@ def train(config: str, report: str) -> None:
     reloaded_layers = sorted(
         {int(n.split(".layers.")[1].split(".")[0]) for n, _ in fresh.named_modules() if ".lora_A." in n}
     )
+    saved = LoraConfig.from_pretrained(cfg.output_dir)
+    from_config = get_peft_model(AutoModelForCausalLM.from_pretrained(cfg.base_model), saved)
     facts = {
         "layers": layers,
         "checkpointing": checkpointing,
@@ -75,10 +78,22 @@ def train(config: str, report: str) -> None:
         "stock_reload_max_abs_diff": float((got - want).abs().max()),
         "stock_reload_class": type(fresh).__module__ + "." + type(fresh).__name__,
         "stock_reload_layers": reloaded_layers,
-        "peft_layers_to_transform": list(cfg.peft_layers_to_transform or []),
+        "sites": _sites(model),
+        "config_sites": _sites(from_config),
+        "saved_exclude_modules": saved.exclude_modules,
         "gradient_checkpointing_kwargs": dict(cfg.gradient_checkpointing_kwargs or {}),
     }
     Path(report).write_text(json.dumps(facts, indent=1), encoding="utf-8")
+
+
+def _sites(model) -> dict[str, int]:
+    """``{module name: rank}`` of every module owning a ``lora_A`` for the default adapter, under every name it has
+    (``remove_duplicate=False``: a shared module is listed in each of its layers)."""
+    found = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name.endswith(".lora_A") and "default" in module:
+            found[name.removesuffix(".lora_A").removeprefix("base_model.model.")] = int(module["default"].weight.shape[0])
+    return found
 
 
 def validate(configs: list[str]) -> None:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from loraplan import LoraPlan
+from loraplan.layout import stack_exclusion
 
 pytestmark = pytest.mark.axolotl
 
@@ -105,7 +106,13 @@ def test_two_steps_with_the_loraplan_block(first_run, model_dir, checks):
     out = work / "out"
     plan = LoraPlan.load(out / "loraplan.json")
     assert plan.config["selector"] == "cka" and plan.config["share"] == "angular"
-    assert report["peft_layers_to_transform"] == plan.selected_layers  # selection set before PEFT wrapped
+    # LoRA on the configured targets of the planned layers only, and the saved config alone says so
+    planned = {f"model.layers.{i}.{m}" for i in plan.selected_layers for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}
+    assert set(report["sites"]) == planned and set(report["sites"].values()) == {4}
+    assert report["config_sites"] == report["sites"]
+    assert report["saved_exclude_modules"] == stack_exclusion(plan)
     assert "`gradient_checkpointing_kwargs.use_reentrant` was True; set to false" in output
     assert "loraplan calibration" in output and "computed from the calibration data" in output
     assert report["gradient_checkpointing_kwargs"]["use_reentrant"] is False
@@ -134,6 +141,27 @@ def test_resume_reuses_plan_and_reties(first_run, axolotl_python, tiny_dir, tmp_
     assert report["global_step"] == 4
     assert [s for s, _ in report["losses"]] == [1, 2, 3, 4] and report["losses"][:2] == first["losses"]
     assert_ties(report, LoraPlan.load(tmp_path / "out" / "loraplan.json"))
+
+
+def test_all_linear_with_per_module_ranks_and_the_budget_rank(axolotl_python, tiny_dir, tmp_path):
+    # lora_target_linear and lora_rank_pattern reach PEFT as the user wrote them; the plan narrows the layers and its
+    # budget rule scales every rank (two planned layers in one group: doubled)
+    config = tiny_config(
+        tiny_dir, tmp_path, lora_target_modules=None, lora_target_linear=True, lora_rank_pattern={"v_proj": 8},
+        loraplan={"selector": "cka", "ratio": 0.5, "share": "angular", "share_threshold": 0.0, "rank_policy": "budget",
+                  "calibration_samples": 16, "max_length": 64, "last_token": "reference"},
+    )
+    report, _ = train(axolotl_python, config, tmp_path)
+    plan = LoraPlan.load(tmp_path / "out" / "loraplan.json")
+    assert len(plan.selected_layers) == 2 and plan.share_groups == [plan.selected_layers] and plan.rank == 8
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    assert report["sites"] == {
+        f"model.layers.{i}.{m}": 16 if m.endswith("v_proj") else 8 for i in plan.selected_layers for m in names
+    }
+    assert report["config_sites"] == report["sites"]
+    assert report["stock_reload_max_abs_diff"] < 1e-5
+    assert_ties(report, plan)
 
 
 def cli_failure(python: str, config: Path, cwd: Path) -> str:
