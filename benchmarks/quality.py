@@ -410,8 +410,8 @@ def run_classifier(config: dict[str, Any], task_name: str, plan: Any, seed: int,
     tokenizer = ctx["tokenizer"]
     model = load_classifier(task, tokenizer, seed)
     torch.manual_seed(seed)
-    # selection and rank are in the LoraConfig; only the share groups are left to tie. (Not apply_plan: on a model
-    # wrapped with plan.to_lora_config it reads the planned r as the base r and applies the budget rule again.)
+    # selection and rank are in the LoraConfig; only the share groups are left to tie (apply_plan would tie them too,
+    # and also truncate the backward, which the recorded runs did not do)
     model = get_peft_model(model, plan.to_lora_config(lora_config(task)))
     tie_share_groups(model, plan)
     model.loraplan_plan = plan

@@ -294,3 +294,7 @@ def test_a_stack_found_by_a_plugin_on_the_callers_manager_is_found_when_applying
     loaded = load_adapter(_Staged(), tmp_path / "adapter")
     lead, member = loaded.base_model.model.stages[2], loaded.base_model.model.stages[3]
     assert member.q_proj.lora_A["default"] is lead.q_proj.lora_A["default"]
+    # and the backward truncation below it comes off again without the manager
+    from loraplan import remove_truncation
+
+    assert remove_truncation(loaded) == 3  # layers 0 and 1 below the cut, 2 the boundary

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .layers import LayerStack, find_layers, unwrap
+from .layers import LayerStack, find_layers, stack_at, unwrap
 
 if TYPE_CHECKING:
     from .plan import LoraPlan
@@ -59,11 +59,13 @@ class Truncation:
         lowest: the lowest adapted layer (the cut); layers ``0..lowest-1`` are the ones truncated.
         active: whether hooks were installed.
         reason: why not, when ``active`` is false.
+        path: the layer stack it was installed on (what :func:`remove_truncation` takes off again).
     """
 
     lowest: int
     active: bool
     reason: str = ""
+    path: str = ""
 
     @property
     def layers(self) -> list[int]:
@@ -255,7 +257,9 @@ def _strip(module: nn.Module) -> bool:
 def remove_truncation(model: nn.Module, stack: LayerStack | None = None) -> int:
     """Undo :func:`install_truncation`: every layer runs as stock PEFT runs it. Returns the number of layers that
     had hooks. Works on the PEFT model, its base model, or a model merged with ``merge_and_unload``."""
-    stack = stack if stack is not None else find_layers(model)
+    if stack is None:
+        recorded = truncation_of(model)
+        stack = stack_at(model, recorded.path) if recorded is not None and recorded.path else find_layers(model)
     removed = sum(_strip(layer) for layer in stack.layers)
     base = unwrap(model)
     base.__dict__.pop("loraplan_truncation", None)
@@ -320,6 +324,7 @@ def install_truncation(model: nn.Module, lowest: int, stack: LayerStack | None =
         boundary.__dict__[_STATE] = _LayerState("boundary", lowest, shared)
         boundary.register_forward_pre_hook(_boundary_pre_hook, with_kwargs=True)
         result = Truncation(lowest, True)
+    result.path = stack.path
     base.__dict__["loraplan_truncation"] = result
     return result
 
