@@ -173,19 +173,32 @@ def shared_copy(model):
 # -- switching a model between configurations -----------------------------------------------------------------------
 
 
+def _checkpointing(model):
+    """``(is_on, enable(non_reentrant), disable)`` under the transformers >= 5.23 names, else under the older
+    ``gradient_checkpointing`` ones (the GPU machine ships transformers 5.17)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        return (lambda: model.is_activation_checkpointing,
+                lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}),
+                model.activation_checkpointing_disable)
+    return (lambda: model.is_gradient_checkpointing,
+            lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}),
+            model.gradient_checkpointing_disable)
+
+
 def configure(peft_model, plan, config: Config) -> None:
     from loraplan import apply_plan, remove_truncation
 
     base = peft_model.base_model.model
     base.disable_input_require_grads()
+    is_on, enable, disable = _checkpointing(base)
     if config.checkpointing:
-        if not base.is_activation_checkpointing:
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if not is_on():
+            enable()
         else:
             base.enable_input_require_grads()
     else:
-        if base.is_activation_checkpointing:
-            base.activation_checkpointing_disable()
+        if is_on():
+            disable()
         if config.mode not in ("stock PEFT, input grads off", "all layers"):
             base.enable_input_require_grads()
     if config.mode == "loraplan":

@@ -56,8 +56,7 @@ OUTSIDE_NOTE = "LoRA outside the layer stack:"
 def plan_stack(model: nn.Module, plan: LoraPlan) -> LayerStack:
     """The model's layer stack where ``plan`` found it. No plugin is asked again, so a stack that a plugin on the
     planner's manager found is found here too."""
-    path = plan.layers.get("path") or plan.model.get("layers_path")
-    return stack_at(model, path) if path else find_layers(model)
+    return stack_at(model, plan.stack_path) if plan.stack_path else find_layers(model)
 
 
 def lora_modules_by_layer(

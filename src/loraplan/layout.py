@@ -168,7 +168,7 @@ def reached_sites(model: nn.Module, config: LoraConfig) -> set[Site]:
 
 
 def _stack_path(plan: LoraPlan) -> str:
-    path = plan.layers.get("path") or plan.model.get("layers_path")
+    path = plan.stack_path
     if not path:
         raise PlanMismatchError("the plan does not record where the layers are (`layers.path`); recompute it.")
     return path

@@ -145,6 +145,11 @@ class LoraPlan:
     def share(self) -> str | None:
         return self.config.get("share")
 
+    @property
+    def stack_path(self) -> str | None:
+        """Dotted path of the layer stack the plan is about (``layers.path``; older plans: the fingerprint's)."""
+        return self.layers.get("path") or self.model.get("layers_path")
+
     def group_of(self, layer: int) -> int | None:
         """Index of the share group that holds ``layer``, or ``None``."""
         for number, group in enumerate(self.share_groups):
@@ -202,10 +207,9 @@ class LoraPlan:
         from .errors import LayerDiscoveryError
         from .layers import stack_at
 
-        path = self.layers.get("path") or self.model.get("layers_path")
-        if stack is None and path:
+        if stack is None and self.stack_path:
             try:
-                stack = stack_at(model, path)
+                stack = stack_at(model, self.stack_path)
             except LayerDiscoveryError as exc:
                 raise PlanMismatchError(str(exc)) from exc
         current = fingerprint(model, stack)

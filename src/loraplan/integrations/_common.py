@@ -167,7 +167,7 @@ def check_checkpoint(checkpoint: str | Path, plan: LoraPlan) -> None:
     weights = _adapter_weights(directory)
     if weights is None:
         return
-    path = plan.layers.get("path") or plan.model.get("layers_path") or ""
+    path = plan.stack_path or ""
     pattern = re.compile(rf"(?:^|\.){re.escape(path)}\.(\d+)\.")
     by_layer: dict[int, dict[str, Any]] = {}
     for key, tensor in weights.items():
