@@ -83,6 +83,11 @@ def build(arch: str, seed: int = 0):
             tf.LlavaConfig(vision_config=_vision_clip(), text_config=tf.LlamaConfig(**TEXT), image_token_id=VOCAB - 1))
     elif arch == "mixtral":
         model = tf.MixtralForCausalLM(tf.MixtralConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2))
+    elif arch == "qwen3_moe":
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**TEXT, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                        moe_intermediate_size=16))
+    elif arch == "gpt_oss":
+        model = tf.GptOssForCausalLM(tf.GptOssConfig(**TEXT, head_dim=8, num_local_experts=4, num_experts_per_tok=2))
     elif arch == "qwen2_vl":
         text = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=0, eos_token_id=0)
         vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
@@ -105,6 +110,8 @@ STACK = {
     "bert_cls": "bert.encoder.layer",
     "llava": "model.language_model.layers",
     "mixtral": "model.layers",
+    "qwen3_moe": "model.layers",
+    "gpt_oss": "model.layers",
     "qwen2_vl": "model.language_model.layers",
     "gemma3": "model.language_model.layers",
 }
@@ -130,6 +137,9 @@ CASES = [
     ("mixtral", "target_parameters", dict(target_modules=["q_proj"],
                                           target_parameters=["experts.gate_up_proj", "experts.down_proj"])),
     ("mixtral", "all-linear", dict(target_modules="all-linear")),
+    ("qwen3_moe", "target_parameters", dict(target_modules=["q_proj", "v_proj"],
+                                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
+    ("gpt_oss", "target_parameters", dict(target_modules=["q_proj"], target_parameters=["experts.down_proj"])),
     ("qwen2_vl", "list", dict(target_modules=["q_proj", "v_proj"])),
     ("qwen2_vl", "all-linear", dict(target_modules="all-linear")),
     ("gemma3", "list", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
