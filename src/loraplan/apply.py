@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, PlanMismatchError
-from .layers import LayerStack, find_layers, stack_at, unwrap
+from .layers import LayerStack, find_layers, stack_at
 from .layout import (
     Site,
     adapters_of,
@@ -29,7 +29,7 @@ from .plan import PLAN_FILE, LoraPlan
 from .truncate import apply_to_plan
 
 if TYPE_CHECKING:
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
 logger = logging.getLogger("loraplan")
 
