@@ -17,10 +17,11 @@ from .layers import LayerStack, find_layers, stack_at
 from .layout import (
     Site,
     adapters_of,
-    expected_sites,
     layer_index,
+    layers_carrying,
     lora_sites,
     plan_lora_config,
+    planned_config,
     reached_sites,
     show,
     show_all,
@@ -36,7 +37,6 @@ logger = logging.getLogger("loraplan")
 __all__ = [
     "adapter_of",
     "apply_plan",
-    "attach_loaded",
     "check_layout",
     "load_adapter",
     "lora_modules_by_layer",
@@ -330,21 +330,19 @@ def apply_plan(
     plan.check_model(peft_model, stack)
     current = peft_model.peft_config[adapter]
     check_layout(peft_model, adapter, current, "before the plan was applied")
-    wanted = expected_sites(peft_model, plan, current)  # refuses a second text stack
-    carried = {layer_index(name, stack.path) for _, name in lora_sites(peft_model, adapter)}
+    carried = layers_carrying(peft_model, adapter, stack.path)
     missing = [i for i in plan.selected_layers if i not in carried]
     if missing:
         raise PlanMismatchError(
             f"the plan selects layers {missing}, but the model has no LoRA module there for adapter {adapter!r}. "
             "Wrap the model with LoRA on every layer (or at least the planned ones) before apply_plan."
         )
-    config = plan_lora_config(plan, current, model=peft_model)
+    config, wanted = planned_config(plan, current, model=peft_model)  # refuses a second text stack
     removed = _narrow(peft_model, plan, stack, adapter)
     reranked = _rerank(peft_model, adapter, config)
     peft_model.peft_config[adapter] = config
     tied = tie_share_groups(peft_model, plan, adapter, stack=stack)
-    if set(lora_sites(peft_model, adapter)) != wanted:  # pragma: no cover - would be a loraplan bug
-        raise PlanMismatchError("loraplan left LoRA where neither the plan nor the LoraConfig put it; please report this.")
+    # the config gives LoRA exactly `wanted` (planned_config checked that), so this is: LoRA where it must be
     check_layout(peft_model, adapter, config, "after the plan was applied")
     outside = _record_outside(plan, wanted, stack.path)
     truncation = apply_to_plan(peft_model, plan, truncate_backward, stack)
@@ -377,28 +375,6 @@ def save_adapter(peft_model: PeftModel, path: str | Path, plan: LoraPlan | None 
     return out
 
 
-def attach_loaded(
-    peft_model: PeftModel, plan: LoraPlan, *, adapter_name: str = "default", truncate_backward: bool = True
-) -> PeftModel:
-    """Finish a model whose adapter was loaded from a checkpoint trained with ``plan`` (``PeftModel.from_pretrained``,
-    Axolotl's ``lora_model_dir``): check that its LoRA sits in the planned layers only, re-tie the share groups (the
-    saved copies must be equal) and, with ``truncate_backward``, truncate the backward below the lowest planned
-    layer."""
-    stack = plan_stack(peft_model, plan)
-    plan.check_model(peft_model, stack)
-    carried = sorted({i for _, name in lora_sites(peft_model, adapter_name)
-                      if (i := layer_index(name, stack.path)) is not None})
-    if carried != list(plan.selected_layers):
-        raise PlanMismatchError(
-            f"the loaded adapter {adapter_name!r} has LoRA in layers {carried}, but the plan selects "
-            f"{plan.selected_layers}. Load it with the plan it was trained with (the loraplan.json beside it)."
-        )
-    tie_share_groups(peft_model, plan, adapter_name, verify_equal=True, stack=stack)
-    apply_to_plan(peft_model, plan, truncate_backward, stack)
-    peft_model.loraplan_plan = plan
-    return peft_model
-
-
 def load_adapter(
     model: nn.Module, path: str | Path, *, adapter_name: str = "default", truncate_backward: bool = True, **kwargs: Any
 ) -> PeftModel:
@@ -408,6 +384,17 @@ def load_adapter(
     from peft import PeftModel
 
     plan = LoraPlan.load(Path(path) / PLAN_FILE)
-    plan.check_model(model, plan_stack(model, plan))
+    stack = plan_stack(model, plan)
+    plan.check_model(model, stack)
     peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, **kwargs)
-    return attach_loaded(peft_model, plan, adapter_name=adapter_name, truncate_backward=truncate_backward)
+    carried = layers_carrying(peft_model, adapter_name, stack.path)
+    if carried != list(plan.selected_layers):
+        raise PlanMismatchError(
+            f"the adapter at {path} has LoRA in layers {carried}, but the plan beside it selects "
+            f"{plan.selected_layers}: the two do not belong together. Load it with stock PEFT, or put the plan it "
+            "was trained with beside it."
+        )
+    tie_share_groups(peft_model, plan, adapter_name, verify_equal=True, stack=stack)
+    apply_to_plan(peft_model, plan, truncate_backward, stack)
+    peft_model.loraplan_plan = plan
+    return peft_model

@@ -40,8 +40,10 @@ __all__ = [
     "PARAMETER",
     "Site",
     "layer_index",
+    "layers_carrying",
     "lora_sites",
     "plan_lora_config",
+    "planned_config",
     "reached_sites",
     "show",
     "show_all",
@@ -82,6 +84,11 @@ def layer_index(name: str, path: str) -> int | None:
         return None
     head = name[len(path) + 1 :].split(".", 1)[0]
     return int(head) if head.isdigit() else None
+
+
+def layers_carrying(model: nn.Module, adapter: str | None, path: str) -> list[int]:
+    """The layers of the stack at ``path`` in which ``adapter`` has LoRA."""
+    return sorted({i for _, name in lora_sites(model, adapter) if (i := layer_index(name, path)) is not None})
 
 
 def adapters_of(module: nn.Module) -> set[str]:
@@ -317,6 +324,14 @@ def plan_lora_config(plan: LoraPlan, base: LoraConfig, model: nn.Module | None =
     (``"all-linear"``, default targets, the MoE conversion) and the result is checked against what PEFT builds from
     it. Never produces ``layers_to_transform=[]``.
     """
+    return planned_config(plan, base, model)[0]
+
+
+def planned_config(
+    plan: LoraPlan, base: LoraConfig, model: nn.Module | None = None
+) -> tuple[LoraConfig, set[Site] | None]:
+    """:func:`plan_lora_config` and, with ``model``, the sites the config gives LoRA on it (checked against what
+    ``base`` reaches there minus the unplanned layers)."""
     from peft import LoraConfig
 
     if not isinstance(base, LoraConfig):
@@ -346,7 +361,7 @@ def plan_lora_config(plan: LoraPlan, base: LoraConfig, model: nn.Module | None =
             {p: _reached_by_name(base, names, model_type) for p, names in _other_stack_candidates(plan)},
             path, plan.model.get("class"),
         )
-        return config
+        return config, None
     wanted = expected_sites(model, plan, base)
     got = reached_sites(model, config)
     if got != wanted:  # pragma: no cover - a gap in the translation above, not a user error
@@ -357,7 +372,7 @@ def plan_lora_config(plan: LoraPlan, base: LoraConfig, model: nn.Module | None =
             + (f"miss {show_all(wanted - got)}" if wanted - got else "")
             + ". Please report this with the LoraConfig you used."
         )
-    return config
+    return config, wanted
 
 
 def expected_sites(model: nn.Module, plan: LoraPlan, base: LoraConfig) -> set[Site]:

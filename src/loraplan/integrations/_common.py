@@ -18,7 +18,7 @@ from ..apply import adapter_of, check_layout, lora_modules_by_layer, plan_stack
 from ..config import PlanConfig
 from ..distributed import from_main, load_plan_everywhere
 from ..errors import ConfigError, PlanMismatchError
-from ..layout import layer_index, lora_sites
+from ..layout import layers_carrying
 from ..plan import PLAN_FILE, LoraPlan
 
 logger = logging.getLogger("loraplan")
@@ -104,9 +104,7 @@ def check_applied(model: Any, plan: LoraPlan, adapter_name: str | None = None) -
     every share group uses one set of ``lora_A``/``lora_B`` modules."""
     adapter = adapter_of(model, adapter_name)
     stack = plan_stack(model, plan)
-    with_lora = sorted(
-        {i for _, name in lora_sites(model, adapter) if (i := layer_index(name, stack.path)) is not None}
-    )
+    with_lora = layers_carrying(model, adapter, stack.path)
     if with_lora != list(plan.selected_layers):
         raise PlanMismatchError(
             f"the model has LoRA in layers {with_lora}, but the plan selects {plan.selected_layers}. Something "
