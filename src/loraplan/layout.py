@@ -114,10 +114,17 @@ def lora_sites(model: nn.Module, adapter: str | None = None) -> dict[Site, nn.Mo
     return found
 
 
+def _default_targets(model_type: str | None) -> str | set[str] | None:
+    """PEFT's default LoRA targets for a model type (what it uses when ``target_modules`` is unset)."""
+    from peft.tuners.lora import LoraModel
+
+    mapping = LoraModel.target_module_mapping.get(model_type)
+    return mapping if mapping is None or isinstance(mapping, str) else set(mapping)
+
+
 def _resolved(config: LoraConfig, model: nn.Module) -> LoraConfig:
     """A copy of ``config`` with the targets PEFT itself would resolve on ``model`` when wrapping it: the transformers
     v5 MoE conversion, the default targets of the model type, ``"all-linear"``."""
-    from peft.tuners.lora import LoraModel
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
     config = copy.deepcopy(config)
@@ -133,9 +140,7 @@ def _resolved(config: LoraConfig, model: nn.Module) -> LoraConfig:
         else:
             convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
         if config.target_modules is None:
-            mapping = LoraModel.target_module_mapping.get(model_config.model_type)
-            if mapping is not None:
-                config.target_modules = mapping if isinstance(mapping, str) else set(mapping)
+            config.target_modules = _default_targets(model_config.model_type)
     return _maybe_include_all_linear_layers(config, model)
 
 
@@ -247,18 +252,17 @@ def _other_stack_candidates(plan: LoraPlan) -> list[tuple[str, list[str]]]:
 
 def _reached_by_name(config: LoraConfig, names: list[str], model_type: str | None) -> list[str]:
     """Which of ``names`` (linear modules) ``config`` would give LoRA, without the model at hand."""
-    from peft.tuners.lora import LoraModel
     from peft.tuners.tuners_utils import check_target_module_exists
 
     targets = config.target_modules
     if isinstance(targets, str) and targets.lower() == "all-linear":
         return list(names)
     if targets is None:
-        mapping = LoraModel.target_module_mapping.get(model_type)
-        if mapping is None:
+        defaults = _default_targets(model_type)
+        if defaults is None:
             return []
         config = copy.deepcopy(config)
-        config.target_modules = mapping if isinstance(mapping, str) else set(mapping)
+        config.target_modules = defaults
     return [n for n in names if check_target_module_exists(config, n)]
 
 
