@@ -10,7 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from loraplan import ConfigError, PlanConfig, PlanMismatchError, apply_plan, make_plan
-from loraplan.layout import lora_sites, reached_sites, stack_exclusion
+from loraplan.layout import stack_exclusion
+from loraplan.sites import lora_sites, reached_sites
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -44,8 +44,8 @@ def plan_for(model, layers: list[int], groups: list[list[int]]) -> LoraPlan:
         selected_layers=layers,
         share_groups=groups,
         config={"selector": "top"},
-        model=fingerprint(model, stack),
-        layers={"path": stack.path, "pattern": stack.pattern, "ambiguous": False},
+        model_fingerprint=fingerprint(model, stack),
+        stack={"path": stack.path, "pattern": stack.pattern, "ambiguous": False},
     )
 
 

@@ -14,20 +14,20 @@ from torch import nn
 
 from .errors import ConfigError, PlanMismatchError
 from .layers import LayerStack, find_layers, stack_at
-from .layout import (
+from .layout import plan_lora_config, planned_config
+from .plan import PLAN_FILE, LoraPlan
+from .sites import (
     Site,
     adapters_of,
     layer_index,
     layers_carrying,
     lora_sites,
-    plan_lora_config,
-    planned_config,
     reached_sites,
     show,
     show_all,
+    summarise_sites,
 )
-from .plan import PLAN_FILE, LoraPlan
-from .truncate import apply_to_plan
+from .truncate import NOTE_PREFIX, Truncation, disable_truncation, install_truncation
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -262,35 +262,6 @@ def check_layout(peft_model: nn.Module, adapter: str, config: Any, what: str) ->
         )
 
 
-def _ranges(indices: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
-    parts, start = [], None
-    for position, value in enumerate(indices):
-        if start is None:
-            start = value
-        if position + 1 == len(indices) or indices[position + 1] != value + 1:
-            parts.append(str(start) if start == value else f"{start}-{value}")
-            start = None
-    return ",".join(parts)
-
-
-def summarise_sites(sites: set[Site]) -> list[str]:
-    """Sites as short lines: one per name pattern, with the layer numbers folded (``...layers.{0-23}.q_proj``)."""
-    folded: dict[tuple[str, str], list[int]] = {}
-    for kind, name in sites:
-        match = re.search(r"\.(\d+)(?=\.)", name)
-        if match is None:
-            folded.setdefault((kind, name), [])
-            continue
-        pattern = name[: match.start()] + ".{}" + name[match.end() :]
-        folded.setdefault((kind, pattern), []).append(int(match.group(1)))
-    lines = []
-    for (kind, pattern), indices in sorted(folded.items()):
-        name = pattern.replace("{}", "{" + _ranges(sorted(indices)) + "}") if indices else pattern
-        lines.append(show((kind, name)))
-    return lines
-
-
 def _record_outside(plan: LoraPlan, sites: set[Site], path: str) -> list[str]:
     """Note (in the plan and the log) the LoRA that the user's config puts outside the planned stack."""
     outside = summarise_sites({(kind, name) for kind, name in sites if layer_index(name, path) is None})
@@ -301,6 +272,15 @@ def _record_outside(plan: LoraPlan, sites: set[Site], path: str) -> list[str]:
             "they are in the saved adapter config. Leave them out with LoraConfig(exclude_modules=...)."
         )
     return outside
+
+
+def _truncate_for_plan(model: nn.Module, plan: LoraPlan, enabled: bool, stack: LayerStack | None = None) -> Truncation:
+    """Install (or, with ``enabled=False``, remove) truncation below ``plan``'s lowest layer, and record what was done
+    in ``plan.notes`` (one line, replaced when the plan is applied again)."""
+    lowest = min(plan.selected_layers)
+    result = install_truncation(model, lowest, stack) if enabled else disable_truncation(model, lowest, stack)
+    plan.notes = [n for n in plan.notes if not n.startswith(NOTE_PREFIX)] + [result.note()]
+    return result
 
 
 def apply_plan(
@@ -344,8 +324,9 @@ def apply_plan(
     tied = tie_share_groups(peft_model, plan, adapter, stack=stack)
     # the config gives LoRA exactly `wanted` (planned_config checked that), so this is: LoRA where it must be
     check_layout(peft_model, adapter, config, "after the plan was applied")
+    assert wanted is not None  # planned_config returns the sites whenever it is given the model
     outside = _record_outside(plan, wanted, stack.path)
-    truncation = apply_to_plan(peft_model, plan, truncate_backward, stack)
+    truncation = _truncate_for_plan(peft_model, plan, truncate_backward, stack)
     peft_model.loraplan_plan = plan
     logger.info(
         "loraplan: LoRA kept on layers %s (%d modules removed%s), %d modules tied in %d share groups%s; %s",
@@ -395,6 +376,6 @@ def load_adapter(
             "was trained with beside it."
         )
     tie_share_groups(peft_model, plan, adapter_name, verify_equal=True, stack=stack)
-    apply_to_plan(peft_model, plan, truncate_backward, stack)
+    _truncate_for_plan(peft_model, plan, truncate_backward, stack)
     peft_model.loraplan_plan = plan
     return peft_model

@@ -123,7 +123,7 @@ def _analyze(args: argparse.Namespace) -> int:
         param_budget=args.param_budget,
         cost_model=args.cost_model,
         cost_checkpointing=not args.no_checkpointing,
-        cost_shape=_shape(args.cost_shape),
+        cost_shape=_shape(args.cost_shape),  # type: ignore[arg-type]  # a malformed shape is PlanConfig's to refuse
     )
     texts = read_texts(args.data, args.text_field, limit=args.samples)
     model, tokenizer = _load_model(args.model_dir, args.selector, args.dtype, args.device)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, closest
 
 __all__ = ["PlanConfig"]
 
@@ -203,7 +203,7 @@ class PlanConfig:
         if unknown:
             hints = []
             for key in unknown:
-                close = _closest(key, known)
+                close = closest(key, known)
                 hints.append(f"`{key}`" + (f" (did you mean `{close}`?)" if close else ""))
             raise ConfigError(
                 f"unknown loraplan setting(s) {', '.join(hints)}. Known settings: {', '.join(sorted(known))}."
@@ -228,13 +228,6 @@ class PlanConfig:
                 )
             return self.count
         return max(1, math.floor(self.ratio * num_layers + 1e-9))
-
-
-def _closest(key: str, known: set[str]) -> str | None:
-    import difflib
-
-    match = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-    return match[0] if match else None
 
 
 def _check_str(name: str, value: Any, what: str) -> None:

@@ -41,3 +41,11 @@ class PlanMismatchError(LoraPlanError, ValueError):
 
 class PluginError(LoraPlanError):
     """A plugin failed; the message names the plugin and the strategy."""
+
+
+def closest(name: str, known: object) -> str | None:
+    """The known name closest to a misspelt ``name`` (for "did you mean" in error messages), or ``None``."""
+    import difflib
+
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)  # type: ignore[call-overload]
+    return match[0] if match else None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, overload
 
+import torch
 from torch import nn
 
 from .errors import LayerDiscoveryError
@@ -237,7 +238,7 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover
-        BaseTunerLayer = ()  # type: ignore[assignment]
+        BaseTunerLayer = ()
     found: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, module in layer.named_modules():
@@ -263,3 +264,51 @@ def target_modules_of(layer: nn.Module, targets: list[str] | None) -> dict[str, 
         for name, module in modules.items()
         if any(name == t or name.endswith("." + t) for t in targets)
     }
+
+
+# -- what a model's modules look like --------------------------------------------------------------------------
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The module under a PEFT wrapper (the module itself when it is not wrapped)."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear module or of the one a PEFT wrapper holds; GPT-2's ``Conv1D`` keeps its weight
+    as (in, out)."""
+    inner = base_layer(module)
+    if hasattr(inner, "in_features"):
+        return int(inner.in_features), int(inner.out_features)
+    return int(inner.weight.shape[0]), int(inner.weight.shape[1])
+
+
+def text_config(model: nn.Module) -> Any:
+    """The text part of a transformers model's config (the config itself for text-only models), or ``None``."""
+    config = getattr(unwrap(model), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
+def hidden_size(config: Any) -> int | None:
+    """The hidden size a transformers (text) config declares, under any of its names."""
+    return next((v for k in ("hidden_size", "n_embd", "d_model") if isinstance(v := getattr(config, k, None), int)), None)
+
+
+@overload
+def parameter_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype: ...
+@overload
+def parameter_dtype(model: nn.Module, default: None = None) -> torch.dtype | None: ...
+def parameter_dtype(model: nn.Module, default: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype of the first floating-point parameter of ``model`` (``default`` without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
+
+
+@overload
+def parameter_device(model: nn.Module, default: torch.device) -> torch.device: ...
+@overload
+def parameter_device(model: nn.Module, default: None = None) -> torch.device | None: ...
+def parameter_device(model: nn.Module, default: torch.device | None = None) -> torch.device | None:
+    """The device of the first parameter of ``model`` (``default`` without parameters)."""
+    return next((p.device for p in model.parameters()), default)

@@ -1,11 +1,4 @@
-"""Where LoRA sits: the sites a wrapped model carries, the sites a ``LoraConfig`` reaches on a model, and the
-``LoraConfig`` that realises a plan.
-
-A *site* is one place that carries LoRA: a module PEFT replaced, ``("module", "model.layers.3.self_attn.q_proj")``,
-or a parameter it wraps through ``target_parameters``, ``("parameter", "model.layers.3.mlp.experts.down_proj")``.
-Names are relative to the transformers model, as PEFT's own matching sees them, and the sites a config reaches are
-found with PEFT's own matching functions (not a copy of their rules), so that what this module predicts is what
-``get_peft_model`` and ``PeftModel.from_pretrained`` do.
+"""The ``LoraConfig`` that realises a plan, and the sites (:mod:`loraplan.sites`) it must give LoRA.
 
 The rule a plan adds to a user's ``LoraConfig``: **the user's targets decide what gets LoRA, the plan decides where
 in its layer stack.** The planned layers keep every target the config reaches there; the other layers of the stack
@@ -19,162 +12,29 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .errors import ConfigError, PlanMismatchError
 from .layers import other_text_stacks, unwrap
+from .sites import (
+    MODULE,
+    PARAMETER,
+    Site,
+    default_targets,
+    layer_index,
+    reached_sites,
+    resolved_config,
+    show_all,
+)
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
     from .plan import LoraPlan
 
-__all__ = [
-    "MODULE",
-    "adapters_of",
-    "expected_sites",
-    "stack_exclusion",
-    "PARAMETER",
-    "Site",
-    "layer_index",
-    "layers_carrying",
-    "lora_sites",
-    "plan_lora_config",
-    "planned_config",
-    "reached_sites",
-    "show",
-    "show_all",
-]
-
-Site = tuple[str, str]
-MODULE = "module"
-PARAMETER = "parameter"
-
-#: path components of the internals of PEFT's other wrappers (modules_to_save, trainable tokens): never targets
-_INTERNAL_PARTS = frozenset({"original_module", "modules_to_save", "token_adapter"})
-
-
-def show(site: Site) -> str:
-    """A site as the messages print it."""
-    kind, name = site
-    return name if kind == MODULE else f"{name} (parameter)"
-
-
-def show_all(sites: Iterable[Site], limit: int = 6) -> str:
-    names = [show(s) for s in sorted(sites)]
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _internal(name: str) -> bool:
-    """A module inside a PEFT wrapper (LoRA's own ``lora_A``/``lora_B``/..., a modules_to_save copy)."""
-    return any(part.startswith("lora_") or part in _INTERNAL_PARTS for part in name.split("."))
-
-
-def strip_base_layer(name: str) -> str:
-    """A module name as PEFT matches it: without the ``base_layer`` components its wrappers insert."""
-    return ".".join(part for part in name.split(".") if part != "base_layer")
-
-
-def layer_index(name: str, path: str) -> int | None:
-    """The index of the layer of the stack at ``path`` that holds ``name``, or ``None`` outside the stack."""
-    if not name.startswith(path + "."):
-        return None
-    head = name[len(path) + 1 :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
-
-
-def layers_carrying(model: nn.Module, adapter: str | None, path: str) -> list[int]:
-    """The layers of the stack at ``path`` in which ``adapter`` has LoRA."""
-    return sorted({i for _, name in lora_sites(model, adapter) if (i := layer_index(name, path)) is not None})
-
-
-def adapters_of(module: nn.Module) -> set[str]:
-    return set(getattr(module, "lora_A", {}) or {}) | set(getattr(module, "lora_embedding_A", {}) or {})
-
-
-def lora_sites(model: nn.Module, adapter: str | None = None) -> dict[Site, nn.Module]:
-    """Every site of ``model`` (a PEFT model or its base model) that carries LoRA for ``adapter`` (any adapter if
-    ``None``), mapped to its LoRA layer. Nested parameter wrappers are one site each."""
-    from peft.tuners.lora import LoraLayer, ParamWrapper
-
-    found: dict[Site, nn.Module] = {}
-    for name, module in unwrap(model).named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        adapters = adapters_of(module)
-        if not adapters or (adapter is not None and adapter not in adapters):
-            continue
-        if isinstance(module, ParamWrapper):
-            found[(PARAMETER, f"{strip_base_layer(name)}.{module.parameter_name}")] = module
-        else:
-            found[(MODULE, name)] = module
-    return found
-
-
-def _default_targets(model_type: str | None) -> str | set[str] | None:
-    """PEFT's default LoRA targets for a model type (what it uses when ``target_modules`` is unset)."""
-    from peft.tuners.lora import LoraModel
-
-    mapping = LoraModel.target_module_mapping.get(model_type)
-    return mapping if mapping is None or isinstance(mapping, str) else set(mapping)
-
-
-def _resolved(config: LoraConfig, model: nn.Module) -> LoraConfig:
-    """A copy of ``config`` with the targets PEFT itself would resolve on ``model`` when wrapping it: the transformers
-    v5 MoE conversion, the default targets of the model type, ``"all-linear"``."""
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-
-    config = copy.deepcopy(config)
-    model_config = getattr(model, "config", None)
-    if hasattr(model_config, "model_type"):
-        try:
-            from peft.utils.transformers_weight_conversion import (
-                convert_peft_config_for_transformers,
-                get_model_conversion_mapping,
-            )
-        except ImportError:  # pragma: no cover - older PEFT without the transformers v5 conversion
-            pass
-        else:
-            convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
-        if config.target_modules is None:
-            config.target_modules = _default_targets(model_config.model_type)
-    return _maybe_include_all_linear_layers(config, model)
-
-
-def _matches_parameter(key: str, targets: Iterable[str]) -> bool:
-    """PEFT's rule for ``target_parameters``: the full name, or a suffix of it after a dot."""
-    return any(key == t or key.endswith("." + t) for t in targets)
-
-
-def reached_sites(model: nn.Module, config: LoraConfig) -> set[Site]:
-    """The sites stock PEFT gives LoRA when it wraps ``model`` (or, for a wrapped model, loads an adapter onto its
-    base) with ``config``: modules by PEFT's ``check_target_module_exists``, parameters by its ``target_parameters``
-    rule."""
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    base = unwrap(model)
-    config = _resolved(config, base)
-    sites: set[Site] = set()
-    seen: set[str] = set()
-    targets = config.target_modules
-    parameters = set(config.target_parameters or [])
-    for name, module in base.named_modules():
-        if not name or _internal(name):
-            continue
-        key = strip_base_layer(name)
-        if targets and key not in seen and check_target_module_exists(config, key):
-            sites.add((MODULE, key))
-        seen.add(key)
-        if parameters:
-            for parameter, _ in module.named_parameters(recurse=False):
-                full = f"{key}.{parameter}"
-                if _matches_parameter(full, parameters):
-                    sites.add((PARAMETER, full))
-    return sites
-
+__all__ = ["expected_sites", "plan_lora_config", "planned_config", "refuse_other_stacks", "stack_exclusion"]
 
 # -- the LoraConfig of a plan -------------------------------------------------------------------------------------
 
@@ -244,7 +104,7 @@ def _check_layers_to_transform(plan: LoraPlan, base: LoraConfig) -> None:
 def _other_stack_candidates(plan: LoraPlan) -> list[tuple[str, list[str]]]:
     """Recorded other text stacks, as (path, full module names of their linear modules)."""
     found = []
-    for stack in plan.layers.get("other_stacks") or []:
+    for stack in plan.stack.get("other_stacks") or []:
         names = [f"{stack['path']}.{i}.{m}" for i in range(int(stack["num_layers"])) for m in stack.get("modules", [])]
         found.append((stack["path"], names))
     return found
@@ -258,7 +118,7 @@ def _reached_by_name(config: LoraConfig, names: list[str], model_type: str | Non
     if isinstance(targets, str) and targets.lower() == "all-linear":
         return list(names)
     if targets is None:
-        defaults = _default_targets(model_type)
+        defaults = default_targets(model_type)
         if defaults is None:
             return []
         config = copy.deepcopy(config)
@@ -343,7 +203,7 @@ def planned_config(
     plan.validate()
     path = _stack_path(plan)
     _check_layers_to_transform(plan, base)
-    model_type = plan.model.get("model_type")
+    model_type = plan.model_fingerprint.get("model_type")
     if model is None and _peft_rewrites_targets(base, model_type):
         raise ConfigError(
             f"`target_modules` {base.target_modules!r}: when PEFT wraps a {model_type} model it turns these targets "
@@ -351,7 +211,7 @@ def planned_config(
             "the model at hand. Call plan.to_lora_config(lora_config, model=model), or wrap the model with your "
             "LoraConfig and call loraplan.apply_plan(peft_model, plan)."
         )
-    source = _resolved(base, unwrap(model)) if model is not None else base
+    source = resolved_config(base, unwrap(model)) if model is not None else base
     config = copy.deepcopy(source)
     ours = stack_exclusion(plan)
     if not _made_for(source.exclude_modules, ours):  # a config made for this plan keeps its (already planned) ranks
@@ -363,7 +223,7 @@ def planned_config(
     if model is None:
         refuse_other_stacks(
             {p: _reached_by_name(base, names, model_type) for p, names in _other_stack_candidates(plan)},
-            path, plan.model.get("class"),
+            path, plan.model_fingerprint.get("class"),
         )
         return config, None
     wanted = expected_sites(model, plan, base)
@@ -384,7 +244,7 @@ def expected_sites(model: nn.Module, plan: LoraPlan, base: LoraConfig) -> set[Si
     applied. Refuses a second text stack that ``base`` reaches."""
     path = _stack_path(plan)
     reached = reached_sites(model, base)
-    others = {p: [] for p, _ in other_text_stacks(unwrap(model), path)}
+    others: dict[str, list[str]] = {p: [] for p, _ in other_text_stacks(unwrap(model), path)}
     for site in reached:
         for other in others:
             if site[1].startswith(other + "."):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PlanMismatchError
+from .layout import plan_lora_config
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -116,10 +119,11 @@ class LoraPlan:
     similarity: list[list[float]] | None = None
     #: every PlanConfig setting
     config: dict[str, Any] = field(default_factory=dict)
-    #: model fingerprint (see :func:`fingerprint`)
-    model: dict[str, Any] = field(default_factory=dict)
-    #: how the layers and their LoRA targets look: path, pattern, ambiguity, target module names and shapes
-    layers: dict[str, Any] = field(default_factory=dict)
+    #: the model it was made for (see :func:`fingerprint`); JSON key ``model``
+    model_fingerprint: dict[str, Any] = field(default_factory=dict)
+    #: how the layer stack and its LoRA targets look: path, pattern, ambiguity, target module names and shapes,
+    #: other text stacks; JSON key ``layers``
+    stack: dict[str, Any] = field(default_factory=dict)
     #: calibration facts: samples, tokens, max length, data hash, seed, pooling, dtype, device, seconds
     calibration: dict[str, Any] = field(default_factory=dict)
     #: layers that could not be scored, with the reason (never selected)
@@ -148,7 +152,29 @@ class LoraPlan:
     @property
     def stack_path(self) -> str | None:
         """Dotted path of the layer stack the plan is about (``layers.path``; older plans: the fingerprint's)."""
-        return self.layers.get("path") or self.model.get("layers_path")
+        return self.stack.get("path") or self.model_fingerprint.get("layers_path")
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """Deprecated name of :attr:`model_fingerprint` (the JSON key stays ``model``)."""
+        _renamed("model", "model_fingerprint")
+        return self.model_fingerprint
+
+    @model.setter
+    def model(self, value: dict[str, Any]) -> None:
+        _renamed("model", "model_fingerprint")
+        self.model_fingerprint = value
+
+    @property
+    def layers(self) -> dict[str, Any]:
+        """Deprecated name of :attr:`stack` (the JSON key stays ``layers``)."""
+        _renamed("layers", "stack")
+        return self.stack
+
+    @layers.setter
+    def layers(self, value: dict[str, Any]) -> None:
+        _renamed("layers", "stack")
+        self.stack = value
 
     def group_of(self, layer: int) -> int | None:
         """Index of the share group that holds ``layer``, or ``None``."""
@@ -215,22 +241,22 @@ class LoraPlan:
         current = fingerprint(model, stack)
         problems = []
         for key in ("num_layers", "hidden_size", "layers_path"):
-            want = self.model.get(key)
+            want = self.model_fingerprint.get(key)
             if want is not None and current.get(key) is not None and want != current[key]:
                 problems.append(f"{key}: plan {want!r}, model {current[key]!r}")
         if problems:
             raise PlanMismatchError(
-                f"the plan (made for {self.model.get('class')}, {self.model.get('num_layers')} layers) does not fit "
+                f"the plan (made for {self.model_fingerprint.get('class')}, {self.model_fingerprint.get('num_layers')} layers) does not fit "
                 f"this {current['class']}: " + "; ".join(problems) + ". Recompute the plan for this model, or "
                 "load the plan that belongs to it."
             )
         for key in ("class", "config_hash"):
-            if self.model.get(key) and self.model[key] != current[key]:
+            if self.model_fingerprint.get(key) and self.model_fingerprint[key] != current[key]:
                 logging.getLogger("loraplan").warning(
                     "the plan was made for a model with %s %r; this model has %r. The layer stack fits, so the plan "
                     "is used.",
                     key,
-                    self.model[key],
+                    self.model_fingerprint[key],
                     current[key],
                 )
 
@@ -240,32 +266,15 @@ class LoraPlan:
         stack, its rank policy the ranks (see :func:`loraplan.layout.plan_lora_config`). ``model``, the model about
         to be wrapped, is needed for ``target_parameters`` and lets the result be checked against what PEFT will
         build."""
-        from .layout import plan_lora_config
-
         return plan_lora_config(self, base_lora_config, model)
 
     # -- persistence --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = {
-            "format": self.format,
-            "num_layers": self.num_layers,
-            "selected_layers": list(self.selected_layers),
-            "share_groups": [list(g) for g in self.share_groups],
-            "rank": self.rank,
-            "scores": self.scores,
-            "similarity": self.similarity,
-            "config": self.config,
-            "model": self.model,
-            "layers": self.layers,
-            "calibration": self.calibration,
-            "flagged_layers": {str(k): v for k, v in sorted(self.flagged_layers.items())},
-            "diagnostics": self.diagnostics,
-            "stability": self.stability,
-            "cost": self.cost,
-            "warnings": self.warnings,
-            "notes": self.notes,
-            "versions": self.versions,
-        }
+        data = {}
+        for f in dataclasses.fields(self):
+            key, write, _ = _JSON.get(f.name, (f.name, None, None))
+            value = getattr(self, f.name)
+            data[key] = write(value) if write is not None else value
         return _clean(data)
 
     def to_json(self) -> str:
@@ -289,26 +298,15 @@ class LoraPlan:
             raise PlanMismatchError(
                 f"`format` is {fmt!r}; this loraplan reads {FORMAT!r} plans. Recompute the plan with this version."
             )
+        values: dict[str, Any] = {}
         try:
-            return cls(
-                num_layers=int(data["num_layers"]),
-                selected_layers=[int(i) for i in data["selected_layers"]],
-                share_groups=[[int(i) for i in g] for g in data.get("share_groups") or []],
-                rank=data.get("rank"),
-                scores={k: _nan(v) for k, v in (data.get("scores") or {}).items()},
-                similarity=[_nan(row) for row in data["similarity"]] if data.get("similarity") else None,
-                config=data.get("config") or {},
-                model=data.get("model") or {},
-                layers=data.get("layers") or {},
-                calibration=data.get("calibration") or {},
-                flagged_layers={int(k): v for k, v in (data.get("flagged_layers") or {}).items()},
-                diagnostics=data.get("diagnostics") or {},
-                stability={k: (math.nan if v is None else v) for k, v in (data.get("stability") or {}).items()},
-                cost=data.get("cost") or {},
-                warnings=list(data.get("warnings") or []),
-                notes=list(data.get("notes") or []),
-                versions=data.get("versions") or {},
-            )
+            for f in dataclasses.fields(cls):
+                key, _, read = _JSON.get(f.name, (f.name, None, None))
+                if f.name in _REQUIRED:
+                    values[f.name] = read(data[key]) if read is not None else data[key]
+                elif data.get(key) is not None:  # a missing or null entry reads as the field's default
+                    values[f.name] = read(data[key]) if read is not None else data[key]
+            return cls(**values)
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanMismatchError(f"the plan is incomplete or malformed ({type(exc).__name__}: {exc}).") from exc
 
@@ -332,3 +330,31 @@ class LoraPlan:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LoraPlan) and self.to_dict() == other.to_dict()
+
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(f"LoraPlan.{old} is now LoraPlan.{new} (the plan file keeps the key {old!r})", DeprecationWarning,
+                  stacklevel=3)
+
+
+def _ints(values: Any) -> list[int]:
+    return [int(i) for i in values]
+
+
+#: how a field is stored in the plan file when not as it is: field -> (JSON key, to JSON, from JSON)
+_JSON: dict[str, tuple[str, Any, Any]] = {
+    "num_layers": ("num_layers", None, int),
+    "selected_layers": ("selected_layers", list, _ints),
+    "share_groups": ("share_groups", lambda groups: [list(g) for g in groups], lambda groups: [_ints(g) for g in groups]),
+    "scores": ("scores", None, lambda scores: {k: _nan(v) for k, v in scores.items()}),
+    "similarity": ("similarity", None, lambda rows: [_nan(row) for row in rows] or None),
+    "model_fingerprint": ("model", None, None),
+    "stack": ("layers", None, None),
+    "flagged_layers": ("flagged_layers", lambda flagged: {str(k): v for k, v in sorted(flagged.items())},
+                       lambda flagged: {int(k): v for k, v in flagged.items()}),
+    "stability": ("stability", None, lambda values: {k: (math.nan if v is None else v) for k, v in values.items()}),
+    "warnings": ("warnings", None, list),
+    "notes": ("notes", None, list),
+}
+#: fields a plan file must have
+_REQUIRED = frozenset({"num_layers", "selected_layers"})

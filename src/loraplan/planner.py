@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from .calibration import CalibrationStats, calibrate
 from .config import PlanConfig
 from .cost import LayerCosts, costs_for, predictions, select_within_budget
-from .data import prepare_batches
+from .data import CalibrationBatches, prepare_batches
+from .diagnostics import calibration_diagnostics, flag_reasons, stability
 from .errors import CalibrationError, ConfigError, PluginError
 from .hooks.manager import Registered, call_hook, get_plugin_manager, lookup, selectors, sharers
-from .layers import LayerStack, find_layers, linear_modules, other_text_stacks, target_modules_of, unwrap
+from .layers import (
+    LayerStack,
+    features,
+    find_layers,
+    linear_modules,
+    other_text_stacks,
+    parameter_device,
+    parameter_dtype,
+    target_modules_of,
+    unwrap,
+)
 from .layout import refuse_other_stacks
 from .plan import LoraPlan, fingerprint
-from .similarity import is_constant, sample_variance_share, spearman
-from .strategies import SelectionContext, SharingContext, SharingResult, cumulative_pick
+from .strategies import SelectionContext, SharingContext, check_groups, check_scores, cumulative_pick
 
 if TYPE_CHECKING:
     import pluggy
@@ -26,14 +35,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("loraplan")
 
-__all__ = ["make_plan", "resolve_targets", "versions"]
+__all__ = ["Strategies", "make_plan", "resolve_targets", "strategies_for", "versions"]
 
 #: the LoRA rank the cost model assumes when neither the model nor the caller says
 DEFAULT_COST_RANK = 8
-
-#: a single sample carrying at least this share of a layer's variance across samples makes calibration degenerate
-DEGENERATE_SHARE = 0.5
-
 
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
@@ -80,23 +85,6 @@ def _base_rank(model: nn.Module, lora_rank: int | None) -> int | None:
     return None
 
 
-def _check_importance(strategy: Registered, scores: Any, num_layers: int) -> list[float]:
-    if not isinstance(scores, dict) or "importance" not in scores:
-        raise PluginError(
-            f"plugin {strategy.plugin!r}: selector {strategy.name!r} must return a dict of per-layer scores with an "
-            f"'importance' entry, got {type(scores).__name__}"
-            + (f" with keys {sorted(scores)}" if isinstance(scores, dict) else "")
-            + "."
-        )
-    for key, values in scores.items():
-        if not isinstance(values, (list, tuple)) or len(values) != num_layers:
-            raise PluginError(
-                f"plugin {strategy.plugin!r}: selector {strategy.name!r} returned {len(values) if hasattr(values, '__len__') else values!r} "
-                f"values for score {key!r}; expected one per layer ({num_layers})."
-            )
-    return [float(v) if v is not None else math.nan for v in scores["importance"]]
-
-
 def _selection(
     strategy: Registered, ctx: SelectionContext, importance: list[float], config: PlanConfig
 ) -> list[int]:
@@ -124,86 +112,9 @@ def _selection(
     return chosen
 
 
-def _check_groups(strategy: Registered, result: Any, selected: list[int]) -> SharingResult:
-    if not isinstance(result, SharingResult):
-        raise PluginError(
-            f"plugin {strategy.plugin!r}: sharer {strategy.name!r} must return a loraplan.strategies.SharingResult, "
-            f"got {type(result).__name__}."
-        )
-    groups = [sorted(int(i) for i in g) for g in result.groups]
-    used: set[int] = set()
-    for group in groups:
-        bad = [i for i in group if i not in selected]
-        if bad or len(group) < 2 or used & set(group):
-            raise PluginError(
-                f"plugin {strategy.plugin!r}: sharer {strategy.name!r} returned group {group}; groups must hold two "
-                f"or more distinct selected layers ({selected}) and not overlap."
-            )
-        used |= set(group)
-    result.groups = sorted(groups)
-    return result
-
-
-def _flag_reasons(stats: CalibrationStats, importance: list[float], selector: str) -> dict[int, str]:
-    flagged: dict[int, str] = {}
-    constant = [is_constant(h) for h in stats.hidden] if stats.hidden is not None else None
-    for i, value in enumerate(importance):
-        if not math.isnan(value):
-            continue
-        if constant is not None and (constant[i] or constant[i + 1]):
-            which = f"input h_{i}" if constant[i] else f"output h_{i + 1}"
-            flagged[i] = (
-                f"its {which} is identical for every calibration sample (zero variance): {selector} cannot score it "
-                "(CKA is 0/0; the reference code would call it 'most important')"
-            )
-        else:
-            flagged[i] = f"selector {selector!r} could not score it"
-    return flagged
-
-
-def _diagnostics(stats: CalibrationStats) -> tuple[dict[str, Any], list[str]]:
-    if stats.hidden is None:
-        return {}, []
-    shares = [sample_variance_share(h) for h in stats.hidden]
-    distinct = [int(torch.unique(h, dim=0).shape[0]) for h in stats.hidden]
-    warnings = []
-    bad = [i for i, s in enumerate(shares) if not math.isnan(s) and s >= DEGENERATE_SHARE and stats.num_samples > 2]
-    if bad:
-        warnings.append(
-            f"calibration is degenerate at h_{bad[0]}"
-            + (f" (and {len(bad) - 1} more hidden states)" if len(bad) > 1 else "")
-            + f": one sample carries {shares[bad[0]]:.0%} of the variance across samples there "
-            f"({distinct[bad[0]]} distinct vectors among {stats.num_samples}); scores that use it rest on that sample. "
-            "Use more varied calibration data or last_token='mask'."
-        )
-    return {"max_sample_variance_share": shares, "distinct_vectors": distinct}, warnings
-
-
-def _stability(strategy: Registered, stats: CalibrationStats, config: PlanConfig, num_layers: int, k: int) -> float | None:
-    if not strategy.strategy.data_dependent or not config.stability:
-        return None
-    halves = stats.halves()
-    if halves is None:
-        return None
-    need = strategy.strategy.minimum_samples(config)
-    if any(h.num_samples < need for h in halves):
-        return None
-    rankings = []
-    for half in halves:
-        scores = strategy.call("score", SelectionContext(half, config, num_layers, k))
-        rankings.append(_check_importance(strategy, scores, num_layers))
-    value = spearman(rankings[0], rankings[1])
-    return None if math.isnan(value) else value
-
 
 def _module_shapes(stack: LayerStack, targets: list[str] | None) -> dict[str, list[int]]:
-    shapes = {}
-    for name, module in target_modules_of(stack.layers[0], targets).items():
-        inner = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        if hasattr(inner, "in_features"):
-            shapes[name] = [int(inner.in_features), int(inner.out_features)]
-        else:  # Conv1D: weight is (in, out)
-            shapes[name] = [int(inner.weight.shape[0]), int(inner.weight.shape[1])]
+    shapes = {name: list(features(module)) for name, module in target_modules_of(stack.layers[0], targets).items()}
     return dict(sorted(shapes.items()))
 
 
@@ -238,6 +149,49 @@ def _costs(
     return costs, None
 
 
+
+@dataclass(frozen=True)
+class Strategies:
+    """The selector and the sharer a config names, as registered."""
+
+    selector: Registered
+    sharer: Registered | None
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """The statistics the calibration pass must collect for both."""
+        sharer = set(self.sharer.strategy.requires) if self.sharer else set()
+        return frozenset(set(self.selector.strategy.requires) | sharer)
+
+    def minimum_samples(self, config: PlanConfig) -> int:
+        sharer = self.sharer.strategy.minimum_samples(config) if self.sharer else 1
+        return max(self.selector.strategy.minimum_samples(config), sharer)
+
+
+def strategies_for(config: PlanConfig, pm: pluggy.PluginManager) -> Strategies:
+    """The strategies ``config`` names; an unknown name is a config error listing the installed ones."""
+    selector = lookup(selectors(pm), config.selector, "selector")
+    sharer = lookup(sharers(pm), config.share, "share") if config.share is not None else None
+    return Strategies(selector, sharer)
+
+
+@dataclass
+class _Scoring:
+    """The selector's verdict: its scores, the importance it ranks by, and the layers it could not score."""
+
+    scores: dict[str, Any]
+    importance: list[float]
+    flagged: dict[int, str]
+    ctx: SelectionContext
+
+
+@dataclass
+class _Sharing:
+    groups: list[list[int]]
+    similarity: list[list[float]] | None
+    scores: dict[str, list[float]]
+
+
 def make_plan(
     model: nn.Module,
     calibration_data: Any,
@@ -262,55 +216,99 @@ def make_plan(
     """
     config = _config(config)
     pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
-    selector = lookup(selectors(pm), config.selector, "selector")
-    sharer = lookup(sharers(pm), config.share, "share") if config.share is not None else None
+    chosen = strategies_for(config, pm)
     base = unwrap(model)
     stack = find_layers(base, pm)
-    num_layers = stack.num_layers
-    k = config.layer_count(num_layers)
+    k = config.layer_count(stack.num_layers)  # a bad count is refused before the calibration pass
     targets = resolve_targets(model, config)
     other_stacks = _other_stacks(base, stack, targets)
-
-    requires = set(selector.strategy.requires) | (set(sharer.strategy.requires) if sharer else set())
-    needed = max(
-        selector.strategy.minimum_samples(config), sharer.strategy.minimum_samples(config) if sharer else 1
+    warnings: list[str] = []
+    batches = _calibration_batches(calibration_data, config, tokenizer, base, chosen, warnings)
+    stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
+    scoring = _score(chosen.selector, stats, config, stack.num_layers, k, warnings)
+    base_rank = _base_rank(model, lora_rank)
+    costs, cost_problem = _costs(model, stack, config, targets, base_rank)
+    selected, budget = _select(chosen.selector, scoring, config, costs, cost_problem)
+    sharing = _share(chosen.sharer, stats, config, stack.num_layers, selected, warnings)
+    diagnostics, degenerate = calibration_diagnostics(stats)
+    warnings += degenerate
+    rho = stability(chosen.selector, stats, config, stack.num_layers, scoring.ctx.k)
+    plan = LoraPlan(
+        num_layers=stack.num_layers,
+        selected_layers=selected,
+        share_groups=sharing.groups,
+        rank=None,
+        scores={**{name: [float(v) for v in values] for name, values in scoring.scores.items()}, **sharing.scores},
+        similarity=sharing.similarity,
+        config=config.to_dict(),
+        model_fingerprint=fingerprint(base, stack),
+        stack={
+            "path": stack.path,
+            "pattern": stack.pattern,
+            "ambiguous": stack.ambiguous,
+            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in stats.target_names[0]}),
+            "module_shapes": _module_shapes(stack, targets),
+            "targets_from": "config" if config.target_modules else ("peft" if targets else "all-linear"),
+            "other_stacks": other_stacks,
+        },
+        calibration=_calibration_record(base, batches, stats, config, chosen.requires),
+        flagged_layers=scoring.flagged,
+        diagnostics=diagnostics,
+        stability={config.selector: rho} if rho is not None else {},
+        warnings=warnings,
+        versions=versions(),
     )
-    batches = prepare_batches(calibration_data, config, tokenizer, getattr(base, "config", None))
+    return _finish(plan, pm, base, stats, base_rank, costs, cost_problem, budget)
+
+
+def _calibration_batches(
+    data: Any, config: PlanConfig, tokenizer: Any, base: nn.Module, chosen: Strategies, warnings: list[str]
+) -> CalibrationBatches:
+    """The calibration data as batches, refused when the strategies need more samples than it has."""
+    needed = chosen.minimum_samples(config)
+    batches = prepare_batches(data, config, tokenizer, getattr(base, "config", None))
     if batches.num_samples < needed:
         raise CalibrationError(
             f"`calibration_samples`: {batches.num_samples} calibration sample(s) given, but selector "
             f"{config.selector!r}" + (" (debiased)" if config.debiased else "") + f" needs at least {needed}. "
             "Give more calibration data."
         )
-    plan_warnings: list[str] = []
     if batches.num_samples < config.calibration_samples:
-        plan_warnings.append(
+        warnings.append(
             f"only {batches.num_samples} calibration samples were available; {config.calibration_samples} were asked for."
         )
-    stats = calibrate(model, stack, batches, frozenset(requires), config, targets, progress)
+    return batches
 
+
+def _score(
+    selector: Registered, stats: CalibrationStats, config: PlanConfig, num_layers: int, k: int, warnings: list[str]
+) -> _Scoring:
+    """The selector's scores, and the layers it could not score (flagged, never selected)."""
     ctx = SelectionContext(stats=stats, config=config, num_layers=num_layers, k=k)
     scores = selector.call("score", ctx)
-    importance = _check_importance(selector, scores, num_layers)
-    flagged = _flag_reasons(stats, importance, config.selector)
+    importance = check_scores(selector, scores, num_layers)
+    flagged = flag_reasons(stats, importance, config.selector)
     for layer, reason in flagged.items():
-        message = f"layer {layer} is flagged and not selected: {reason}."
-        plan_warnings.append(message)
+        warnings.append(f"layer {layer} is flagged and not selected: {reason}.")
     usable = num_layers - len(flagged)
     if usable == 0:
         raise CalibrationError(
             f"selector {config.selector!r} could not score any layer (every representation is constant across "
             "the calibration samples). Give varied calibration data."
         )
-    if k > usable:
-        ctx.k = usable
-    base_rank = _base_rank(model, lora_rank)
-    costs, cost_problem = _costs(model, stack, config, targets, base_rank)
+    ctx.k = min(ctx.k, usable)
+    return _Scoring(scores, importance, flagged, ctx)
+
+
+def _select(
+    selector: Registered, scoring: _Scoring, config: PlanConfig, costs: LayerCosts | None, cost_problem: str | None
+) -> tuple[list[int], dict[str, Any] | None]:
+    """The selected layers (by the selector, or within the budget with the cost model) and the budget's record."""
     budget = None
     if config.time_budget is not None or config.param_budget is not None:
         if costs is None:
             raise ConfigError(f"`time_budget`/`param_budget` need the cost model, which failed: {cost_problem}")
-        scored = [math.nan if i in flagged else v for i, v in enumerate(importance)]
+        scored = [math.nan if i in scoring.flagged else v for i, v in enumerate(scoring.importance)]
         selected, budget = select_within_budget(
             scored,
             costs,
@@ -322,83 +320,64 @@ def make_plan(
             max_count=config.count,
         )
     else:
-        selected = _selection(selector, ctx, importance, config)
-    selected = [i for i in selected if i not in flagged]
+        selected = _selection(selector, scoring.ctx, scoring.importance, config)
+    selected = [i for i in selected if i not in scoring.flagged]
     if not selected:
         raise CalibrationError(f"selector {config.selector!r} selected no scorable layer.")
+    return selected, budget
 
-    share_groups: list[list[int]] = []
-    similarity = None
-    extra_scores: dict[str, list[float]] = {}
-    if sharer is not None:
-        result = _check_groups(
-            sharer, sharer.call("share", SharingContext(stats, config, num_layers, list(selected))), selected
+
+def _share(
+    sharer: Registered | None, stats: CalibrationStats, config: PlanConfig, num_layers: int, selected: list[int],
+    warnings: list[str],
+) -> _Sharing:
+    """The sharer's groups among the selected layers (none without a sharer)."""
+    if sharer is None:
+        return _Sharing([], None, {})
+    result = check_groups(sharer, sharer.call("share", SharingContext(stats, config, num_layers, list(selected))), selected)
+    if not result.groups:
+        best = None
+        if result.similarity is not None and len(selected) > 1:
+            best = max(result.similarity[i][j] for i in selected for j in selected if j > i)
+        warnings.append(
+            f"`share_threshold` {config.share_threshold} formed no share group among the {len(selected)} "
+            "selected layers" + (f" (highest similarity between them: {best:.4f})" if best is not None else "")
+            + "; no layers share. Lower share_threshold to form groups."
         )
-        share_groups, similarity, extra_scores = result.groups, result.similarity, dict(result.scores)
-        if not share_groups:
-            best = None
-            if similarity is not None and len(selected) > 1:
-                best = max(similarity[i][j] for i in selected for j in selected if j > i)
-            plan_warnings.append(
-                f"`share_threshold` {config.share_threshold} formed no share group among the {len(selected)} "
-                "selected layers" + (f" (highest similarity between them: {best:.4f})" if best is not None else "")
-                + "; no layers share. Lower share_threshold to form groups."
-            )
+    return _Sharing(result.groups, result.similarity, dict(result.scores))
 
-    diagnostics, degenerate = _diagnostics(stats)
-    plan_warnings += degenerate
-    stability = {}
-    rho = _stability(selector, stats, config, num_layers, ctx.k)
-    if rho is not None:
-        stability[config.selector] = rho
 
-    dtype = next((p.dtype for p in base.parameters()), None)
-    device = next((p.device for p in base.parameters()), None)
-    plan = LoraPlan(
-        num_layers=num_layers,
-        selected_layers=selected,
-        share_groups=share_groups,
-        rank=None,
-        scores={**{k_: [float(v) for v in vals] for k_, vals in scores.items()}, **extra_scores},
-        similarity=similarity,
-        config=config.to_dict(),
-        model=fingerprint(base, stack),
-        layers={
-            "path": stack.path,
-            "pattern": stack.pattern,
-            "ambiguous": stack.ambiguous,
-            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in stats.target_names[0]}),
-            "module_shapes": _module_shapes(stack, targets),
-            "targets_from": "config" if config.target_modules else ("peft" if targets else "all-linear"),
-            "other_stacks": other_stacks,
-        },
-        calibration={
-            "num_samples": batches.num_samples,
-            "num_tokens": batches.num_tokens,
-            "max_length": config.max_length,
-            "batch_size": config.batch_size,
-            "data_hash": batches.data_hash,
-            "seed": config.seed,
-            "pooling": stats.meta.get("pooling"),
-            "last_token": config.last_token,
-            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-            "device": device.type if device is not None else None,
-            "statistics": sorted(requires),
-        },
-        flagged_layers=flagged,
-        diagnostics=diagnostics,
-        stability=stability,
-        warnings=plan_warnings,
-        versions=versions(),
-    )
+def _calibration_record(
+    base: nn.Module, batches: CalibrationBatches, stats: CalibrationStats, config: PlanConfig, requires: frozenset[str]
+) -> dict[str, Any]:
+    dtype, device = parameter_dtype(base), parameter_device(base)
+    return {
+        "num_samples": batches.num_samples,
+        "num_tokens": batches.num_tokens,
+        "max_length": config.max_length,
+        "batch_size": config.batch_size,
+        "data_hash": batches.data_hash,
+        "seed": config.seed,
+        "pooling": stats.meta.get("pooling"),
+        "last_token": config.last_token,
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "device": device.type if device is not None else None,
+        "statistics": sorted(requires),
+    }
+
+
+def _finish(
+    plan: LoraPlan, pm: pluggy.PluginManager, base: nn.Module, stats: CalibrationStats, base_rank: int | None,
+    costs: LayerCosts | None, cost_problem: str | None, budget: dict[str, Any] | None,
+) -> LoraPlan:
+    """Let plugins adjust the plan, then resolve its rank and price it (both depend on the final selection and
+    groups), make it equal to its saved form, log it and hand it to the final hook."""
     call_hook(pm, "loraplan_adjust_plan", plan=plan, model=base, stats=stats)
     plan.validate()
     if base_rank is not None:
-        # after the adjust hook: the budget rank depends on the final selection and groups
         plan.rank = plan.resolve_rank(base_rank)
         plan.calibration["base_rank"] = base_rank
     if costs is not None:
-        # after the adjust hook, so that the predictions are those of the final selection
         rank = plan.resolve_rank(costs.rank)
         plan.cost = {**costs.to_dict(), "predicted": predictions(costs, plan.selected_layers, plan.num_modules(), rank)}
         if budget is not None:
@@ -414,12 +393,11 @@ def make_plan(
         logger.warning("loraplan: %s", message)
     logger.info(
         "loraplan: %s selected %d/%d layers %s%s",
-        config.selector,
+        plan.selector,
         len(plan.selected_layers),
-        num_layers,
+        plan.num_layers,
         plan.selected_layers,
         f", share groups {plan.share_groups}" if plan.share_groups else "",
     )
     call_hook(pm, "loraplan_plan_final", plan=plan)
     return plan
-

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from .plan import LoraPlan
+from .truncate import NOTE_PREFIX
 
 __all__ = ["ParameterCount", "format_plan", "parameter_count"]
 
@@ -29,7 +30,7 @@ def parameter_count(plan: LoraPlan, rank: int | None = None) -> ParameterCount:
     at the plan's rank. ``rank`` defaults to the rank the plan was made for, else 8."""
     base = rank if rank is not None else plan.calibration.get("base_rank") or plan.rank or 8
     plan_rank = plan.resolve_rank(base)
-    shapes = plan.layers.get("module_shapes") or {}
+    shapes = plan.stack.get("module_shapes") or {}
     per_layer = sum(i + o for i, o in shapes.values())
     return ParameterCount(
         rank=base,
@@ -60,7 +61,7 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
         )
     widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(header)]
     lines = [
-        f"loraplan plan: {plan.model.get('class')} ({plan.num_layers} layers at {plan.layers.get('path')}), "
+        f"loraplan plan: {plan.model_fingerprint.get('class')} ({plan.num_layers} layers at {plan.stack.get('path')}), "
         f"selector={plan.selector}"
         + (f", share={plan.share} (threshold {plan.config.get('share_threshold')})" if plan.share else "")
         + f", {plan.calibration.get('num_samples')} calibration samples",
@@ -78,7 +79,7 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
         )
     count = parameter_count(plan, rank)
     if count.all_layers:
-        targets = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in plan.layers.get("module_shapes", {})}))
+        targets = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in plan.stack.get("module_shapes", {})}))
         lines.append(
             f"trainable LoRA parameters ({targets}): all layers at r={count.rank}: {count.all_layers:,}; "
             f"plan at r={count.plan_rank}: {count.plan:,} ({count.ratio:.1%}, saving {1 - count.ratio:.1%})"
@@ -129,6 +130,6 @@ def format_cost(plan: LoraPlan) -> list[str]:
             ))
     for note in cost.get("notes", []):
         lines.append(f"  note: {note}")
-    truncation = [n for n in plan.notes if n.startswith("backward truncation:")]
+    truncation = [n for n in plan.notes if n.startswith(NOTE_PREFIX)]
     lines += [f"{n}" for n in truncation]
     return lines

@@ -7,32 +7,34 @@ hooks (:mod:`loraplan.hooks.specs`).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+# the statistics a strategy can ask for are CalibrationStats fields: named where they are collected
+from .calibration.stats import ACTIVATIONS, GRADIENTS, HIDDEN, STATISTICS, CalibrationStats
+from .errors import PluginError
 
 if TYPE_CHECKING:
-    from .calibration import CalibrationStats
     from .config import PlanConfig
+    from .hooks.manager import Registered
 
 __all__ = [
-    "HIDDEN",
     "ACTIVATIONS",
     "GRADIENTS",
+    "HIDDEN",
+    "STATISTICS",
+    "CalibrationStats",
     "SelectionContext",
     "Selector",
     "Sharer",
     "SharingContext",
     "SharingResult",
+    "check_groups",
+    "check_scores",
     "cumulative_pick",
     "top_k",
 ]
-
-#: Statistics a strategy can ask the calibration pass for.
-HIDDEN = "hidden"  # pooled residual-stream vectors h_0..h_L, one per sample
-ACTIVATIONS = "activations"  # input norms of the LoRA target modules, per sample and layer
-GRADIENTS = "gradients"  # Frobenius norms of dLoss/dW of the target modules, per batch and layer
-STATISTICS = (HIDDEN, ACTIVATIONS, GRADIENTS)
-
 
 @dataclass
 class SelectionContext:
@@ -53,7 +55,13 @@ class SharingContext:
     config: PlanConfig
     num_layers: int
     #: the selected layers: share only among these
-    layers: list[int]
+    selected: list[int]
+
+    @property
+    def layers(self) -> list[int]:
+        """Deprecated name of :attr:`selected`."""
+        warnings.warn("SharingContext.layers is now SharingContext.selected", DeprecationWarning, stacklevel=2)
+        return self.selected
 
 
 @dataclass
@@ -130,3 +138,46 @@ def cumulative_pick(importance: list[float], threshold: float) -> list[int]:
         if acc >= threshold - 1e-12:
             break
     return sorted(picked)
+
+
+# -- what the planner accepts from a strategy ---------------------------------------------------------------------
+
+
+def check_scores(strategy: Registered, scores: Any, num_layers: int) -> list[float]:
+    """A selector's scores checked (a dict of one value per layer, with ``"importance"``); its importance as floats,
+    ``None`` as nan."""
+    if not isinstance(scores, dict) or "importance" not in scores:
+        raise PluginError(
+            f"plugin {strategy.plugin!r}: selector {strategy.name!r} must return a dict of per-layer scores with an "
+            f"'importance' entry, got {type(scores).__name__}"
+            + (f" with keys {sorted(scores)}" if isinstance(scores, dict) else "")
+            + "."
+        )
+    for key, values in scores.items():
+        if not isinstance(values, (list, tuple)) or len(values) != num_layers:
+            raise PluginError(
+                f"plugin {strategy.plugin!r}: selector {strategy.name!r} returned {len(values) if hasattr(values, '__len__') else values!r} "
+                f"values for score {key!r}; expected one per layer ({num_layers})."
+            )
+    return [float(v) if v is not None else math.nan for v in scores["importance"]]
+
+
+def check_groups(strategy: Registered, result: Any, selected: list[int]) -> SharingResult:
+    """A sharer's result checked: disjoint groups of two or more selected layers (sorted)."""
+    if not isinstance(result, SharingResult):
+        raise PluginError(
+            f"plugin {strategy.plugin!r}: sharer {strategy.name!r} must return a loraplan.strategies.SharingResult, "
+            f"got {type(result).__name__}."
+        )
+    groups = [sorted(int(i) for i in g) for g in result.groups]
+    used: set[int] = set()
+    for group in groups:
+        bad = [i for i in group if i not in selected]
+        if bad or len(group) < 2 or used & set(group):
+            raise PluginError(
+                f"plugin {strategy.plugin!r}: sharer {strategy.name!r} returned group {group}; groups must hold two "
+                f"or more distinct selected layers ({selected}) and not overlap."
+            )
+        used |= set(group)
+    result.groups = sorted(groups)
+    return result

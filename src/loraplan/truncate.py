@@ -40,10 +40,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("loraplan")
 
-__all__ = ["Truncation", "install_truncation", "remove_truncation", "truncation_blockers"]
+__all__ = [
+    "LAYER_STATE",
+    "MODEL_RESULT",
+    "NOTE_PREFIX",
+    "Truncation",
+    "disable_truncation",
+    "install_truncation",
+    "is_non_reentrant",
+    "is_torch_checkpoint",
+    "remove_truncation",
+    "truncation_blockers",
+    "truncation_of",
+]
 
-#: attribute on each hooked layer holding its :class:`_LayerState`
-_STATE = "_loraplan_truncation"
+#: attribute on each hooked layer holding its :class:`_LayerState` (a timed copy of a layer drops it: cost/timing.py)
+LAYER_STATE = "_loraplan_truncation"
+#: attribute on the model holding the :class:`Truncation` last installed (:func:`truncation_of`)
+MODEL_RESULT = "loraplan_truncation"
 #: how many autograd nodes to search above a layer input before assuming it depends on a trainable parameter
 _GRAPH_LIMIT = 10_000
 _MISSING = object()
@@ -154,7 +168,7 @@ def _why_record(module: nn.Module, state: _LayerState, args: tuple, kwargs: dict
 
 
 def _below_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    state: _LayerState | None = module.__dict__.get(_STATE)
+    state: _LayerState | None = module.__dict__.get(LAYER_STATE)
     if state is None:
         return None
     if not torch.is_grad_enabled():
@@ -182,7 +196,7 @@ def _below_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _below_post_hook(module: nn.Module, args: tuple, output: Any) -> None:
-    state: _LayerState | None = module.__dict__.get(_STATE)
+    state: _LayerState | None = module.__dict__.get(LAYER_STATE)
     if state is None or not state.calls:
         return None
     entry = state.calls.pop()
@@ -198,23 +212,26 @@ def _below_post_hook(module: nn.Module, args: tuple, output: Any) -> None:
     return None
 
 
+def is_torch_checkpoint(fn: Any) -> bool:
+    """Whether ``fn`` (a checkpoint function, unwrapped from its ``functools.partial``) is torch's own checkpoint,
+    also as transformers wraps it for ``offload=True`` (a local ``checkpoint_func`` in ``modeling_utils``)."""
+    import torch.utils.checkpoint as tuc
+
+    if fn is tuc.checkpoint:
+        return True
+    return getattr(fn, "__name__", "") == "checkpoint_func" and getattr(fn, "__module__", "") == "transformers.modeling_utils"
+
+
 def is_non_reentrant(fn: Any) -> bool:
     """Whether a layer's checkpoint function is torch's checkpoint with ``use_reentrant=False`` (as transformers
     builds it: a ``functools.partial``, possibly around its offloading ``checkpoint_func``)."""
-    import torch.utils.checkpoint as tuc
-
     if not isinstance(fn, functools.partial):
         return False
-    inner = fn.func
-    torch_checkpoint = inner is tuc.checkpoint or (
-        getattr(inner, "__name__", "") == "checkpoint_func"
-        and getattr(inner, "__module__", "") == "transformers.modeling_utils"
-    )
-    return torch_checkpoint and fn.keywords.get("use_reentrant") is False
+    return is_torch_checkpoint(fn.func) and fn.keywords.get("use_reentrant") is False
 
 
 def _boundary_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-    if _STATE not in module.__dict__ or not torch.is_grad_enabled():
+    if LAYER_STATE not in module.__dict__ or not torch.is_grad_enabled():
         return None
     if not (getattr(module, "gradient_checkpointing", False) and module.training):
         return None
@@ -237,7 +254,7 @@ _OUR_PRE_HOOKS = (_below_pre_hook, _boundary_pre_hook)
 
 def _strip(module: nn.Module) -> bool:
     """Take loraplan's hooks and state off one layer. Returns whether there were any."""
-    found = module.__dict__.pop(_STATE, None) is not None
+    found = module.__dict__.pop(LAYER_STATE, None) is not None
     for key, hook in list(module._forward_pre_hooks.items()):
         if hook in _OUR_PRE_HOOKS:
             del module._forward_pre_hooks[key]
@@ -262,8 +279,8 @@ def remove_truncation(model: nn.Module, stack: LayerStack | None = None) -> int:
         stack = stack_at(model, recorded.path) if recorded is not None and recorded.path else find_layers(model)
     removed = sum(_strip(layer) for layer in stack.layers)
     base = unwrap(model)
-    base.__dict__.pop("loraplan_truncation", None)
-    model.__dict__.pop("loraplan_truncation", None)
+    base.__dict__.pop(MODEL_RESULT, None)
+    model.__dict__.pop(MODEL_RESULT, None)
     return removed
 
 
@@ -317,33 +334,27 @@ def install_truncation(model: nn.Module, lowest: int, stack: LayerStack | None =
         shared = _Shared(lowest=lowest)
         for index in range(lowest):
             layer = stack.layers[index]
-            layer.__dict__[_STATE] = _LayerState("below", index, shared)
+            layer.__dict__[LAYER_STATE] = _LayerState("below", index, shared)
             layer.register_forward_pre_hook(_below_pre_hook, with_kwargs=True)
             layer.register_forward_hook(_below_post_hook, always_call=True)
         boundary = stack.layers[lowest]
-        boundary.__dict__[_STATE] = _LayerState("boundary", lowest, shared)
+        boundary.__dict__[LAYER_STATE] = _LayerState("boundary", lowest, shared)
         boundary.register_forward_pre_hook(_boundary_pre_hook, with_kwargs=True)
         result = Truncation(lowest, True)
     result.path = stack.path
-    base.__dict__["loraplan_truncation"] = result
+    base.__dict__[MODEL_RESULT] = result
     return result
 
 
 def truncation_of(model: nn.Module) -> Truncation | None:
     """What :func:`install_truncation` last did on ``model`` (``None`` if never)."""
-    return unwrap(model).__dict__.get("loraplan_truncation")
+    return unwrap(model).__dict__.get(MODEL_RESULT)
 
 
-def apply_to_plan(model: nn.Module, plan: LoraPlan, enabled: bool, stack: LayerStack | None = None) -> Truncation:
-    """Install (or, with ``enabled=False``, remove) truncation below ``plan``'s lowest layer, and record what was done
-    in ``plan.notes`` (one line, replaced when the plan is applied again)."""
-    lowest = min(plan.selected_layers)
-    if enabled:
-        result = install_truncation(model, lowest, stack)
-    else:
-        remove_truncation(model, stack)
-        result = Truncation(lowest, False, "turned off (truncate_backward=False); every layer is back-propagated as "
-                                           "with stock PEFT")
-        unwrap(model).__dict__["loraplan_truncation"] = result
-    plan.notes = [n for n in plan.notes if not n.startswith(NOTE_PREFIX)] + [result.note()]
+def disable_truncation(model: nn.Module, lowest: int, stack: LayerStack | None = None) -> Truncation:
+    """Remove any truncation and record that it was turned off on purpose (what :func:`truncation_of` returns)."""
+    remove_truncation(model, stack)
+    result = Truncation(lowest, False, "turned off (truncate_backward=False); every layer is back-propagated as with "
+                                       "stock PEFT")
+    unwrap(model).__dict__[MODEL_RESULT] = result
     return result

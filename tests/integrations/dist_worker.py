@@ -104,8 +104,8 @@ def fsdp2(out: Path, model_dir: str) -> dict:
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(model_dir)
         stack = find_layers(base)
-        plan = LoraPlan(num_layers=4, selected_layers=[2, 3], config={"selector": "top"}, model=fingerprint(base, stack),
-                        layers={"path": stack.path, "pattern": stack.pattern, "ambiguous": False})
+        plan = LoraPlan(num_layers=4, selected_layers=[2, 3], config={"selector": "top"}, model_fingerprint=fingerprint(base, stack),
+                        stack={"path": stack.path, "pattern": stack.pattern, "ambiguous": False})
         model = get_peft_model(base, plan.to_lora_config(LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
                                                                       init_lora_weights=False)))
         apply_plan(model, plan, truncate_backward=truncate)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pluggy
 
-from ..errors import ConfigError, PluginError
+from ..errors import ConfigError, LoraPlanError, PluginError, closest
 from . import specs
 from ._markers import PROJECT
 
@@ -122,10 +122,8 @@ def sharers(pm: pluggy.PluginManager) -> dict[str, Registered]:
 def lookup(registry: dict[str, Registered], name: str, key: str) -> Registered:
     """The strategy called ``name``; an unknown name is a config error listing what is installed."""
     if name not in registry:
-        import difflib
-
-        close = difflib.get_close_matches(name, sorted(registry), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        close = closest(name, registry)
+        hint = f" Did you mean {close!r}?" if close else ""
         raise ConfigError(
             f"`{key}` is {name!r}, which no installed plugin provides. Installed: "
             f"{', '.join(sorted(registry))}.{hint} A third-party strategy must be installed in the "
@@ -136,8 +134,6 @@ def lookup(registry: dict[str, Registered], name: str, key: str) -> Registered:
 
 def call_hook(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> Any:
     """Call a hook; an unexpected exception from a plugin is re-raised naming the plugin."""
-    from ..errors import LoraPlanError
-
     caller = getattr(pm.hook, hook_name)
     try:
         return caller(**kwargs)

@@ -16,9 +16,11 @@ from typing import Any
 
 from ..apply import adapter_of, check_layout, lora_modules_by_layer, plan_stack
 from ..config import PlanConfig
-from ..distributed import from_main, load_plan_everywhere
+from ..distributed import load_plan_everywhere
+from ..processes import from_main
+from ..truncate import is_torch_checkpoint
 from ..errors import ConfigError, PlanMismatchError
-from ..layout import layers_carrying
+from ..sites import layers_carrying
 from ..plan import PLAN_FILE, LoraPlan
 
 logger = logging.getLogger("loraplan")
@@ -196,15 +198,6 @@ def check_checkpoint(checkpoint: str | Path, plan: LoraPlan) -> None:
                     )
 
 
-def _is_torch_checkpoint(fn: Any) -> bool:
-    import torch.utils.checkpoint as tuc
-
-    if fn is tuc.checkpoint:
-        return True
-    # transformers' `offload=True` wraps torch's checkpoint in a local `checkpoint_func` (modeling_utils)
-    return getattr(fn, "__name__", "") == "checkpoint_func" and getattr(fn, "__module__", "") == "transformers.modeling_utils"
-
-
 def non_reentrant_model(model: Any) -> int:
     """Make every module that already checkpoints its forward use torch's non-reentrant checkpointing.
 
@@ -218,7 +211,7 @@ def non_reentrant_model(model: Any) -> int:
         if fn is None or not getattr(module, "gradient_checkpointing", False):
             continue
         inner, keywords = (fn.func, dict(fn.keywords)) if isinstance(fn, functools.partial) else (fn, {})
-        if not _is_torch_checkpoint(inner):
+        if not is_torch_checkpoint(inner):
             label = getattr(inner, "__qualname__", type(inner).__name__)
             raise ConfigError(
                 f"activation checkpointing of {name or 'the model'} uses {label}, not torch's checkpoint, and "

@@ -20,7 +20,8 @@ from transformers import TrainerCallback
 
 from ..apply import apply_plan, tie_share_groups
 from ..config import PlanConfig
-from ..distributed import from_main, make_plan_everywhere
+from ..distributed import make_plan_everywhere
+from ..processes import from_main
 from ..errors import ConfigError, PlanMismatchError
 from ..plan import PLAN_FILE, LoraPlan
 from ..truncate import truncation_of
@@ -283,7 +284,9 @@ class LoraPlanCallback(TrainerCallback):
                 f"parameters; training now would ignore the plan. Pass it to the constructor: {_CALLBACK_ARGS}."
             )
         plan = self.plan
-        if getattr(model, "loraplan_plan", None) is not plan:
+        assert plan is not None  # on_init_end made or loaded it
+        attached: Any = getattr(model, "loraplan_plan", None)
+        if attached is not plan:
             raise ConfigError(
                 "the model that trains is not the one LoraPlanCallback planned at on_init_end (with `model_init` the "
                 "Trainer builds a new model in train()). loraplan does not support `model_init`; pass the model."

@@ -16,7 +16,7 @@ class AngularSharer(Sharer):
         hidden = ctx.stats.hidden
         assert hidden is not None
         similarity = angular_similarity(hidden[1:])  # outputs h_{i+1} of blocks i = 0..L-1
-        groups = group_layers(similarity, ctx.config.share_threshold, ctx.layers)
+        groups = group_layers(similarity, ctx.config.share_threshold, ctx.selected)
         return SharingResult(groups=groups, similarity=similarity)
 
 

@@ -11,7 +11,7 @@ class OddEvenSharer(Sharer):
     name = "odd_even"
 
     def share(self, ctx: SharingContext) -> SharingResult:
-        return SharingResult(groups=odd_even_groups(ctx.layers))
+        return SharingResult(groups=odd_even_groups(ctx.selected))
 
 
 @hookimpl

@@ -29,7 +29,8 @@ from axolotl.integrations.base import BasePlugin
 
 from ...apply import apply_plan
 from ...config import PlanConfig
-from ...distributed import is_main_process, make_plan_everywhere
+from ...distributed import make_plan_everywhere
+from ...processes import is_main_process
 from ...errors import ConfigError
 from ...plan import PLAN_FILE, LoraPlan
 from .._common import SHARING_REASON, check_checkpoint, resolve_plan

@@ -1,0 +1,203 @@
+"""The forward calibration pass: pooled hidden states and target-module input norms, collected by hooks in one
+streaming pass, so no ``[batch, tokens, hidden]`` tensor outlives its batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PlanConfig
+from ..data import CalibrationBatches
+from ..errors import CalibrationError
+from ..layers import LayerStack
+from .inputs import (
+    BatchState,
+    adapters_disabled,
+    eval_mode,
+    first_tensor,
+    input_device,
+    layer_name,
+    model_inputs,
+    positions,
+    progress_bar,
+)
+from .stats import ACTIVATIONS, HIDDEN, CalibrationStats
+
+__all__ = ["forward_pass"]
+
+
+def forward_pass(
+    model: nn.Module,
+    base: nn.Module,
+    stack: LayerStack,
+    data: CalibrationBatches,
+    requires: frozenset[str] | set[str],
+    pooling: str,
+    config: PlanConfig,
+    layer_targets: list[dict[str, nn.Module]],
+    stats: CalibrationStats,
+    progress: bool,
+) -> None:
+    state = BatchState()
+    hidden = _HiddenStates(base, stack, state) if HIDDEN in requires else None
+    activations = _ActivationNorms(stack, layer_targets, state) if ACTIVATIONS in requires else None
+    collectors: list[_HiddenStates | _ActivationNorms] = [c for c in (hidden, activations) if c is not None]
+    handles = [handle for collector in collectors for handle in collector.install()]
+    device = input_device(base)
+    runner = stack.backbone
+    bar = progress_bar(data.num_samples, "loraplan calibration", progress)
+    try:
+        with torch.no_grad(), eval_mode(model), adapters_disabled(model):
+            for number, batch in enumerate(data.batches):
+                state.batch_number = number
+                rows = batch["input_ids"].shape[0]
+                state.rows = torch.arange(rows, device=device)
+                state.positions = positions(batch, pooling, config.last_token, data.pad_token_id).to(device)
+                state.mask = batch["attention_mask"].to(device=device, dtype=torch.float32)
+                for collector in collectors:
+                    collector.start_batch()
+                runner(**model_inputs(runner, batch, device))
+                for collector in collectors:
+                    collector.end_batch(number)
+                bar.update(rows)
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+        if activations is not None:
+            activations.norm_cache.clear()
+    if hidden is not None:
+        stats.hidden = [torch.cat(chunks) for chunks in hidden.pooled]
+    if activations is not None:
+        stats.activation_sums = torch.cat(activations.batches)
+
+
+class _HiddenStates:
+    """``h_0`` .. ``h_L`` pooled to one vector per sample: ``h_0`` is layer 0's input, ``h_i`` layer ``i-1``'s
+    output, ``h_L`` the backbone's (after its final norm, as ``output_hidden_states`` gives it)."""
+
+    def __init__(self, base: nn.Module, stack: LayerStack, state: BatchState) -> None:
+        self.base, self.stack, self.state = base, stack, state
+        self.pooled: list[list[torch.Tensor]] = [[] for _ in range(stack.num_layers + 1)]
+
+    def install(self) -> list[Any]:
+        stack = self.stack
+
+        def pre_first(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.pool(0, args[0] if args else kwargs.get("hidden_states"))
+
+        handles = [stack.layers[0].register_forward_pre_hook(pre_first, with_kwargs=True)]
+        for i in range(stack.num_layers - 1):
+
+            def post(module: nn.Module, args: tuple, output: Any, _i: int = i) -> None:
+                self.pool(_i + 1, output)
+
+            handles.append(stack.layers[i].register_forward_hook(post))
+
+        def post_backbone(module: nn.Module, args: tuple, output: Any) -> None:
+            self.pool(stack.num_layers, output)
+
+        handles.append(stack.backbone.register_forward_hook(post_backbone))
+        return handles
+
+    def pool(self, index: int, value: Any) -> None:
+        hidden = first_tensor(value)
+        if hidden is None or hidden.dim() != 3:
+            raise CalibrationError(
+                f"cannot read the hidden state h_{index} of {type(self.base).__name__}: expected a (batch, tokens, "
+                f"hidden) tensor, got {type(value).__name__}. Provide a `loraplan_find_layers` hook for this model."
+            )
+        state = self.state
+        vec = hidden[state.rows, state.positions].detach().float()
+        if not bool(torch.isfinite(vec).all()):
+            where = (
+                "the embedding output (input of layer 0)" if index == 0
+                else f"the output of {layer_name(self.stack, index - 1)}"
+            )
+            raise CalibrationError(
+                f"non-finite values (nan/inf) in {where} on calibration batch {state.batch_number}. The model "
+                "overflows or is broken in this dtype: check the weights, or calibrate in float32."
+            )
+        self.pooled[index].append(vec.cpu())
+
+    def start_batch(self) -> None:
+        pass
+
+    def end_batch(self, number: int) -> None:
+        pass
+
+
+class _ActivationNorms:
+    """Per sample and layer: the mean over the layer's target modules of the summed (over real tokens) L2 norms of
+    each module's input. Modules of one layer that read the same tensor (q/k/v, gate/up) compute its norms once."""
+
+    def __init__(self, stack: LayerStack, layer_targets: list[dict[str, nn.Module]], state: BatchState) -> None:
+        self.stack, self.layer_targets, self.state = stack, layer_targets, state
+        num_layers = stack.num_layers
+        self.batches: list[torch.Tensor] = []
+        self.current: list[torch.Tensor | None] = [None] * num_layers
+        self.calls = [0] * num_layers
+        self.norm_cache: dict[Any, Any] = {}
+
+    def install(self) -> list[Any]:
+        handles = []
+        for layer_number, modules in enumerate(self.layer_targets):
+            for module in modules.values():
+
+                def pre(module: nn.Module, args: tuple, kwargs: dict, _l: int = layer_number) -> None:
+                    self.add(_l, args[0] if args else next(iter(kwargs.values())))
+
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        return handles
+
+    def add(self, layer: int, x: torch.Tensor) -> None:
+        cache = self.norm_cache
+        if cache.get("layer") != layer:  # inputs are shared only within a layer (q/k/v, gate/up)
+            cache.clear()
+            cache["layer"] = layer
+        # the cache holds the tensor itself, so its memory cannot be reused by another tensor meanwhile
+        hit = cache.get(id(x))
+        sums = hit[1] if hit is not None and hit[0] is x else None
+        if sums is None:
+            original = x
+            mask = self.state.mask
+            if x.dim() == 2 and mask is not None and x.shape[0] == mask.numel():
+                x = x.reshape(mask.shape[0], mask.shape[1], -1)
+            if x.dim() != 3 or mask is None or tuple(x.shape[:2]) != tuple(mask.shape):
+                raise CalibrationError(
+                    f"cannot read the input of a target module in {layer_name(self.stack, layer)}: "
+                    f"expected (batch, tokens, features), got shape {tuple(x.shape)}."
+                )
+            norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32)
+            sums = (norms * mask).sum(dim=1).double()
+            cache[id(original)] = (original, sums)
+        self.calls[layer] += 1
+        current = self.current[layer]
+        self.current[layer] = sums if current is None else current + sums
+
+    def start_batch(self) -> None:
+        self.norm_cache.clear()
+        for i in range(self.stack.num_layers):
+            self.current[i] = None
+            self.calls[i] = 0
+
+    def end_batch(self, number: int) -> None:
+        row = []
+        for i, current in enumerate(self.current):
+            if current is None:
+                raise CalibrationError(
+                    f"the target modules of {layer_name(self.stack, i)} were never called in the forward "
+                    "pass; is the layer skipped for these inputs?"
+                )
+            row.append((current / self.calls[i]).cpu())
+        block = torch.stack(row, dim=1)
+        if not bool(torch.isfinite(block).all()):
+            bad = int((~torch.isfinite(block)).any(dim=0).nonzero()[0])
+            raise CalibrationError(
+                f"non-finite values (nan/inf) in the inputs of the target modules of "
+                f"{layer_name(self.stack, bad)} on calibration batch {number}. Check the weights, or "
+                "calibrate in float32."
+            )
+        self.batches.append(block)

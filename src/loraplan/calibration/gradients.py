@@ -1,0 +1,97 @@
+"""The gradient calibration pass: per batch and layer, the norms of dLoss/dW of the target modules' weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..data import CalibrationBatches
+from ..errors import CalibrationError
+from ..layers import LayerStack, base_layer
+from .inputs import adapters_disabled, eval_mode, input_device, layer_name, loss_labels, model_inputs, progress_bar
+from .stats import CalibrationStats
+
+__all__ = ["gradient_pass"]
+
+
+def gradient_pass(
+    model: nn.Module,
+    base: nn.Module,
+    stack: LayerStack,
+    data: CalibrationBatches,
+    layer_targets: list[dict[str, nn.Module]],
+    stats: CalibrationStats,
+    progress: bool,
+) -> None:
+    weights: list[list[nn.Parameter]] = [[base_layer(m).weight for m in modules.values()] for modules in layer_targets]
+    every = [p for ws in weights for p in ws]
+    saved_flags = {id(p): p.requires_grad for p in base.parameters()}
+    saved_grads = {id(p): p.grad for p in every}
+    device = input_device(base)
+    norms: list[torch.Tensor] = []
+    bar = progress_bar(data.num_samples, "loraplan gradient scores", progress)
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+
+    def require_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        # keeps reentrant activation checkpointing from dropping parameter gradients
+        output.requires_grad_(True)
+
+    handle = embeddings.register_forward_hook(require_grad) if embeddings is not None else None
+    try:
+        for p in base.parameters():
+            p.requires_grad_(False)
+        for p in every:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad(), eval_mode(model), adapters_disabled(model):
+            for number, batch in enumerate(data.batches):
+                labels = loss_labels(base, batch)
+                if labels is None:
+                    raise CalibrationError(
+                        f"the `gradient` selector needs a loss, but {type(base).__name__} has no language-modelling "
+                        "head and the calibration batches carry no `labels`. Pass tokenised batches with `labels`, "
+                        "or calibrate a *ForCausalLM / *ForMaskedLM model."
+                    )
+                inputs = model_inputs(base, batch, device)
+                inputs["labels"] = labels.to(device)
+                out = base(**inputs)
+                loss = getattr(out, "loss", None)
+                if loss is None:
+                    raise CalibrationError(
+                        f"{type(base).__name__} returned no loss for labelled calibration batches; the `gradient` "
+                        "selector cannot score it."
+                    )
+                if not bool(torch.isfinite(loss)):
+                    raise CalibrationError(f"the calibration loss is not finite on batch {number}: {float(loss)}")
+                loss.backward()
+                norms.append(_take_gradient_norms(weights, stack, number))
+                bar.update(batch["input_ids"].shape[0])
+    finally:
+        bar.close()
+        if handle is not None:
+            handle.remove()
+        for p in base.parameters():
+            p.requires_grad_(saved_flags.get(id(p), p.requires_grad))
+        for p in every:
+            p.grad = saved_grads[id(p)]
+    stats.gradients = torch.stack(norms)
+
+
+def _take_gradient_norms(weights: list[list[nn.Parameter]], stack: LayerStack, number: int) -> torch.Tensor:
+    """Per layer, the summed Frobenius norms of its target weights' gradients (which are then cleared)."""
+    row = []
+    for layer_number, ws in enumerate(weights):
+        total = 0.0
+        for w in ws:
+            if w.grad is not None:
+                total += float(w.grad.detach().float().norm())
+                w.grad = None
+        if not math.isfinite(total):
+            raise CalibrationError(
+                f"non-finite gradient in the target modules of {layer_name(stack, layer_number)} on "
+                f"calibration batch {number}."
+            )
+        row.append(total)
+    return torch.tensor(row, dtype=torch.float64)
