@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shar
 from _markdown import write_block  # noqa: E402
 
 from loraplan import PlanConfig  # noqa: E402
-from loraplan.calibration import _loss_labels, _model_inputs, calibrate  # noqa: E402
+from loraplan.calibration import calibrate, loss_labels, model_inputs  # noqa: E402
 from loraplan.data import prepare_batches  # noqa: E402
 from loraplan.layers import find_layers  # noqa: E402
 from loraplan.strategies import ACTIVATIONS, GRADIENTS, HIDDEN  # noqa: E402
@@ -57,7 +57,8 @@ def _setup(args: argparse.Namespace):
 
     from loraplan.assets import fine_foods, minilm_path, smollm2_path
 
-    path = {"smollm2": lambda: smollm2_path(quiet=True), "minilm": minilm_path}.get(args.model, lambda: Path(args.model))()
+    paths = {"smollm2": lambda: smollm2_path(quiet=True), "minilm": minilm_path}
+    path = paths.get(args.model, lambda: Path(args.model))()
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -79,7 +80,7 @@ def _run(mode: str, model, stack, data, config, device: str) -> float:
     if mode == "bare":
         with torch.no_grad():
             for batch in data.batches:
-                stack.backbone(**_model_inputs(stack.backbone, batch, torch.device(device)))
+                stack.backbone(**model_inputs(stack.backbone, batch, torch.device(device)))
     elif mode == "stats":
         calibrate(model, stack, data, frozenset({HIDDEN, ACTIVATIONS}), config, progress=False)
     elif mode == "bare_grad":
@@ -90,8 +91,8 @@ def _run(mode: str, model, stack, data, config, device: str) -> float:
         for p in params:
             p.requires_grad_(True)
         for batch in data.batches:
-            inputs = _model_inputs(model, batch, torch.device(device))
-            inputs["labels"] = _loss_labels(model, batch).to(device)
+            inputs = model_inputs(model, batch, torch.device(device))
+            inputs["labels"] = loss_labels(model, batch).to(device)
             model(**inputs).loss.backward()
             for p in params:
                 p.grad = None
@@ -175,7 +176,8 @@ def main() -> None:
         order = MODES if round_number % 2 == 0 else MODES[::-1]
         for mode in order:
             times[mode].append(_run(mode, model, stack, data, config, args.device))
-        print(f"round {round_number + 1}/{args.repeats}: " + ", ".join(f"{m} {times[m][-1]:.3f}s" for m in MODES), flush=True)
+        print(f"round {round_number + 1}/{args.repeats}: " + ", ".join(f"{m} {times[m][-1]:.3f}s" for m in MODES),
+              flush=True)
 
     memory: dict[str, float] = {}
     if args.device.startswith("cuda"):
@@ -192,7 +194,8 @@ def main() -> None:
     result = {
         "model": path,
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                        else platform.processor() or platform.machine()),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,

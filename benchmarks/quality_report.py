@@ -7,11 +7,13 @@ page, so the prose around the tables is kept; a page without markers gets them a
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from itertools import combinations
 from pathlib import Path
 from typing import Any
+
+from _markdown import replace_block  # benchmarks/_markdown.py; quality.py puts this folder on sys.path
+from _records import config_hash, digest, task_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,11 +25,9 @@ MARKERS = ("environment", "stability")
 
 def current(config: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """The records that belong to the current config (task and method hashes match), the last of duplicates."""
-    import quality
-
     out: dict[str, Any] = {"tasks": {}, "runs": {}, "plans": {}, "stability": [], "sessions": []}
-    hashes = {name: quality.task_hash(config, name) for name in config["tasks"]}
-    methods = {m["name"]: quality.digest(m) for m in config["methods"]}
+    hashes = {name: task_hash(config, name) for name in config["tasks"]}
+    methods = {m["name"]: digest(m) for m in config["methods"]}
     for r in records:
         kind = r.get("type")
         if kind == "task" and hashes.get(r["task"]) == r["task_hash"]:
@@ -39,11 +39,11 @@ def current(config: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, 
                 out["runs"][(r["task"], r["method"], r["seed"])] = r
             else:
                 out["plans"][(r["task"], r["method"], r["plan_seed"])] = r
-        elif kind == "session" and r.get("config_hash") == quality.config_hash(config):
+        elif kind == "session" and r.get("config_hash") == config_hash(config):
             out["sessions"].append(r)
     study = config.get("stability") or {}
     stability_hashes = {
-        quality.digest({"task": hashes[t], "study": study}) for t in study.get("tasks", []) if t in hashes
+        digest({"task": hashes[t], "study": study}) for t in study.get("tasks", []) if t in hashes
     }
     cells = {}
     for r in records:
@@ -279,8 +279,8 @@ def pilots_table(path: Path) -> str:
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     tasks = {(r["pilot"], r["task_hash"]): r for r in records if r["type"] == "task"}
     lines = [
-        "| pilot | task | steps × batch | lr | review tokens | LoRA targets | LoRA dropout | checkpointing | test reviews "
-        "| majority | accuracy | train s |",
+        "| pilot | task | steps × batch | lr | review tokens | LoRA targets | LoRA dropout | checkpointing "
+        "| test reviews | majority | accuracy | train s |",
         "|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in records:
@@ -380,14 +380,10 @@ def blocks(config: dict[str, Any], data: dict[str, Any], config_path: str, figur
 
 
 def replace_blocks(text: str, new: dict[str, str]) -> str:
+    """Each block of ``new`` between its ``quality:NAME`` markers (every copy of them), or appended with them."""
     for name, body in new.items():
         begin, end = f"<!-- BEGIN quality:{name} -->", f"<!-- END quality:{name} -->"
-        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-        block = f"{begin}\n{body}{end}"
-        if pattern.search(text):
-            text = pattern.sub(lambda _m: block, text)
-        else:
-            text = text.rstrip("\n") + f"\n\n{block}\n"
+        text = replace_block(text, begin, end, f"{begin}\n{body}{end}", every=True, gap_if_empty=True)
     return text
 
 

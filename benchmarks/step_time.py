@@ -25,7 +25,6 @@ state). All plans share one copy of the base weights.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -34,7 +33,6 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +43,17 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers, also when loaded by path
 from _markdown import write_block  # noqa: E402
-
-ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from step_time_model import (  # noqa: E402
+    ALL_TARGETS,
+    Config,
+    build_model,
+    configure,
+    make_plans,
+    peak_step_bytes,
+    shared_copy,
+    step,
+    sync,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a tiny random Llama: the benchmark's own smoke test (seconds)
@@ -62,194 +69,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                 batch=8, seq_len=1024, dtype="bfloat16", device="cuda", rank=16, repeats=8, warmup=2, cka_samples=128,
                 cka_max_length=256),
 }
-SMOLLM2_SHAPE = dict(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
-
-
-@dataclass
-class Config:
-    """One measured configuration."""
-
-    plan: str
-    layers: list[int]
-    checkpointing: bool
-    mode: str  # "all layers", "stock PEFT", "stock PEFT, input grads off", "loraplan"
-    times: list[float] = field(default_factory=list)
-    #: layers that ran without autograd (loraplan's truncation, as installed when the configuration ran)
-    truncated: list[int] = field(default_factory=list)
-    peak_bytes: float | None = None
-    predicted_time: float | None = None
-    predicted_memory: float | None = None
-    predicted_flops: float | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.plan}|{self.mode}|{'ckpt' if self.checkpointing else 'no-ckpt'}"
-
-
-# -- the model and the plans ----------------------------------------------------------------------------------------
-
-
-def build_model(settings: dict[str, Any]):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    dtype = getattr(torch, settings["dtype"])
-    source = "random init"
-    if settings["model"] == "smollm2":
-        try:
-            from loraplan.assets import smollm2_path
-
-            path = smollm2_path(quiet=True)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            return model, f"SmolLM2-135M-Instruct (real weights, {path})", path
-        except Exception as exc:  # noqa: BLE001 - the shape is what matters for speed; say what was used
-            print(f"step_time: SmolLM2 is not available ({exc}); timing its shape at random init", file=sys.stderr)
-            settings = {**settings, **SMOLLM2_SHAPE}
-            source = "SmolLM2-135M shape, random init"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=settings["hidden"],
-        intermediate_size=settings["intermediate"],
-        num_attention_heads=settings["heads"],
-        num_key_value_heads=settings["kv_heads"],
-        num_hidden_layers=settings["layers"],
-        vocab_size=settings["vocab"],
-        max_position_embeddings=max(2048, settings["seq_len"]),
-        tie_word_embeddings=settings["model"] == "smollm2",
-    )
-    model = LlamaForCausalLM(config).to(dtype)
-    name = {"tiny": "tiny Llama", "tinyllama": "TinyLlama-1.1B shape"}.get(settings["model"], source)
-    return model, f"{name} ({settings['layers']} layers, d={settings['hidden']}, random init)", None
-
-
-def calibration_data(settings: dict[str, Any], model_path: Any, vocab: int):
-    """Real reviews through the real tokenizer when the model is real, else random tokens."""
-    if model_path is not None:
-        from transformers import AutoTokenizer
-
-        from loraplan.assets import fine_foods
-
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        texts = [r["text"] for r in fine_foods("train")[: settings["cka_samples"]]]
-        return texts, tokenizer, "the first {} Fine Foods training reviews".format(len(texts))
-    g = torch.Generator().manual_seed(0)
-    n, length = settings["cka_samples"], settings["cka_max_length"]
-    batches = [
-        {"input_ids": torch.randint(3, vocab, (8, length), generator=g), "attention_mask": torch.ones(8, length, dtype=torch.long)}
-        for _ in range(max(1, n // 8))
-    ]
-    return batches, None, f"{n} random token sequences"
-
-
-def make_plans(model, settings: dict[str, Any], model_path: Any, time_budget: float | None):
-    from loraplan import PlanConfig, make_plan
-
-    data, tokenizer, described = calibration_data(settings, model_path, model.config.vocab_size)
-    common = dict(
-        calibration_samples=settings["cka_samples"], max_length=settings["cka_max_length"], batch_size=8,
-        target_modules=ALL_TARGETS, cost_shape=[settings["batch"], settings["seq_len"]], stability=False,
-    )
-    model.to(settings["device"])
-    plans = {}
-    # the fixed baselines ignore the data: a minimal calibration pass is enough for them
-    fixed = {**common, "calibration_samples": 8, "max_length": 16}
-    for name, selector in (("top half", "top"), ("bottom half", "bottom"), ("every other", "every_other")):
-        plans[name] = make_plan(model, data, PlanConfig(selector=selector, ratio=0.5, **fixed), tokenizer,
-                                lora_rank=settings["rank"], progress=False)
-    plans["CKA"] = make_plan(model, data, PlanConfig(selector="cka", ratio=0.5, **common), tokenizer,
-                             lora_rank=settings["rank"], progress=False)
-    if time_budget is not None:
-        config = PlanConfig(selector="cka", time_budget=time_budget, cost_model="timed", **common)
-        plans[f"CKA, time_budget={time_budget}"] = make_plan(model, data, config, tokenizer, lora_rank=settings["rank"],
-                                                              progress=False)
-    return plans, described
-
-
-def shared_copy(model):
-    """A second module tree over the same parameter and buffer tensors (no extra weight memory)."""
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
-# -- switching a model between configurations -----------------------------------------------------------------------
-
-
-def _checkpointing(model):
-    """``(is_on, enable(non_reentrant), disable)`` under the transformers >= 5.23 names, else under the older
-    ``gradient_checkpointing`` ones (the GPU machine ships transformers 5.17)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        return (lambda: model.is_activation_checkpointing,
-                lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}),
-                model.activation_checkpointing_disable)
-    return (lambda: model.is_gradient_checkpointing,
-            lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}),
-            model.gradient_checkpointing_disable)
-
-
-def configure(peft_model, plan, config: Config) -> None:
-    from loraplan import apply_plan, remove_truncation
-
-    base = peft_model.base_model.model
-    base.disable_input_require_grads()
-    is_on, enable, disable = _checkpointing(base)
-    if config.checkpointing:
-        if not is_on():
-            enable()
-        else:
-            base.enable_input_require_grads()
-    else:
-        if is_on():
-            disable()
-        if config.mode not in ("stock PEFT, input grads off", "all layers"):
-            base.enable_input_require_grads()
-    if config.mode == "loraplan":
-        apply_plan(peft_model, plan)
-    else:
-        remove_truncation(peft_model)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def step(model, optimizer, batch: torch.Tensor) -> None:
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def static_bytes(model, optimizer) -> float:
-    seen: dict[int, int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    for state in optimizer.state.values():
-        for t in state.values():
-            if isinstance(t, torch.Tensor):
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return float(sum(seen.values()))
-
-
-def peak_step_bytes(model, optimizer, batch, device: str) -> float:
-    """Bytes alive at the start of a step plus the peak growth during it."""
-    base = static_bytes(model, optimizer)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(model, optimizer, batch)
-        torch.cuda.synchronize()
-        return base + torch.cuda.max_memory_allocated() - start
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(model, optimizer, batch)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return base + peak
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
@@ -283,22 +102,12 @@ def machine(settings: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 0, log=print) -> dict[str, Any]:
+def lora_models(base, plans: dict[str, Any], settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One PEFT model per plan (and LoRA on every layer), each over the same base weights, and its AdamW."""
     from peft import LoraConfig, get_peft_model
 
-    from loraplan.cost import flop_costs, measure_costs, predict
-    from loraplan.truncate import truncation_of
-
-    device = settings["device"]
-    info = machine(settings)
-    started = time.perf_counter()
-    base, described_model, model_path = build_model(settings)
-    plans, described_data = make_plans(base, settings, model_path, time_budget)
-    base.to(device).train()
-    num_layers = base.config.num_hidden_layers
-    lora = LoraConfig(r=settings["rank"], lora_alpha=2 * settings["rank"], lora_dropout=0.0, target_modules=ALL_TARGETS)
-    log(f"step_time: model {described_model}; plans: " + "; ".join(f"{k} {p.selected_layers}" for k, p in plans.items()))
-
+    lora = LoraConfig(r=settings["rank"], lora_alpha=2 * settings["rank"], lora_dropout=0.0,
+                      target_modules=ALL_TARGETS)
     models: dict[str, Any] = {}
     optimizers: dict[str, Any] = {}
     all_layers = get_peft_model(shared_copy(base), lora)
@@ -306,9 +115,13 @@ def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 
     for name, plan in plans.items():
         models[name] = get_peft_model(shared_copy(base), plan.to_lora_config(lora))
     for name, model in models.items():
-        model.to(device).train()
+        model.to(settings["device"]).train()
         optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return models, optimizers
 
+
+def configurations(plans: dict[str, Any], num_layers: int) -> list[Config]:
+    """Every measured configuration, with and without checkpointing."""
     configs: list[Config] = []
     for checkpointing in (True, False):
         configs.append(Config("all layers", list(range(num_layers)), checkpointing, "all layers"))
@@ -317,10 +130,19 @@ def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 
             if not checkpointing and name == "top half":
                 configs.append(Config(name, plan.selected_layers, checkpointing, "stock PEFT, input grads off"))
             configs.append(Config(name, plan.selected_layers, checkpointing, "loraplan"))
+    return configs
 
-    # the cost model, timed on this device in this process before the steps
-    costs = measure_costs(base, targets=ALL_TARGETS, rank=settings["rank"], batch=settings["batch"], seq_len=settings["seq_len"])
-    flops = flop_costs(base, targets=ALL_TARGETS, rank=settings["rank"], batch=settings["batch"], seq_len=settings["seq_len"])
+
+def predict_ratios(base, configs: list[Config], settings: dict[str, Any]):
+    """The cost model's time and memory ratios to the all-layer row (timed) and its time ratio (FLOPs), set on each
+    configuration; returns the timed costs. Timed on this device in this process, before the steps."""
+    from loraplan.cost import flop_costs, measure_costs, predict
+
+    num_layers = base.config.num_hidden_layers
+    shape = {"targets": ALL_TARGETS, "rank": settings["rank"], "batch": settings["batch"],
+             "seq_len": settings["seq_len"]}
+    costs = measure_costs(base, **shape)
+    flops = flop_costs(base, **shape)
     for config in configs:
         kwargs = dict(checkpointing=config.checkpointing, truncate=config.mode == "loraplan")
         if config.mode != "loraplan":
@@ -331,9 +153,16 @@ def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 
             setattr(config, attr, prediction.time / reference.time)
             if attr == "predicted_time":
                 config.predicted_memory = prediction.memory / reference.memory
+    return costs
 
-    g = torch.Generator().manual_seed(seed)
-    batch = torch.randint(3, base.config.vocab_size, (settings["batch"], settings["seq_len"]), generator=g).to(device)
+
+def time_steps(configs: list[Config], models: dict[str, Any], optimizers: dict[str, Any], plans: dict[str, Any],
+               batch: torch.Tensor, settings: dict[str, Any], seed: int, started: float, log) -> None:
+    """The timed rounds: every configuration once a round, in an order shuffled each round; the warm-up rounds
+    untimed. Each configuration records its step times and the layers that ran without autograd."""
+    from loraplan.truncate import truncation_of
+
+    device = settings["device"]
     order = list(range(len(configs)))
     shuffle = random.Random(seed)
     rounds = settings["warmup"] + settings["repeats"]
@@ -352,16 +181,23 @@ def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 
             if round_index >= settings["warmup"]:
                 config.times.append(time.perf_counter() - t0)
         log(f"step_time: round {round_index + 1}/{rounds} done ({time.perf_counter() - started:.0f} s)")
+
+
+def measure_memory(configs: list[Config], models: dict[str, Any], optimizers: dict[str, Any], plans: dict[str, Any],
+                   batch: torch.Tensor, device: str) -> None:
+    """The peak memory of one more step of each configuration."""
     for config in configs:
         model, optimizer = models[config.plan], optimizers[config.plan]
         configure(model, plans.get(config.plan), config)
         config.peak_bytes = peak_step_bytes(model, optimizer, batch, device)
-    info["load average after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    info["wall time"] = f"{time.perf_counter() - started:.0f} s"
-    settings_out = {
+
+
+def described_settings(settings: dict[str, Any], described_model: str, described_data: str) -> dict[str, str]:
+    """The settings of a run, in words, for the report."""
+    return {
         "model": described_model,
         "dtype": settings["dtype"],
-        "device": device,
+        "device": settings["device"],
         "batch": f"{settings['batch']} x {settings['seq_len']} tokens",
         "LoRA": f"r={settings['rank']}, alpha={2 * settings['rank']}, dropout 0, on {', '.join(ALL_TARGETS)}",
         "step": "forward + backward + AdamW on one batch of random tokens",
@@ -369,9 +205,30 @@ def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 
         "rounds": f"{settings['warmup']} warm-up + {settings['repeats']} timed, configurations shuffled each round",
         "CKA plan": f"ratio 0.5, calibrated on {described_data} (max_length {settings['cka_max_length']})",
     }
+
+
+def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 0, log=print) -> dict[str, Any]:
+    device = settings["device"]
+    info = machine(settings)
+    started = time.perf_counter()
+    base, described_model, model_path = build_model(settings)
+    plans, described_data = make_plans(base, settings, model_path, time_budget)
+    base.to(device).train()
+    log(f"step_time: model {described_model}; plans: "
+        + "; ".join(f"{k} {p.selected_layers}" for k, p in plans.items()))
+    models, optimizers = lora_models(base, plans, settings)
+    configs = configurations(plans, base.config.num_hidden_layers)
+    costs = predict_ratios(base, configs, settings)
+
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.randint(3, base.config.vocab_size, (settings["batch"], settings["seq_len"]), generator=g).to(device)
+    time_steps(configs, models, optimizers, plans, batch, settings, seed, started, log)
+    measure_memory(configs, models, optimizers, plans, batch, device)
+    info["load average after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    info["wall time"] = f"{time.perf_counter() - started:.0f} s"
     return {
         "machine": info,
-        "settings": settings_out,
+        "settings": described_settings(settings, described_model, described_data),
         "plans": {k: p.selected_layers for k, p in plans.items()},
         "budget": {k: p.cost.get("budget", {}).get("summary") for k, p in plans.items() if "budget" in p.cost},
         "cost_model": costs.to_dict(),
