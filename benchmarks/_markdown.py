@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 
 
-def replace_block(text: str, begin: str, end: str, block: str, *, every: bool = False,
-                  gap_if_empty: bool = False) -> str:
+def replace_block(
+    text: str, begin: str, end: str, block: str, *, every: bool = False, gap_if_empty: bool = False
+) -> str:
     """``text`` with the span from ``begin`` through the next ``end`` replaced by ``block`` (which carries its own
     markers), or with ``block`` appended after a blank line when no such span is there.
 

@@ -28,8 +28,9 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def task_hash(config: dict[str, Any], task_name: str) -> str:
     """Changes whenever anything that decides a task's numbers changes."""
-    return digest({"task": config["tasks"][task_name], "data": config.get("data"),
-                   "calibration": config.get("calibration")})
+    return digest(
+        {"task": config["tasks"][task_name], "data": config.get("data"), "calibration": config.get("calibration")}
+    )
 
 
 # -- results file ---------------------------------------------------------------------------------------------------

@@ -176,8 +176,10 @@ def main() -> None:
         order = MODES if round_number % 2 == 0 else MODES[::-1]
         for mode in order:
             times[mode].append(_run(mode, model, stack, data, config, args.device))
-        print(f"round {round_number + 1}/{args.repeats}: " + ", ".join(f"{m} {times[m][-1]:.3f}s" for m in MODES),
-              flush=True)
+        print(
+            f"round {round_number + 1}/{args.repeats}: " + ", ".join(f"{m} {times[m][-1]:.3f}s" for m in MODES),
+            flush=True,
+        )
 
     memory: dict[str, float] = {}
     if args.device.startswith("cuda"):
@@ -194,8 +196,11 @@ def main() -> None:
     result = {
         "model": path,
         "device": args.device,
-        "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                        else platform.processor() or platform.machine()),
+        "device_name": (
+            torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else platform.processor() or platform.machine()
+        ),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,

@@ -79,13 +79,18 @@ def task_context(config: dict[str, Any], task_name: str) -> dict[str, Any]:
         ctx["train_rows"] = classifier_rows(tokenizer, train, tokens)
         ctx["test_rows"] = classifier_rows(tokenizer, test, tokens)
     else:
-        ctx["sft_train"] = [{"prompt": sft_prompt(task, tokenizer, r["text"]), "completion": " " + answer(r["label"])}
-                            for r in train]
+        ctx["sft_train"] = [
+            {"prompt": sft_prompt(task, tokenizer, r["text"]), "completion": " " + answer(r["label"])} for r in train
+        ]
         ctx["sft_test_prompts"] = [sft_prompt(task, tokenizer, r["text"]) for r in test]
     positives = sum(ctx["test_labels"]) / len(test)
-    ctx["facts"] = {"train_examples": len(train), "test_examples": len(test),
-                    "train_positive": sum(r["label"] for r in train) / len(train), "test_positive": positives,
-                    "majority": max(positives, 1 - positives)}
+    ctx["facts"] = {
+        "train_examples": len(train),
+        "test_examples": len(test),
+        "train_positive": sum(r["label"] for r in train) / len(train),
+        "test_positive": positives,
+        "majority": max(positives, 1 - positives),
+    }
     return ctx
 
 
@@ -93,37 +98,27 @@ def plan_seeds(method: dict[str, Any], seeds: list[int]) -> list[int | None]:
     return list(seeds) if method.get("plan_seed_from_run") else [None]
 
 
-def run_task(config: dict[str, Any], task_name: str, results: Results, seeds: list[int],
-             methods: list[dict[str, Any]]) -> None:
-    from loraplan import LoraPlan
-
+def run_task(
+    config: dict[str, Any], task_name: str, results: Results, seeds: list[int], methods: list[dict[str, Any]]
+) -> None:
     task = config["tasks"][task_name]
     th = task_hash(config, task_name)
     ctx = task_context(config, task_name)
-    if not results.find(type="task", task=task_name, task_hash=th):
-        results.add({"type": "task", "task": task_name, "task_hash": th, "model": task["model"], "kind": task["kind"],
-                     "settings": task, "data": config.get("data"), "calibration": config.get("calibration"),
-                     **ctx["facts"], "environment": environment()})
+    _record_task(config, task_name, th, ctx, results)
     print(f"== {task_name}: {ctx['facts']}", flush=True)
 
-    def stored_plan(method: dict[str, Any], plan_seed: int | None) -> Any:
-        found = results.find(type="plan", task=task_name, task_hash=th, method=method["name"], plan_seed=plan_seed,
-                             method_hash=digest(method))
-        return LoraPlan.from_dict(found["plan"]) if found else None
-
     def record_plan(method: dict[str, Any], plan_seed: int | None, plan: Any, seconds: float | None) -> None:
-        results.add({"type": "plan", "task": task_name, "task_hash": th, "method": method["name"],
-                     "method_hash": digest(method), "plan_seed": plan_seed, "calibration_seconds": seconds,
-                     **plan_summary(plan), "plan": plan.to_dict()})
+        _record_plan(results, task_name, th, method, plan_seed, plan, seconds)
 
     for seed in seeds:  # seed-major: a run cut short still has every configuration at the first seeds
         for method in methods:
-            key = dict(type="run", task=task_name, task_hash=th, method=method["name"], method_hash=digest(method),
-                       seed=seed)
+            key = dict(
+                type="run", task=task_name, task_hash=th, method=method["name"], method_hash=digest(method), seed=seed
+            )
             if results.find(**key):
                 continue
             plan_seed = seed if method.get("plan_seed_from_run") else None
-            plan = stored_plan(method, plan_seed)
+            plan = _stored_plan(results, task_name, th, method, plan_seed)
             started = time.perf_counter()
             if task["kind"] == "classifier":
                 if plan is None:
@@ -136,14 +131,82 @@ def run_task(config: dict[str, Any], task_name: str, results: Results, seeds: li
                     plan = made
                     record_plan(method, plan_seed, plan, seconds)
             result["wall_seconds"] = time.perf_counter() - started
-            result["plan_matches"] = (result["lora_layers"] == plan.selected_layers
-                                      and result["tied_groups"] == plan.share_groups)
-            results.add({**key, "plan_seed": plan_seed, **{k: v for k, v in plan_summary(plan).items()
-                                                             if k != "warnings"}, **result})
-            print(f"   {task_name} {method['name']:<22} seed {seed}: acc {result['accuracy']:.3f}  "
-                  f"lora {result['lora_params']:>8,}  train {result['train_seconds']:5.1f}s  "
-                  f"eval {result['eval_seconds']:4.1f}s  layers {plan.selected_layers} groups {plan.share_groups}",
-                  flush=True)
+            result["plan_matches"] = (
+                result["lora_layers"] == plan.selected_layers and result["tied_groups"] == plan.share_groups
+            )
+            results.add(
+                {
+                    **key,
+                    "plan_seed": plan_seed,
+                    **{k: v for k, v in plan_summary(plan).items() if k != "warnings"},
+                    **result,
+                }
+            )
+            print(
+                f"   {task_name} {method['name']:<22} seed {seed}: acc {result['accuracy']:.3f}  "
+                f"lora {result['lora_params']:>8,}  train {result['train_seconds']:5.1f}s  "
+                f"eval {result['eval_seconds']:4.1f}s  layers {plan.selected_layers} groups {plan.share_groups}",
+                flush=True,
+            )
+
+
+def _record_task(config: dict[str, Any], task_name: str, th: str, ctx: dict[str, Any], results: Results) -> None:
+    """The task's settings and environment, once per task hash."""
+    if results.find(type="task", task=task_name, task_hash=th):
+        return
+    task = config["tasks"][task_name]
+    results.add(
+        {
+            "type": "task",
+            "task": task_name,
+            "task_hash": th,
+            "model": task["model"],
+            "kind": task["kind"],
+            "settings": task,
+            "data": config.get("data"),
+            "calibration": config.get("calibration"),
+            **ctx["facts"],
+            "environment": environment(),
+        }
+    )
+
+
+def _stored_plan(results: Results, task_name: str, th: str, method: dict[str, Any], plan_seed: int | None) -> Any:
+    from loraplan import LoraPlan
+
+    found = results.find(
+        type="plan",
+        task=task_name,
+        task_hash=th,
+        method=method["name"],
+        plan_seed=plan_seed,
+        method_hash=digest(method),
+    )
+    return LoraPlan.from_dict(found["plan"]) if found else None
+
+
+def _record_plan(
+    results: Results,
+    task_name: str,
+    th: str,
+    method: dict[str, Any],
+    plan_seed: int | None,
+    plan: Any,
+    seconds: float | None,
+) -> None:
+    results.add(
+        {
+            "type": "plan",
+            "task": task_name,
+            "task_hash": th,
+            "method": method["name"],
+            "method_hash": digest(method),
+            "plan_seed": plan_seed,
+            "calibration_seconds": seconds,
+            **plan_summary(plan),
+            "plan": plan.to_dict(),
+        }
+    )
 
 
 # -- stability study ------------------------------------------------------------------------------------------------
@@ -177,12 +240,19 @@ def run_stability(config: dict[str, Any], results: Results) -> None:
             model = None
             for chunk in range(subsets):
                 for selector in selectors:
-                    key = dict(type="stability", task=task_name, study_hash=th, seed=seed, subset=chunk,
-                               selector=selector)
+                    key = dict(
+                        type="stability", task=task_name, study_hash=th, seed=seed, subset=chunk, selector=selector
+                    )
                     if results.find(**key):
                         continue
-                    settings = PlanConfig.from_dict({**(config.get("calibration") or {}), "selector": selector,
-                                                     "ratio": 0.5, "target_modules": sorted(lora.target_modules)})
+                    settings = PlanConfig.from_dict(
+                        {
+                            **(config.get("calibration") or {}),
+                            "selector": selector,
+                            "ratio": 0.5,
+                            "target_modules": sorted(lora.target_modules),
+                        }
+                    )
                     if "max_length" not in (config.get("calibration") or {}):
                         settings = settings.replace(max_length=int(task["review_tokens"]) + 32)
                     n = settings.calibration_samples
@@ -191,14 +261,28 @@ def run_stability(config: dict[str, Any], results: Results) -> None:
                     if model is None:
                         model = load_classifier(task, tokenizer, seed)
                     started = time.perf_counter()
-                    plan = make_plan(model, batched(rows, settings.batch_size, tokenizer.pad_token_id), settings,
-                                     tokenizer, lora_rank=lora.r, progress=False)
-                    results.add({**key, "importance": plan.to_dict()["scores"]["importance"], "selected_layers":
-                                 plan.selected_layers, "half_split": plan.stability.get(selector),
-                                 "flagged_layers": sorted(plan.flagged_layers),
-                                 "seconds": time.perf_counter() - started})
-                    print(f"   stability {task_name} seed {seed} subset {chunk} {selector:<10} -> "
-                          f"{plan.selected_layers}", flush=True)
+                    plan = make_plan(
+                        model,
+                        batched(rows, settings.batch_size, tokenizer.pad_token_id),
+                        settings,
+                        tokenizer,
+                        lora_rank=lora.r,
+                        progress=False,
+                    )
+                    results.add(
+                        {
+                            **key,
+                            "importance": plan.to_dict()["scores"]["importance"],
+                            "selected_layers": plan.selected_layers,
+                            "half_split": plan.stability.get(selector),
+                            "flagged_layers": sorted(plan.flagged_layers),
+                            "seconds": time.perf_counter() - started,
+                        }
+                    )
+                    print(
+                        f"   stability {task_name} seed {seed} subset {chunk} {selector:<10} -> {plan.selected_layers}",
+                        flush=True,
+                    )
 
 
 # -- environment ----------------------------------------------------------------------------------------------------
@@ -221,9 +305,16 @@ def environment() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(), "niceness": os.nice(0), **versions}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "niceness": os.nice(0),
+        **versions,
+    }
 
 
 # -- main -----------------------------------------------------------------------------------------------------------
@@ -277,14 +368,27 @@ def main(argv: list[str] | None = None) -> int:
     for task_name, task in config["tasks"].items():
         if wanted is None or task_name in wanted:
             listed = task.get("methods")
-            run_task(config, task_name, results, config["seeds"],
-                     [m for m in methods if listed is None or m["name"] in listed])
+            run_task(
+                config,
+                task_name,
+                results,
+                config["seeds"],
+                [m for m in methods if listed is None or m["name"] in listed],
+            )
     if wanted is None or "stability" in wanted:
         run_stability(config, results)
     elapsed = time.perf_counter() - started
-    results.add({"type": "session", "config_hash": config_hash(config), "argv": sys.argv[1:], "seconds": elapsed,
-                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "niceness": os.nice(0),
-                 "load_average": list(os.getloadavg())})
+    results.add(
+        {
+            "type": "session",
+            "config_hash": config_hash(config),
+            "argv": sys.argv[1:],
+            "seconds": elapsed,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "niceness": os.nice(0),
+            "load_average": list(os.getloadavg()),
+        }
+    )
     print(f"done in {elapsed:.0f} s -> {output}", flush=True)
     return 0
 

@@ -11,8 +11,19 @@ from loraplan.overrides import load_yaml
 TASK_KINDS = ("classifier", "sft")
 MODELS = ("minilm", "smollm2")
 TOP_KEYS = {"output", "seeds", "data", "calibration", "methods", "tasks", "stability", "report"}
-TASK_KEYS = {"model", "kind", "share_threshold", "lora", "training", "review_tokens", "train_examples",
-             "test_examples", "eval_batch_size", "prompt", "methods"}
+TASK_KEYS = {
+    "model",
+    "kind",
+    "share_threshold",
+    "lora",
+    "training",
+    "review_tokens",
+    "train_examples",
+    "test_examples",
+    "eval_batch_size",
+    "prompt",
+    "methods",
+}
 METHOD_KEYS = {"name", "label", "plan", "plan_seed_from_run"}
 
 
@@ -70,8 +81,9 @@ def plan_settings(config: dict[str, Any], task_name: str, method: dict[str, Any]
     plan = dict(method.get("plan") or {})
     if plan.get("share") == "angular" and "share_threshold" not in plan:
         if task.get("share_threshold") is None:
-            raise SystemExit(f"task {task_name!r}: method {method['name']!r} shares (angular) but the task sets no "
-                             "`share_threshold`")
+            raise SystemExit(
+                f"task {task_name!r}: method {method['name']!r} shares (angular) but the task sets no `share_threshold`"
+            )
         plan["share_threshold"] = float(task["share_threshold"])
     if task["kind"] == "sft":
         plan.setdefault("last_token", "reference")  # TRL ends every row with EOS (docs/integrations/trl.md)

@@ -145,12 +145,14 @@ def lora_layout(model: Any) -> dict[str, Any]:
     owners: dict[int, list[int]] = {}
     ranks = set()
     for i in layers:
-        for name, module in by_layer[i].items():
+        for module in by_layer[i].values():
             adapter = next(iter(module.lora_A))
             owners.setdefault(id(module.lora_A[adapter].weight), []).append(i)
             ranks.add(int(module.r[adapter]))
     tied = sorted({tuple(sorted(set(v))) for v in owners.values() if len(set(v)) > 1})
-    return {"lora_layers": layers, "tied_groups": [list(g) for g in tied], "lora_ranks": sorted(ranks),
-            "modules_per_layer": sorted({len(by_layer[i]) for i in layers})}
-
-
+    return {
+        "lora_layers": layers,
+        "tied_groups": [list(g) for g in tied],
+        "lora_ranks": sorted(ranks),
+        "modules_per_layer": sorted({len(by_layer[i]) for i in layers}),
+    }

@@ -8,133 +8,26 @@ from __future__ import annotations
 
 import math
 import statistics
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 from _markdown import replace_block  # benchmarks/_markdown.py; quality.py puts this folder on sys.path
-from _records import config_hash, digest, task_hash
+from quality_summary import (
+    current,
+    groups_text,
+    layers_text,
+    mean_std,
+    pm,
+    stability_rows,
+    task_summary,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 MARKERS = ("environment", "stability")
 
 
-# -- selecting the records of the current config --------------------------------------------------------------------
-
-
-def current(config: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The records that belong to the current config (task and method hashes match), the last of duplicates."""
-    out: dict[str, Any] = {"tasks": {}, "runs": {}, "plans": {}, "stability": [], "sessions": []}
-    hashes = {name: task_hash(config, name) for name in config["tasks"]}
-    methods = {m["name"]: digest(m) for m in config["methods"]}
-    for r in records:
-        kind = r.get("type")
-        if kind == "task" and hashes.get(r["task"]) == r["task_hash"]:
-            out["tasks"][r["task"]] = r
-        elif kind in ("run", "plan") and hashes.get(r["task"]) == r["task_hash"] and methods.get(r["method"]) == r[
-            "method_hash"
-        ]:
-            if kind == "run":
-                out["runs"][(r["task"], r["method"], r["seed"])] = r
-            else:
-                out["plans"][(r["task"], r["method"], r["plan_seed"])] = r
-        elif kind == "session" and r.get("config_hash") == config_hash(config):
-            out["sessions"].append(r)
-    study = config.get("stability") or {}
-    stability_hashes = {
-        digest({"task": hashes[t], "study": study}) for t in study.get("tasks", []) if t in hashes
-    }
-    cells = {}
-    for r in records:
-        if r.get("type") == "stability" and r.get("study_hash") in stability_hashes:
-            cells[(r["task"], r["seed"], r["subset"], r["selector"])] = r
-    out["stability"] = list(cells.values())
-    return out
-
-
-# -- numbers --------------------------------------------------------------------------------------------------------
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
-
-
-def pm(values: list[float], digits: int = 3) -> str:
-    m, s = mean_std(values)
-    if math.isnan(m):
-        return "–"
-    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if not math.isnan(s) else "")
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    from loraplan.similarity import spearman as rho
-
-    keep = [i for i in range(len(a)) if a[i] is not None and b[i] is not None and not (
-        isinstance(a[i], float) and math.isnan(a[i])) and not (isinstance(b[i], float) and math.isnan(b[i]))]
-    return rho([a[i] for i in keep], [b[i] for i in keep])
-
-
-def layers_text(layers: list[int], total: int | None) -> str:
-    if total is not None and layers == list(range(total)):
-        return f"all {total}"
-    spans, start = [], None
-    for i, layer in enumerate(layers):
-        if start is None:
-            start = layer
-        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
-            spans.append(f"{start}" if start == layer else f"{start}–{layer}")
-            start = None
-    return ",".join(spans)
-
-
-def groups_text(groups: list[list[int]]) -> str:
-    return " ".join("{" + layers_text(g, None) + "}" for g in groups) if groups else "–"
-
-
 # -- tables ---------------------------------------------------------------------------------------------------------
-
-
-def task_summary(config: dict[str, Any], data: dict[str, Any], task: str) -> list[dict[str, Any]]:
-    """One row per method: accuracy over seeds, paired difference to all-layer LoRA, params, times, plan."""
-    rows = []
-    seeds = config["seeds"]
-    base = {s: data["runs"].get((task, "all", s)) for s in seeds}
-    listed = config["tasks"][task].get("methods")
-    for method in config["methods"]:
-        if listed is not None and method["name"] not in listed:
-            continue
-        runs = [data["runs"][(task, method["name"], s)] for s in seeds if (task, method["name"], s) in data["runs"]]
-        if not runs:
-            continue
-        acc = [r["accuracy"] for r in runs]
-        diffs = [r["accuracy"] - base[r["seed"]]["accuracy"] for r in runs if base.get(r["seed"])]
-        layers = {tuple(r["selected_layers"]) for r in runs}
-        groups = {tuple(map(tuple, r["share_groups"])) for r in runs}
-        rows.append(
-            {
-                "method": method["name"],
-                "label": method.get("label", method["name"]),
-                "n": len(runs),
-                "accuracy": acc,
-                "diff": diffs if method["name"] != "all" else [],
-                "lora_params": [r["lora_params"] for r in runs],
-                "trainable_params": [r["trainable_params"] for r in runs],
-                "train_seconds": [r["train_seconds"] for r in runs],
-                "train_cpu_seconds": [r.get("train_cpu_seconds") for r in runs],
-                "layers": runs[0]["selected_layers"] if len(layers) == 1 else None,
-                "num_layers": len(runs[0]["selected_layers"]),
-                "groups": runs[0]["share_groups"] if len(groups) == 1 else None,
-                "num_modules": runs[0]["num_modules"],
-                "rank": sorted({r["rank"] for r in runs}),
-                "plan_matches": all(r.get("plan_matches") for r in runs),
-                "runs": runs,
-            }
-        )
-    return rows
 
 
 def results_table(config: dict[str, Any], data: dict[str, Any], task: str) -> str:
@@ -142,8 +35,9 @@ def results_table(config: dict[str, Any], data: dict[str, Any], task: str) -> st
     rows = task_summary(config, data, task)
     if not rows or facts is None:
         return "_no results yet_\n"
-    total = facts.get("num_layers") or next((len(r["layers"]) for r in rows if r["method"] == "all" and r["layers"]),
-                                            None)
+    total = facts.get("num_layers") or next(
+        (len(r["layers"]) for r in rows if r["method"] == "all" and r["layers"]), None
+    )
     all_params = next((r["lora_params"][0] for r in rows if r["method"] == "all"), None)
     lines = [
         f"Test subset: {facts['test_examples']} reviews, majority baseline **{facts['majority']:.3f}**; "
@@ -179,8 +73,10 @@ def plans_table(config: dict[str, Any], data: dict[str, Any], task: str) -> str:
     ]
     found = False
     for method in config["methods"]:
-        for key in sorted((k for k in data["plans"] if k[0] == task and k[1] == method["name"]),
-                          key=lambda k: -1 if k[2] is None else k[2]):
+        for key in sorted(
+            (k for k in data["plans"] if k[0] == task and k[1] == method["name"]),
+            key=lambda k: -1 if k[2] is None else k[2],
+        ):
             found = True
             p = data["plans"][key]
             rho = next(iter(p["stability"].values()), None) if p.get("stability") else None
@@ -192,28 +88,6 @@ def plans_table(config: dict[str, Any], data: dict[str, Any], task: str) -> str:
                 f"{p['rank']} | {'–' if rho is None else f'{rho:.2f}'} | {'–' if secs is None else f'{secs:.1f}'} |"
             )
     return ("\n".join(lines) + "\n") if found else "_no plans yet_\n"
-
-
-def stability_rows(config: dict[str, Any], data: dict[str, Any]) -> list[dict[str, Any]]:
-    study = config.get("stability") or {}
-    out = []
-    for task in study.get("tasks", []):
-        for selector in study.get("selectors", ["cka", "activation", "gradient"]):
-            cells = [c for c in data["stability"] if c["task"] == task and c["selector"] == selector]
-            if len(cells) < 2:
-                continue
-            same, cross, overlap, halves = [], [], [], []
-            for a, b in combinations(cells, 2):
-                rho = spearman(a["importance"], b["importance"])
-                k = len(a["selected_layers"])
-                shared = len(set(a["selected_layers"]) & set(b["selected_layers"])) / k if k else math.nan
-                (same if a["seed"] == b["seed"] else cross).append(rho)
-                overlap.append(shared)
-            halves = [c["half_split"] for c in cells if c.get("half_split") is not None]
-            out.append({"task": task, "selector": selector, "same_seed": same, "cross_seed": cross,
-                        "overlap": overlap, "half_split": halves, "cells": len(cells),
-                        "flagged": sorted({i for c in cells for i in c.get("flagged_layers", [])})})
-    return out
 
 
 def stability_table(config: dict[str, Any], data: dict[str, Any]) -> str:
@@ -288,8 +162,11 @@ def pilots_table(path: Path) -> str:
             continue
         task = tasks[(r["pilot"], r["task_hash"])]
         s, t = task["settings"], task["settings"]["training"]
-        checkpointing = "on (TRL default)" if task["kind"] == "sft" and t.get("gradient_checkpointing") is None else (
-            "off" if task["kind"] == "sft" else "–")
+        checkpointing = (
+            "on (TRL default)"
+            if task["kind"] == "sft" and t.get("gradient_checkpointing") is None
+            else ("off" if task["kind"] == "sft" else "–")
+        )
         lines.append(
             f"| {r['pilot']} | {r['task']} | {t['max_steps']} × {t['per_device_train_batch_size']} | "
             f"{t['learning_rate']:g} | {s['review_tokens']} | {len(s['lora']['target_modules'])} | "
@@ -302,8 +179,20 @@ def pilots_table(path: Path) -> str:
 # -- figures --------------------------------------------------------------------------------------------------------
 
 MARKER_STYLE = ["o", "s", "D", "^", "v", "<", ">", "P", "X", "*", "h", "p"]
-COLOURS = ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f", "#9467bd", "#8c564b", "#d62728", "#e377c2",
-           "#bcbd22", "#17becf", "#aec7e8"]
+COLOURS = [
+    "#000000",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#7f7f7f",
+    "#9467bd",
+    "#8c564b",
+    "#d62728",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+]
 
 
 def figure(config: dict[str, Any], data: dict[str, Any], model: str, path: Path) -> Path | None:
@@ -335,17 +224,34 @@ def figure(config: dict[str, Any], data: dict[str, Any], model: str, path: Path)
             seen[x] = k + 1
             shift = 1.03 ** (k - (same[x] - 1) / 2)  # spread equal-x markers on the log axis (±3 % a step)
             i = index[r["method"]]
-            h = ax.errorbar(x * shift, m, yerr=0 if math.isnan(s) else s, fmt=MARKER_STYLE[i % len(MARKER_STYLE)],
-                            markersize=6, capsize=3, label=r["label"], color=COLOURS[i % len(COLOURS)])
+            h = ax.errorbar(
+                x * shift,
+                m,
+                yerr=0 if math.isnan(s) else s,
+                fmt=MARKER_STYLE[i % len(MARKER_STYLE)],
+                markersize=6,
+                capsize=3,
+                label=r["label"],
+                color=COLOURS[i % len(COLOURS)],
+            )
             handles[r["label"]] = h
         majority = data["tasks"][task]["majority"]
         ax.axhline(majority, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log")
-        ax.annotate("majority class", (0.01, majority), xycoords=("axes fraction", "data"), va="bottom", fontsize=8,
-                    color="grey")
+        ax.annotate(
+            "majority class",
+            (0.01, majority),
+            xycoords=("axes fraction", "data"),
+            va="bottom",
+            fontsize=8,
+            color="grey",
+        )
         kind = config["tasks"][task]["kind"]
-        ax.set_title(f"{task}: {'sequence classifier' if kind == 'classifier' else 'TRL SFT, exact answer'} "
-                     f"({data['tasks'][task]['test_examples']} test reviews)", fontsize=9)
+        ax.set_title(
+            f"{task}: {'sequence classifier' if kind == 'classifier' else 'TRL SFT, exact answer'} "
+            f"({data['tasks'][task]['test_examples']} test reviews)",
+            fontsize=9,
+        )
         ax.set_xlabel("trainable LoRA parameters (log; equal counts spread ±3 %)", fontsize=8)
         short = FuncFormatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k")
         ax.xaxis.set_major_formatter(short)
@@ -354,8 +260,9 @@ def figure(config: dict[str, Any], data: dict[str, Any], model: str, path: Path)
         ax.set_ylabel("test accuracy, mean ± std over seeds")
         ax.grid(alpha=0.3, which="both")
     columns = 4 if len(tasks) == 1 else 6
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(columns, len(handles)), fontsize=8,
-               frameon=False)
+    fig.legend(
+        handles.values(), handles.keys(), loc="lower center", ncol=min(columns, len(handles)), fontsize=8, frameon=False
+    )
     rows_of_legend = math.ceil(len(handles) / columns)
     fig.tight_layout(rect=(0, 0.06 * rows_of_legend + 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,8 +274,9 @@ def figure(config: dict[str, Any], data: dict[str, Any], model: str, path: Path)
 # -- writing --------------------------------------------------------------------------------------------------------
 
 
-def blocks(config: dict[str, Any], data: dict[str, Any], config_path: str, figures: dict[str, Path],
-           doc: Path) -> dict[str, str]:
+def blocks(
+    config: dict[str, Any], data: dict[str, Any], config_path: str, figures: dict[str, Path], doc: Path
+) -> dict[str, str]:
     out = {"environment": environment_block(config, data, config_path), "stability": stability_table(config, data)}
     for task in config["tasks"]:
         out[f"results-{task}"] = results_table(config, data, task)

@@ -24,8 +24,9 @@ def plan_summary(plan: Any) -> dict[str, Any]:
     }
 
 
-def classifier_plan(config: dict[str, Any], task_name: str, method: dict[str, Any], seed: int,
-                    ctx: dict[str, Any]) -> tuple[Any, float]:
+def classifier_plan(
+    config: dict[str, Any], task_name: str, method: dict[str, Any], seed: int, ctx: dict[str, Any]
+) -> tuple[Any, float]:
     """Calibrate on the first ``calibration_samples`` training examples (tokens + labels, for the gradient pass)
     of the classifier whose head is initialised with seed 0 (the plan is reused for every training seed)."""
     from loraplan import PlanConfig, make_plan
@@ -47,9 +48,18 @@ def classifier_plan(config: dict[str, Any], task_name: str, method: dict[str, An
 
 def training_args(task: dict[str, Any], seed: int, output_dir: str, sft: bool = False) -> Any:
     settings = dict(task.get("training") or {})
-    common = dict(output_dir=output_dir, seed=seed, data_seed=seed, use_cpu=True, report_to=[], save_strategy="no",
-                  disable_tqdm=True, logging_steps=settings.pop("logging_steps", 10), bf16=False,
-                  dataloader_num_workers=0)
+    common = dict(
+        output_dir=output_dir,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=settings.pop("logging_steps", 10),
+        bf16=False,
+        dataloader_num_workers=0,
+    )
     common.update(settings)
     if sft:
         from trl import SFTConfig
@@ -102,25 +112,34 @@ def run_classifier(config: dict[str, Any], task_name: str, plan: Any, seed: int,
     train = Dataset.from_list(ctx["train_rows"])
     with tempfile.TemporaryDirectory(prefix="quality-") as out:
         args = training_args(task, seed, out)
-        trainer = Trainer(model=model, args=args, train_dataset=train,
-                          data_collator=DataCollatorWithPadding(tokenizer))
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer))
         started, cpu = time.perf_counter(), time.process_time()
         output = trainer.train()
         train_seconds, train_cpu = time.perf_counter() - started, time.process_time() - cpu
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    accuracy, eval_seconds = evaluate_classifier(model, ctx["test_rows"], int(task.get("eval_batch_size", 32)),
-                                                 tokenizer.pad_token_id)
-    return {"accuracy": accuracy, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu,
-            "eval_seconds": eval_seconds, "steps": trainer.state.global_step, "train_loss": output.training_loss,
-            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            **params, **layout}
+    accuracy, eval_seconds = evaluate_classifier(
+        model, ctx["test_rows"], int(task.get("eval_batch_size", 32)), tokenizer.pad_token_id
+    )
+    return {
+        "accuracy": accuracy,
+        "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu,
+        "eval_seconds": eval_seconds,
+        "steps": trainer.state.global_step,
+        "train_loss": output.training_loss,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        **params,
+        **layout,
+    }
 
 
 # -- training: TRL SFT ----------------------------------------------------------------------------------------------
 
 
-def evaluate_generator(model: Any, tokenizer: Any, prompts: list[str], labels: list[int], batch_size: int
-                       ) -> tuple[float, float, dict[str, int]]:
+def evaluate_generator(
+    model: Any, tokenizer: Any, prompts: list[str], labels: list[int], batch_size: int
+) -> tuple[float, float, dict[str, int]]:
     """Greedy answers to the prompts; correct when the answer, stripped, is exactly "great"/"other"."""
     import torch
 
@@ -135,23 +154,31 @@ def evaluate_generator(model: Any, tokenizer: Any, prompts: list[str], labels: l
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 index = order[start : start + batch_size]
-                enc = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True,
-                                add_special_tokens=False)
-                out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)
+                enc = tokenizer(
+                    [prompts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False
+                )
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=3,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
                 texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
                 for i, text in zip(index, texts):
                     said = text.strip()
-                    answers[said if said in ("great", "other") else "(other text)"] = answers.get(
-                        said if said in ("great", "other") else "(other text)", 0) + 1
+                    answers[said if said in ("great", "other") else "(other text)"] = (
+                        answers.get(said if said in ("great", "other") else "(other text)", 0) + 1
+                    )
                     correct += int(said == answer(labels[i]))
     finally:
         tokenizer.padding_side = side
     return correct / len(prompts), time.perf_counter() - started, answers
 
 
-def run_sft(config: dict[str, Any], task_name: str, method: dict[str, Any], plan: Any, seed: int,
-            ctx: dict[str, Any]) -> tuple[dict, Any, float | None]:
+def run_sft(
+    config: dict[str, Any], task_name: str, method: dict[str, Any], plan: Any, seed: int, ctx: dict[str, Any]
+) -> tuple[dict, Any, float | None]:
     """One TRL SFT run. Without ``plan`` the callback calibrates on TRL's formatted rows (``TRAIN_DATASET``);
     with one it is given the plan (``LoraPlanCallback(plan=...)``). Returns the result, the plan, the seconds the
     trainer's construction took (calibration included) when it calibrated."""
@@ -163,8 +190,9 @@ def run_sft(config: dict[str, Any], task_name: str, method: dict[str, Any], plan
     task = config["tasks"][task_name]
     tokenizer = ctx["tokenizer"]
     if plan is None:
-        callback = LoraPlanCallback(plan_settings(config, task_name, method, seed), calibration_data=TRAIN_DATASET,
-                                    progress=False)
+        callback = LoraPlanCallback(
+            plan_settings(config, task_name, method, seed), calibration_data=TRAIN_DATASET, progress=False
+        )
     else:
         callback = LoraPlanCallback(plan=plan, progress=False)
     train = Dataset.from_list(ctx["sft_train"])
@@ -172,8 +200,14 @@ def run_sft(config: dict[str, Any], task_name: str, method: dict[str, Any], plan
         args = training_args(task, seed, out, sft=True)
         started = time.perf_counter()
         with quiet():
-            trainer = SFTTrainer(model=model_path(task["model"]), args=args, train_dataset=train,
-                                 peft_config=lora_config(task), processing_class=tokenizer, callbacks=[callback])
+            trainer = SFTTrainer(
+                model=model_path(task["model"]),
+                args=args,
+                train_dataset=train,
+                peft_config=lora_config(task),
+                processing_class=tokenizer,
+                callbacks=[callback],
+            )
         init_seconds = time.perf_counter() - started
         model = trainer.model
         layout = lora_layout(model)
@@ -183,10 +217,20 @@ def run_sft(config: dict[str, Any], task_name: str, method: dict[str, Any], plan
         train_seconds, train_cpu = time.perf_counter() - started, time.process_time() - cpu
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     accuracy, eval_seconds, answers = evaluate_generator(
-        model, tokenizer, ctx["sft_test_prompts"], ctx["test_labels"], int(task.get("eval_batch_size", 32)))
-    result = {"accuracy": accuracy, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu,
-              "eval_seconds": eval_seconds,
-              "init_seconds": init_seconds, "steps": trainer.state.global_step, "train_loss": output.training_loss,
-              "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-              "answers": answers, **params, **layout}
+        model, tokenizer, ctx["sft_test_prompts"], ctx["test_labels"], int(task.get("eval_batch_size", 32))
+    )
+    result = {
+        "accuracy": accuracy,
+        "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu,
+        "eval_seconds": eval_seconds,
+        "init_seconds": init_seconds,
+        "steps": trainer.state.global_step,
+        "train_loss": output.training_loss,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "answers": answers,
+        **params,
+        **layout,
+    }
     return result, callback.plan, (init_seconds if plan is None else None)

@@ -57,17 +57,57 @@ from step_time_model import (  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a tiny random Llama: the benchmark's own smoke test (seconds)
-    "smoke": dict(model="tiny", layers=8, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256, batch=2,
-                  seq_len=32, dtype="float32", device="cpu", rank=4, repeats=2, warmup=1, cka_samples=16,
-                  cka_max_length=32),
+    "smoke": dict(
+        model="tiny",
+        layers=8,
+        hidden=64,
+        intermediate=128,
+        heads=4,
+        kv_heads=2,
+        vocab=256,
+        batch=2,
+        seq_len=32,
+        dtype="float32",
+        device="cpu",
+        rank=4,
+        repeats=2,
+        warmup=1,
+        cka_samples=16,
+        cka_max_length=32,
+    ),
     # DESIGN §5 CPU settings: SmolLM2-135M (real weights when installed, else its shape at random init), fp32,
     # batch 4 x 256, r=16 on all seven projections, median of 5
-    "cpu": dict(model="smollm2", batch=4, seq_len=256, dtype="float32", device="cpu", rank=16, repeats=5, warmup=1,
-                cka_samples=128, cka_max_length=256),
+    "cpu": dict(
+        model="smollm2",
+        batch=4,
+        seq_len=256,
+        dtype="float32",
+        device="cpu",
+        rank=16,
+        repeats=5,
+        warmup=1,
+        cka_samples=128,
+        cka_max_length=256,
+    ),
     # DESIGN §5 GPU settings: TinyLlama-1.1B shape at random init, bf16, batch 8 x 1024, r=16, median of 8
-    "gpu": dict(model="tinyllama", layers=22, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000,
-                batch=8, seq_len=1024, dtype="bfloat16", device="cuda", rank=16, repeats=8, warmup=2, cka_samples=128,
-                cka_max_length=256),
+    "gpu": dict(
+        model="tinyllama",
+        layers=22,
+        hidden=2048,
+        intermediate=5632,
+        heads=32,
+        kv_heads=4,
+        vocab=32000,
+        batch=8,
+        seq_len=1024,
+        dtype="bfloat16",
+        device="cuda",
+        rank=16,
+        repeats=8,
+        warmup=2,
+        cka_samples=128,
+        cka_max_length=256,
+    ),
 }
 
 
@@ -106,8 +146,7 @@ def lora_models(base, plans: dict[str, Any], settings: dict[str, Any]) -> tuple[
     """One PEFT model per plan (and LoRA on every layer), each over the same base weights, and its AdamW."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=settings["rank"], lora_alpha=2 * settings["rank"], lora_dropout=0.0,
-                      target_modules=ALL_TARGETS)
+    lora = LoraConfig(r=settings["rank"], lora_alpha=2 * settings["rank"], lora_dropout=0.0, target_modules=ALL_TARGETS)
     models: dict[str, Any] = {}
     optimizers: dict[str, Any] = {}
     all_layers = get_peft_model(shared_copy(base), lora)
@@ -139,8 +178,12 @@ def predict_ratios(base, configs: list[Config], settings: dict[str, Any]):
     from loraplan.cost import flop_costs, measure_costs, predict
 
     num_layers = base.config.num_hidden_layers
-    shape = {"targets": ALL_TARGETS, "rank": settings["rank"], "batch": settings["batch"],
-             "seq_len": settings["seq_len"]}
+    shape = {
+        "targets": ALL_TARGETS,
+        "rank": settings["rank"],
+        "batch": settings["batch"],
+        "seq_len": settings["seq_len"],
+    }
     costs = measure_costs(base, **shape)
     flops = flop_costs(base, **shape)
     for config in configs:
@@ -156,8 +199,17 @@ def predict_ratios(base, configs: list[Config], settings: dict[str, Any]):
     return costs
 
 
-def time_steps(configs: list[Config], models: dict[str, Any], optimizers: dict[str, Any], plans: dict[str, Any],
-               batch: torch.Tensor, settings: dict[str, Any], seed: int, started: float, log) -> None:
+def time_steps(
+    configs: list[Config],
+    models: dict[str, Any],
+    optimizers: dict[str, Any],
+    plans: dict[str, Any],
+    batch: torch.Tensor,
+    settings: dict[str, Any],
+    seed: int,
+    started: float,
+    log,
+) -> None:
     """The timed rounds: every configuration once a round, in an order shuffled each round; the warm-up rounds
     untimed. Each configuration records its step times and the layers that ran without autograd."""
     from loraplan.truncate import truncation_of
@@ -183,8 +235,14 @@ def time_steps(configs: list[Config], models: dict[str, Any], optimizers: dict[s
         log(f"step_time: round {round_index + 1}/{rounds} done ({time.perf_counter() - started:.0f} s)")
 
 
-def measure_memory(configs: list[Config], models: dict[str, Any], optimizers: dict[str, Any], plans: dict[str, Any],
-                   batch: torch.Tensor, device: str) -> None:
+def measure_memory(
+    configs: list[Config],
+    models: dict[str, Any],
+    optimizers: dict[str, Any],
+    plans: dict[str, Any],
+    batch: torch.Tensor,
+    device: str,
+) -> None:
     """The peak memory of one more step of each configuration."""
     for config in configs:
         model, optimizer = models[config.plan], optimizers[config.plan]
@@ -214,8 +272,9 @@ def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 
     base, described_model, model_path = build_model(settings)
     plans, described_data = make_plans(base, settings, model_path, time_budget)
     base.to(device).train()
-    log(f"step_time: model {described_model}; plans: "
-        + "; ".join(f"{k} {p.selected_layers}" for k, p in plans.items()))
+    log(
+        f"step_time: model {described_model}; plans: " + "; ".join(f"{k} {p.selected_layers}" for k, p in plans.items())
+    )
     models, optimizers = lora_models(base, plans, settings)
     configs = configurations(plans, base.config.num_hidden_layers)
     costs = predict_ratios(base, configs, settings)
@@ -281,8 +340,10 @@ def markdown(result: dict[str, Any], preset: str) -> str:
     for name, summary in result["budget"].items():
         lines.append(f"The {name} plan: {summary}.")
     lines.append("")
-    header = ("| plan | layers (lowest) | checkpointing | mode | median step | tokens/s | peak memory | time ratio | "
-              "predicted (timed) | error | predicted (FLOPs) | memory ratio | predicted memory |")
+    header = (
+        "| plan | layers (lowest) | checkpointing | mode | median step | tokens/s | peak memory | time ratio | "
+        "predicted (timed) | error | predicted (FLOPs) | memory ratio | predicted memory |"
+    )
     lines += [header, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(
@@ -306,8 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (median over them)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="also time the plan PlanConfig(selector='cka', time_budget=...) makes")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="also time the plan PlanConfig(selector='cka', time_budget=...) makes",
+    )
     parser.add_argument("--device", default=None, help="override the preset's device")
     parser.add_argument("--json", default=None, help="write the full results (every step time) here")
     parser.add_argument("--write-doc", default=None, help="replace this preset's table in a markdown file")

@@ -81,12 +81,14 @@ def calibration_data(settings: dict[str, Any], model_path: Any, vocab: int):
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         texts = [r["text"] for r in fine_foods("train")[: settings["cka_samples"]]]
-        return texts, tokenizer, "the first {} Fine Foods training reviews".format(len(texts))
+        return texts, tokenizer, f"the first {len(texts)} Fine Foods training reviews"
     g = torch.Generator().manual_seed(0)
     n, length = settings["cka_samples"], settings["cka_max_length"]
     batches = [
-        {"input_ids": torch.randint(3, vocab, (8, length), generator=g),
-         "attention_mask": torch.ones(8, length, dtype=torch.long)}
+        {
+            "input_ids": torch.randint(3, vocab, (8, length), generator=g),
+            "attention_mask": torch.ones(8, length, dtype=torch.long),
+        }
         for _ in range(max(1, n // 8))
     ]
     return batches, None, f"{n} random token sequences"
@@ -97,22 +99,39 @@ def make_plans(model, settings: dict[str, Any], model_path: Any, time_budget: fl
 
     data, tokenizer, described = calibration_data(settings, model_path, model.config.vocab_size)
     common = dict(
-        calibration_samples=settings["cka_samples"], max_length=settings["cka_max_length"], batch_size=8,
-        target_modules=ALL_TARGETS, cost_shape=[settings["batch"], settings["seq_len"]], stability=False,
+        calibration_samples=settings["cka_samples"],
+        max_length=settings["cka_max_length"],
+        batch_size=8,
+        target_modules=ALL_TARGETS,
+        cost_shape=[settings["batch"], settings["seq_len"]],
+        stability=False,
     )
     model.to(settings["device"])
     plans = {}
     # the fixed baselines ignore the data: a minimal calibration pass is enough for them
     fixed = {**common, "calibration_samples": 8, "max_length": 16}
     for name, selector in (("top half", "top"), ("bottom half", "bottom"), ("every other", "every_other")):
-        plans[name] = make_plan(model, data, PlanConfig(selector=selector, ratio=0.5, **fixed), tokenizer,
-                                lora_rank=settings["rank"], progress=False)
-    plans["CKA"] = make_plan(model, data, PlanConfig(selector="cka", ratio=0.5, **common), tokenizer,
-                             lora_rank=settings["rank"], progress=False)
+        plans[name] = make_plan(
+            model,
+            data,
+            PlanConfig(selector=selector, ratio=0.5, **fixed),
+            tokenizer,
+            lora_rank=settings["rank"],
+            progress=False,
+        )
+    plans["CKA"] = make_plan(
+        model,
+        data,
+        PlanConfig(selector="cka", ratio=0.5, **common),
+        tokenizer,
+        lora_rank=settings["rank"],
+        progress=False,
+    )
     if time_budget is not None:
         config = PlanConfig(selector="cka", time_budget=time_budget, cost_model="timed", **common)
-        plans[f"CKA, time_budget={time_budget}"] = make_plan(model, data, config, tokenizer, lora_rank=settings["rank"],
-                                                              progress=False)
+        plans[f"CKA, time_budget={time_budget}"] = make_plan(
+            model, data, config, tokenizer, lora_rank=settings["rank"], progress=False
+        )
     return plans, described
 
 
@@ -129,12 +148,16 @@ def _checkpointing(model):
     """``(is_on, enable(non_reentrant), disable)`` under the transformers >= 5.23 names, else under the older
     ``gradient_checkpointing`` ones (the GPU machine ships transformers 5.17)."""
     if hasattr(model, "activation_checkpointing_enable"):
-        return (lambda: model.is_activation_checkpointing,
-                lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}),
-                model.activation_checkpointing_disable)
-    return (lambda: model.is_gradient_checkpointing,
-            lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}),
-            model.gradient_checkpointing_disable)
+        return (
+            lambda: model.is_activation_checkpointing,
+            lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}),
+            model.activation_checkpointing_disable,
+        )
+    return (
+        lambda: model.is_gradient_checkpointing,
+        lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}),
+        model.gradient_checkpointing_disable,
+    )
 
 
 def configure(peft_model, plan, config: Config) -> None:

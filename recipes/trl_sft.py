@@ -235,8 +235,11 @@ def _truncation(model: Any) -> dict[str, Any] | None:
     from loraplan.truncate import truncation_of
 
     truncation = truncation_of(model)
-    return None if truncation is None else {"active": truncation.active, "layers": truncation.layers,
-                                            "reason": truncation.reason}
+    return (
+        None
+        if truncation is None
+        else {"active": truncation.active, "layers": truncation.layers, "reason": truncation.reason}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

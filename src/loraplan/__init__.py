@@ -15,8 +15,8 @@ from .errors import (
 )
 from .hooks import get_plugin_manager, hookimpl
 from .plan import LoraPlan
-from .truncate import remove_truncation
 from .planner import make_plan
+from .truncate import remove_truncation
 
 __all__ = [
     "CalibrationError",

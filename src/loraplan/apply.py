@@ -5,7 +5,6 @@ stock PEFT reads them and loraplan re-ties them. Where LoRA may sit, and the `Lo
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,6 @@ from .sites import (
     layers_carrying,
     lora_sites,
     reached_sites,
-    show,
     show_all,
     summarise_sites,
 )
@@ -73,7 +71,8 @@ def lora_modules_by_layer(
         found[index] = {
             name: module
             for name, module in layer.named_modules()
-            if isinstance(module, LoraLayer) and (adapters := adapters_of(module))
+            if isinstance(module, LoraLayer)
+            and (adapters := adapters_of(module))
             and (adapter_name is None or adapter_name in adapters)
         }
     return found

@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("model", choices=["smollm2", "minilm", "data"])
     args = parser.parse_args(argv)
     if args.command == "path":
-        found = {"smollm2": lambda: smollm2_path(quiet=True), "minilm": minilm_path, "data": lambda: cache_dir() / "data"}
+        found = {
+            "smollm2": lambda: smollm2_path(quiet=True),
+            "minilm": minilm_path,
+            "data": lambda: cache_dir() / "data",
+        }
         print(found[args.model]())
         return 0
     model = smollm2_path()

@@ -45,23 +45,38 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--cumulative", type=float, default=None, help="cumulative-score threshold mode")
     analyze.add_argument("--share", default=None, help="angular, odd_even, ... (default: no sharing)")
     analyze.add_argument("--share-threshold", type=float, default=defaults.share_threshold)
-    analyze.add_argument("--rank-policy", type=_rank_policy, default=defaults.rank_policy, help="keep, budget or an int")
+    analyze.add_argument(
+        "--rank-policy", type=_rank_policy, default=defaults.rank_policy, help="keep, budget or an int"
+    )
     analyze.add_argument("--rank", type=int, default=8, help="LoRA r the parameter count assumes (default 8)")
     analyze.add_argument("--target-modules", default=None, help="comma-separated LoRA targets (default: all linear)")
     analyze.add_argument("--pooling", default=defaults.pooling, choices=["auto", "last", "first"])
     analyze.add_argument("--last-token", default=defaults.last_token, choices=["mask", "reference"])
     analyze.add_argument("--debiased", action="store_true", help="debiased CKA")
     analyze.add_argument("--seed", type=int, default=defaults.seed)
-    analyze.add_argument("--time-budget", type=float, default=None,
-                         help="step-time budget, a fraction of LoRA on every layer (e.g. 0.6)")
-    analyze.add_argument("--param-budget", type=float, default=None,
-                         help="trainable-parameter budget, a fraction of LoRA on every layer")
-    analyze.add_argument("--cost-model", default=defaults.cost_model, choices=["flops", "timed"],
-                         help="price layers by FLOP counts (default) or by timing layer 0 on the device")
-    analyze.add_argument("--no-checkpointing", action="store_true",
-                         help="the training run does not checkpoint activations (what --time-budget assumes)")
-    analyze.add_argument("--cost-shape", default=None, metavar="BATCHxLENGTH",
-                         help="training step shape for the cost model, e.g. 8x1024 (default: --batch-size x --max-length)")
+    analyze.add_argument(
+        "--time-budget", type=float, default=None, help="step-time budget, a fraction of LoRA on every layer (e.g. 0.6)"
+    )
+    analyze.add_argument(
+        "--param-budget", type=float, default=None, help="trainable-parameter budget, a fraction of LoRA on every layer"
+    )
+    analyze.add_argument(
+        "--cost-model",
+        default=defaults.cost_model,
+        choices=["flops", "timed"],
+        help="price layers by FLOP counts (default) or by timing layer 0 on the device",
+    )
+    analyze.add_argument(
+        "--no-checkpointing",
+        action="store_true",
+        help="the training run does not checkpoint activations (what --time-budget assumes)",
+    )
+    analyze.add_argument(
+        "--cost-shape",
+        default=None,
+        metavar="BATCHxLENGTH",
+        help="training step shape for the cost model, e.g. 8x1024 (default: --batch-size x --max-length)",
+    )
     analyze.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     analyze.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     analyze.add_argument("--out", default="plan.json", help="where to write the plan (default: plan.json)")

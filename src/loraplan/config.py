@@ -114,13 +114,20 @@ class PlanConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # One check per setting, in field order, each naming its key and the fix: ~85 lines on purpose, since split
+        # up the checks of one setting would no longer sit side by side with the others.
         _check_str("selector", self.selector, "a selector name such as 'cka' or 'activation'")
         _check_number("ratio", self.ratio, 0.0, 1.0, low_open=True, fix="e.g. ratio=0.5 keeps half the layers")
         if self.count is not None:
             _check_int("count", self.count, 1, "an explicit number of layers to keep, at least 1")
         if self.cumulative is not None:
             _check_number(
-                "cumulative", self.cumulative, 0.0, 1.0, low_open=True, fix="e.g. cumulative=0.9 keeps 90 % of the score"
+                "cumulative",
+                self.cumulative,
+                0.0,
+                1.0,
+                low_open=True,
+                fix="e.g. cumulative=0.9 keeps 90 % of the score",
             )
         if self.share is not None:
             _check_str("share", self.share, "a sharer name such as 'angular', or None for no sharing")
@@ -145,7 +152,9 @@ class PlanConfig:
                     "Pass e.g. ['q_proj', 'v_proj'], or leave it unset to use the LoRA config's targets."
                 )
             if not self.target_modules:
-                raise ConfigError("`target_modules` must name at least one module, got []. Name e.g. ['q_proj'], or leave it unset.")
+                raise ConfigError(
+                    "`target_modules` must name at least one module, got []. Name e.g. ['q_proj'], or leave it unset."
+                )
             self.target_modules = list(self.target_modules)
         _check_str("text_field", self.text_field, "the name of the text column, e.g. 'text'")
         _check_choice("pooling", self.pooling, POOLINGS)
@@ -155,12 +164,20 @@ class PlanConfig:
                 raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
         if self.time_budget is not None:
             _check_number(
-                "time_budget", self.time_budget, 0.0, 1.0, low_open=True,
+                "time_budget",
+                self.time_budget,
+                0.0,
+                1.0,
+                low_open=True,
                 fix="a fraction of the step time of LoRA on every layer, e.g. time_budget=0.6",
             )
         if self.param_budget is not None:
             _check_number(
-                "param_budget", self.param_budget, 0.0, 1.0, low_open=True,
+                "param_budget",
+                self.param_budget,
+                0.0,
+                1.0,
+                low_open=True,
                 fix="a fraction of the trainable parameters of LoRA on every layer, e.g. param_budget=0.5",
             )
         if self.cumulative is not None and (self.time_budget is not None or self.param_budget is not None):
@@ -240,9 +257,7 @@ def _check_int(name: str, value: Any, low: int, what: str) -> None:
         raise ConfigError(f"`{name}` must be {what} (an integer >= {low}), got {value!r}.")
 
 
-def _check_number(
-    name: str, value: Any, low: float, high: float, *, low_open: bool = False, fix: str = ""
-) -> None:
+def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, fix: str = "") -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and value <= high

@@ -60,7 +60,9 @@ def calibration_diagnostics(stats: CalibrationStats) -> tuple[dict[str, Any], li
     return {"max_sample_variance_share": shares, "distinct_vectors": distinct}, warnings
 
 
-def stability(strategy: Registered, stats: CalibrationStats, config: PlanConfig, num_layers: int, k: int) -> float | None:
+def stability(
+    strategy: Registered, stats: CalibrationStats, config: PlanConfig, num_layers: int, k: int
+) -> float | None:
     """Spearman correlation of the selector's importance on two disjoint halves of the batches (``None`` when it
     cannot be told)."""
     if not strategy.strategy.data_dependent or not config.stability:

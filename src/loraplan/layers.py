@@ -145,10 +145,7 @@ def other_text_stacks(model: nn.Module, path: str) -> list[tuple[str, nn.ModuleL
     return [
         (name, blocks)
         for name, blocks in block_stacks(model)
-        if name != path
-        and is_text_stack(name)
-        and not name.startswith(path + ".")
-        and not path.startswith(name + ".")
+        if name != path and is_text_stack(name) and not name.startswith(path + ".") and not path.startswith(name + ".")
     ]
 
 
@@ -211,7 +208,10 @@ def stack_at(model: nn.Module, path: str) -> LayerStack:
         )
     backbone = _backbone_for(base, path)
     return LayerStack(
-        layers=layers, path=path, backbone=backbone, pooling=_pooling_for(base, backbone),
+        layers=layers,
+        path=path,
+        backbone=backbone,
+        pooling=_pooling_for(base, backbone),
         ambiguous=_name_is_shared(base, path),
     )
 
@@ -260,9 +260,7 @@ def target_modules_of(layer: nn.Module, targets: list[str] | None) -> dict[str, 
     if targets is None:
         return modules
     return {
-        name: module
-        for name, module in modules.items()
-        if any(name == t or name.endswith("." + t) for t in targets)
+        name: module for name, module in modules.items() if any(name == t or name.endswith("." + t) for t in targets)
     }
 
 
@@ -283,6 +281,11 @@ def features(module: nn.Module) -> tuple[int, int]:
     return int(inner.weight.shape[0]), int(inner.weight.shape[1])
 
 
+def target_shapes(layer: nn.Module, targets: list[str] | None) -> dict[str, tuple[int, int]]:
+    """(in, out) of each module of one block that LoRA targets, by name (sorted)."""
+    return {name: features(module) for name, module in sorted(target_modules_of(layer, targets).items())}
+
+
 def text_config(model: nn.Module) -> Any:
     """The text part of a transformers model's config (the config itself for text-only models), or ``None``."""
     config = getattr(unwrap(model), "config", None)
@@ -293,7 +296,9 @@ def text_config(model: nn.Module) -> Any:
 
 def hidden_size(config: Any) -> int | None:
     """The hidden size a transformers (text) config declares, under any of its names."""
-    return next((v for k in ("hidden_size", "n_embd", "d_model") if isinstance(v := getattr(config, k, None), int)), None)
+    return next(
+        (v for k in ("hidden_size", "n_embd", "d_model") if isinstance(v := getattr(config, k, None), int)), None
+    )
 
 
 @overload

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .errors import ConfigError, PlanMismatchError
-from .layers import other_text_stacks, unwrap
+from .layers import LayerStack, linear_modules, other_text_stacks, target_modules_of, unwrap
 from .sites import (
     MODULE,
     PARAMETER,
@@ -34,7 +34,14 @@ if TYPE_CHECKING:
 
     from .plan import LoraPlan
 
-__all__ = ["expected_sites", "plan_lora_config", "planned_config", "refuse_other_stacks", "stack_exclusion"]
+__all__ = [
+    "expected_sites",
+    "other_stacks_reached",
+    "plan_lora_config",
+    "planned_config",
+    "refuse_other_stacks",
+    "stack_exclusion",
+]
 
 # -- the LoraConfig of a plan -------------------------------------------------------------------------------------
 
@@ -142,6 +149,21 @@ def refuse_other_stacks(reached: dict[str, list[str]], planned: str, model_class
     )
 
 
+def other_stacks_reached(base: nn.Module, stack: LayerStack, targets: list[str] | None) -> list[dict[str, Any]]:
+    """Other text layer stacks (the other half of an encoder-decoder model): refused when the LoRA targets reach
+    them, else recorded in the plan so that a LoraConfig reaching them later is refused too."""
+    found = []
+    reached: dict[str, list[str]] = {}
+    for path, blocks in other_text_stacks(base, stack.path):
+        modules = sorted(linear_modules(blocks[0]))
+        found.append({"path": path, "num_layers": len(blocks), "modules": modules})
+        reached[path] = [
+            f"{path}.{i}.{name}" for i, block in enumerate(blocks) for name in target_modules_of(block, targets)
+        ]
+    refuse_other_stacks(reached, stack.path, type(base).__name__)
+    return found
+
+
 def _planned_parameters(plan: LoraPlan, base: LoraConfig, model: nn.Module | None) -> list[str] | None:
     if not base.target_parameters:
         return None
@@ -223,7 +245,8 @@ def planned_config(
     if model is None:
         refuse_other_stacks(
             {p: _reached_by_name(base, names, model_type) for p, names in _other_stack_candidates(plan)},
-            path, plan.model_fingerprint.get("class"),
+            path,
+            plan.model_fingerprint.get("class"),
         )
         return config, None
     wanted = expected_sites(model, plan, base)

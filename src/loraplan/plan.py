@@ -244,9 +244,10 @@ class LoraPlan:
             want = self.model_fingerprint.get(key)
             if want is not None and current.get(key) is not None and want != current[key]:
                 problems.append(f"{key}: plan {want!r}, model {current[key]!r}")
+        made_for = self.model_fingerprint
         if problems:
             raise PlanMismatchError(
-                f"the plan (made for {self.model_fingerprint.get('class')}, {self.model_fingerprint.get('num_layers')} layers) does not fit "
+                f"the plan (made for {made_for.get('class')}, {made_for.get('num_layers')} layers) does not fit "
                 f"this {current['class']}: " + "; ".join(problems) + ". Recompute the plan for this model, or "
                 "load the plan that belongs to it."
             )
@@ -321,7 +322,9 @@ class LoraPlan:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise PlanMismatchError(f"{p} is not a loraplan plan: invalid JSON ({exc.msg}, line {exc.lineno}).") from exc
+            raise PlanMismatchError(
+                f"{p} is not a loraplan plan: invalid JSON ({exc.msg}, line {exc.lineno})."
+            ) from exc
         if not isinstance(data, dict):
             raise PlanMismatchError(f"{p} is not a loraplan plan: expected a JSON object.")
         plan = cls.from_dict(data)
@@ -333,8 +336,9 @@ class LoraPlan:
 
 
 def _renamed(old: str, new: str) -> None:
-    warnings.warn(f"LoraPlan.{old} is now LoraPlan.{new} (the plan file keeps the key {old!r})", DeprecationWarning,
-                  stacklevel=3)
+    warnings.warn(
+        f"LoraPlan.{old} is now LoraPlan.{new} (the plan file keeps the key {old!r})", DeprecationWarning, stacklevel=3
+    )
 
 
 def _ints(values: Any) -> list[int]:
@@ -345,13 +349,20 @@ def _ints(values: Any) -> list[int]:
 _JSON: dict[str, tuple[str, Any, Any]] = {
     "num_layers": ("num_layers", None, int),
     "selected_layers": ("selected_layers", list, _ints),
-    "share_groups": ("share_groups", lambda groups: [list(g) for g in groups], lambda groups: [_ints(g) for g in groups]),
+    "share_groups": (
+        "share_groups",
+        lambda groups: [list(g) for g in groups],
+        lambda groups: [_ints(g) for g in groups],
+    ),
     "scores": ("scores", None, lambda scores: {k: _nan(v) for k, v in scores.items()}),
     "similarity": ("similarity", None, lambda rows: [_nan(row) for row in rows] or None),
     "model_fingerprint": ("model", None, None),
     "stack": ("layers", None, None),
-    "flagged_layers": ("flagged_layers", lambda flagged: {str(k): v for k, v in sorted(flagged.items())},
-                       lambda flagged: {int(k): v for k, v in flagged.items()}),
+    "flagged_layers": (
+        "flagged_layers",
+        lambda flagged: {str(k): v for k, v in sorted(flagged.items())},
+        lambda flagged: {int(k): v for k, v in flagged.items()},
+    ),
     "stability": ("stability", None, lambda values: {k: (math.nan if v is None else v) for k, v in values.items()}),
     "warnings": ("warnings", None, list),
     "notes": ("notes", None, list),

@@ -14,18 +14,8 @@ from .data import CalibrationBatches, prepare_batches
 from .diagnostics import calibration_diagnostics, flag_reasons, stability
 from .errors import CalibrationError, ConfigError, PluginError
 from .hooks.manager import Registered, call_hook, get_plugin_manager, lookup, selectors, sharers
-from .layers import (
-    LayerStack,
-    features,
-    find_layers,
-    linear_modules,
-    other_text_stacks,
-    parameter_device,
-    parameter_dtype,
-    target_modules_of,
-    unwrap,
-)
-from .layout import refuse_other_stacks
+from .layers import LayerStack, find_layers, parameter_device, parameter_dtype, target_shapes, unwrap
+from .layout import other_stacks_reached
 from .plan import LoraPlan, fingerprint
 from .strategies import SelectionContext, SharingContext, check_groups, check_scores, cumulative_pick
 
@@ -39,6 +29,7 @@ __all__ = ["Strategies", "make_plan", "resolve_targets", "strategies_for", "vers
 
 #: the LoRA rank the cost model assumes when neither the model nor the caller says
 DEFAULT_COST_RANK = 8
+
 
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
@@ -85,9 +76,7 @@ def _base_rank(model: nn.Module, lora_rank: int | None) -> int | None:
     return None
 
 
-def _selection(
-    strategy: Registered, ctx: SelectionContext, importance: list[float], config: PlanConfig
-) -> list[int]:
+def _selection(strategy: Registered, ctx: SelectionContext, importance: list[float], config: PlanConfig) -> list[int]:
     if config.cumulative is not None:
         if not strategy.strategy.data_dependent:
             raise ConfigError(
@@ -104,31 +93,15 @@ def _selection(
     try:
         chosen = sorted({int(i) for i in chosen})
     except (TypeError, ValueError) as exc:
-        raise PluginError(f"plugin {strategy.plugin!r}: selector {strategy.name!r} chose {chosen!r}, not layer indices.") from exc
+        raise PluginError(
+            f"plugin {strategy.plugin!r}: selector {strategy.name!r} chose {chosen!r}, not layer indices."
+        ) from exc
     if any(i < 0 or i >= ctx.num_layers for i in chosen):
         raise PluginError(
-            f"plugin {strategy.plugin!r}: selector {strategy.name!r} chose layers {chosen} outside 0..{ctx.num_layers - 1}."
+            f"plugin {strategy.plugin!r}: selector {strategy.name!r} chose layers {chosen} outside "
+            f"0..{ctx.num_layers - 1}."
         )
     return chosen
-
-
-
-def _module_shapes(stack: LayerStack, targets: list[str] | None) -> dict[str, list[int]]:
-    shapes = {name: list(features(module)) for name, module in target_modules_of(stack.layers[0], targets).items()}
-    return dict(sorted(shapes.items()))
-
-
-def _other_stacks(base: nn.Module, stack: LayerStack, targets: list[str] | None) -> list[dict[str, Any]]:
-    """Other text layer stacks (the other half of an encoder-decoder model): refused when the LoRA targets reach
-    them, else recorded in the plan so that a LoraConfig reaching them later is refused too."""
-    found = []
-    reached: dict[str, list[str]] = {}
-    for path, blocks in other_text_stacks(base, stack.path):
-        modules = sorted(linear_modules(blocks[0]))
-        found.append({"path": path, "num_layers": len(blocks), "modules": modules})
-        reached[path] = [f"{path}.{i}.{name}" for i, block in enumerate(blocks) for name in target_modules_of(block, targets)]
-    refuse_other_stacks(reached, stack.path, type(base).__name__)
-    return found
 
 
 def _costs(
@@ -139,15 +112,19 @@ def _costs(
     batch, seq_len = config.step_shape()
     try:
         costs = costs_for(
-            model, source=config.cost_model, targets=targets, rank=base_rank or DEFAULT_COST_RANK, batch=batch,
-            seq_len=seq_len, stack=stack,
+            model,
+            source=config.cost_model,
+            targets=targets,
+            rank=base_rank or DEFAULT_COST_RANK,
+            batch=batch,
+            seq_len=seq_len,
+            stack=stack,
         )
     except ConfigError as exc:
         if config.time_budget is not None or config.param_budget is not None or config.cost_model == "timed":
             raise
         return None, str(exc)
     return costs, None
-
 
 
 @dataclass(frozen=True)
@@ -221,7 +198,7 @@ def make_plan(
     stack = find_layers(base, pm)
     k = config.layer_count(stack.num_layers)  # a bad count is refused before the calibration pass
     targets = resolve_targets(model, config)
-    other_stacks = _other_stacks(base, stack, targets)
+    other_stacks = other_stacks_reached(base, stack, targets)
     warnings: list[str] = []
     batches = _calibration_batches(calibration_data, config, tokenizer, base, chosen, warnings)
     stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
@@ -247,7 +224,7 @@ def make_plan(
             "pattern": stack.pattern,
             "ambiguous": stack.ambiguous,
             "target_modules": sorted({name.rsplit(".", 1)[-1] for name in stats.target_names[0]}),
-            "module_shapes": _module_shapes(stack, targets),
+            "module_shapes": {name: list(io) for name, io in target_shapes(stack.layers[0], targets).items()},
             "targets_from": "config" if config.target_modules else ("peft" if targets else "all-linear"),
             "other_stacks": other_stacks,
         },
@@ -275,7 +252,8 @@ def _calibration_batches(
         )
     if batches.num_samples < config.calibration_samples:
         warnings.append(
-            f"only {batches.num_samples} calibration samples were available; {config.calibration_samples} were asked for."
+            f"only {batches.num_samples} calibration samples were available; {config.calibration_samples} were "
+            "asked for."
         )
     return batches
 
@@ -328,20 +306,27 @@ def _select(
 
 
 def _share(
-    sharer: Registered | None, stats: CalibrationStats, config: PlanConfig, num_layers: int, selected: list[int],
+    sharer: Registered | None,
+    stats: CalibrationStats,
+    config: PlanConfig,
+    num_layers: int,
+    selected: list[int],
     warnings: list[str],
 ) -> _Sharing:
     """The sharer's groups among the selected layers (none without a sharer)."""
     if sharer is None:
         return _Sharing([], None, {})
-    result = check_groups(sharer, sharer.call("share", SharingContext(stats, config, num_layers, list(selected))), selected)
+    result = check_groups(
+        sharer, sharer.call("share", SharingContext(stats, config, num_layers, list(selected))), selected
+    )
     if not result.groups:
         best = None
         if result.similarity is not None and len(selected) > 1:
             best = max(result.similarity[i][j] for i in selected for j in selected if j > i)
         warnings.append(
             f"`share_threshold` {config.share_threshold} formed no share group among the {len(selected)} "
-            "selected layers" + (f" (highest similarity between them: {best:.4f})" if best is not None else "")
+            "selected layers"
+            + (f" (highest similarity between them: {best:.4f})" if best is not None else "")
             + "; no layers share. Lower share_threshold to form groups."
         )
     return _Sharing(result.groups, result.similarity, dict(result.scores))
@@ -367,8 +352,14 @@ def _calibration_record(
 
 
 def _finish(
-    plan: LoraPlan, pm: pluggy.PluginManager, base: nn.Module, stats: CalibrationStats, base_rank: int | None,
-    costs: LayerCosts | None, cost_problem: str | None, budget: dict[str, Any] | None,
+    plan: LoraPlan,
+    pm: pluggy.PluginManager,
+    base: nn.Module,
+    stats: CalibrationStats,
+    base_rank: int | None,
+    costs: LayerCosts | None,
+    cost_problem: str | None,
+    budget: dict[str, Any] | None,
 ) -> LoraPlan:
     """Let plugins adjust the plan, then resolve its rank and price it (both depend on the final selection and
     groups), make it equal to its saved form, log it and hand it to the final hook."""
@@ -383,7 +374,9 @@ def _finish(
         if budget is not None:
             plan.cost["budget"] = budget
         if base_rank is None:
-            plan.cost["notes"].append(f"the LoRA rank was not known when planning; the cost model assumed r={costs.rank}")
+            plan.cost["notes"].append(
+                f"the LoRA rank was not known when planning; the cost model assumed r={costs.rank}"
+            )
     else:
         plan.cost = {"unavailable": cost_problem}
         plan.warnings.append(f"no cost model: {cost_problem}")

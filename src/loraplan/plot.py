@@ -34,7 +34,10 @@ def plot_plan(plan: LoraPlan, path: str | Path) -> Path:
     ax.bar(range(plan.num_layers), [0.0 if math.isnan(v) else v for v in values], color=colours)
     ax.set_xlabel("layer")
     ax.set_ylabel(primary)
-    ax.set_title(f"{plan.model_fingerprint.get('class')}: {plan.selector} selects {len(plan.selected_layers)}/{plan.num_layers} (orange)")
+    ax.set_title(
+        f"{plan.model_fingerprint.get('class')}: {plan.selector} selects "
+        f"{len(plan.selected_layers)}/{plan.num_layers} (orange)"
+    )
     finite = [v for v in values if not math.isnan(v)]
     if finite and primary == "cka":
         low, high = min(finite), max(finite)

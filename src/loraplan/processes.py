@@ -74,8 +74,13 @@ def _raise_from_payload(payload: tuple[str, str, str]) -> None:
     raise LoraPlanError(f"rank 0 failed with {name}: {message}")
 
 
-def from_main(fn: Callable[[], T], *, every_rank: bool = False, encode: Callable[[T], Any] | None = None,
-              decode: Callable[[Any], T] | None = None) -> T:
+def from_main(
+    fn: Callable[[], T],
+    *,
+    every_rank: bool = False,
+    encode: Callable[[T], Any] | None = None,
+    decode: Callable[[Any], T] | None = None,
+) -> T:
     """Run ``fn`` on rank 0 (or on every rank with ``every_rank``) and return rank 0's result on every rank.
 
     An exception on rank 0 is broadcast and raised on every rank (as the same loraplan error class, or as

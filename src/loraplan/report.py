@@ -125,9 +125,10 @@ def format_cost(plan: LoraPlan) -> list[str]:
         candidates = [c for c in budget.get("candidates", []) if c.get("fits")]
         if candidates:
             best = sorted(candidates, key=lambda c: (-c["importance"], c["time"]))[:5]
-            lines.append("  best cuts (lowest layer: layers that fit, importance, predicted step time): " + "; ".join(
-                f"{c['lowest']}: {c['count']}, {c['importance']:.4g}, {c['time']:.2f}x" for c in best
-            ))
+            lines.append(
+                "  best cuts (lowest layer: layers that fit, importance, predicted step time): "
+                + "; ".join(f"{c['lowest']}: {c['count']}, {c['importance']:.4g}, {c['time']:.2f}x" for c in best)
+            )
     for note in cost.get("notes", []):
         lines.append(f"  note: {note}")
     truncation = [n for n in plan.notes if n.startswith(NOTE_PREFIX)]

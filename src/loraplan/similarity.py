@@ -6,7 +6,7 @@ Everything is computed in float64 whatever the input dtype.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

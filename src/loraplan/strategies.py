@@ -36,6 +36,7 @@ __all__ = [
     "top_k",
 ]
 
+
 @dataclass
 class SelectionContext:
     """What a selector sees."""
@@ -156,8 +157,9 @@ def check_scores(strategy: Registered, scores: Any, num_layers: int) -> list[flo
     for key, values in scores.items():
         if not isinstance(values, (list, tuple)) or len(values) != num_layers:
             raise PluginError(
-                f"plugin {strategy.plugin!r}: selector {strategy.name!r} returned {len(values) if hasattr(values, '__len__') else values!r} "
-                f"values for score {key!r}; expected one per layer ({num_layers})."
+                f"plugin {strategy.plugin!r}: selector {strategy.name!r} returned "
+                f"{len(values) if hasattr(values, '__len__') else values!r} values for score {key!r}; expected one per "
+                f"layer ({num_layers})."
             )
     return [float(v) if v is not None else math.nan for v in scores["importance"]]
 

@@ -36,7 +36,7 @@ from torch import nn
 from .layers import LayerStack, find_layers, stack_at, unwrap
 
 if TYPE_CHECKING:
-    from .plan import LoraPlan
+    pass
 
 logger = logging.getLogger("loraplan")
 
@@ -183,7 +183,9 @@ def _below_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 "loraplan: backward truncation does not apply to this forward pass: %s, so layers below the lowest "
                 "adapted layer %d run with autograd, as with stock PEFT (exact, but slower). Make nothing below "
                 "layer %d trainable, or turn truncation off with apply_plan(..., truncate_backward=False).",
-                reason, state.shared.lowest, state.shared.lowest,
+                reason,
+                state.shared.lowest,
+                state.shared.lowest,
             )
         return None
     previous = _MISSING
@@ -219,7 +221,10 @@ def is_torch_checkpoint(fn: Any) -> bool:
 
     if fn is tuc.checkpoint:
         return True
-    return getattr(fn, "__name__", "") == "checkpoint_func" and getattr(fn, "__module__", "") == "transformers.modeling_utils"
+    return (
+        getattr(fn, "__name__", "") == "checkpoint_func"
+        and getattr(fn, "__module__", "") == "transformers.modeling_utils"
+    )
 
 
 def is_non_reentrant(fn: Any) -> bool:
@@ -354,7 +359,8 @@ def truncation_of(model: nn.Module) -> Truncation | None:
 def disable_truncation(model: nn.Module, lowest: int, stack: LayerStack | None = None) -> Truncation:
     """Remove any truncation and record that it was turned off on purpose (what :func:`truncation_of` returns)."""
     remove_truncation(model, stack)
-    result = Truncation(lowest, False, "turned off (truncate_backward=False); every layer is back-propagated as with "
-                                       "stock PEFT")
+    result = Truncation(
+        lowest, False, "turned off (truncate_backward=False); every layer is back-propagated as with stock PEFT"
+    )
     unwrap(model).__dict__[MODEL_RESULT] = result
     return result

@@ -58,9 +58,7 @@ def calibrate(
             + (f" for target_modules={targets}" if targets else "")
             + ". Set `target_modules` to names of linear modules inside the layers (e.g. ['q_proj', 'v_proj'])."
         )
-    tokens = torch.tensor(
-        [float(m.sum()) for b in data.batches for m in b["attention_mask"]], dtype=torch.float64
-    )
+    tokens = torch.tensor([float(m.sum()) for b in data.batches for m in b["attention_mask"]], dtype=torch.float64)
     batch_index = torch.tensor(
         [n for n, b in enumerate(data.batches) for _ in range(b["input_ids"].shape[0])], dtype=torch.long
     )

@@ -113,7 +113,8 @@ class _HiddenStates:
         vec = hidden[state.rows, state.positions].detach().float()
         if not bool(torch.isfinite(vec).all()):
             where = (
-                "the embedding output (input of layer 0)" if index == 0
+                "the embedding output (input of layer 0)"
+                if index == 0
                 else f"the output of {layer_name(self.stack, index - 1)}"
             )
             raise CalibrationError(

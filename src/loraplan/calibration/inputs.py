@@ -14,8 +14,18 @@ from torch import nn
 from ..errors import CalibrationError
 from ..layers import LayerStack
 
-__all__ = ["BatchState", "adapters_disabled", "eval_mode", "first_tensor", "input_device", "layer_name", "loss_labels",
-           "model_inputs", "positions", "progress_bar"]
+__all__ = [
+    "BatchState",
+    "adapters_disabled",
+    "eval_mode",
+    "first_tensor",
+    "input_device",
+    "layer_name",
+    "loss_labels",
+    "model_inputs",
+    "positions",
+    "progress_bar",
+]
 
 
 class BatchState:
@@ -48,7 +58,11 @@ def positions(batch: dict[str, torch.Tensor], pooling: str, last_token: str, pad
         bad = int((~has).nonzero()[0])
         raise CalibrationError(
             f"calibration sample {bad} of a batch has no real token "
-            + ("(every token equals the pad/eos id in last_token='reference' mode)" if last_token == "reference" else "")
+            + (
+                "(every token equals the pad/eos id in last_token='reference' mode)"
+                if last_token == "reference"
+                else ""
+            )
             + ". Remove empty samples, or use last_token='mask'."
         )
     if last_token == "reference":

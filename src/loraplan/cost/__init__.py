@@ -28,7 +28,17 @@ The pieces: :mod:`.prediction` (the regimes and the arithmetic over :class:`Laye
 
 from .budget import select_within_budget
 from .flops import flop_costs
-from .prediction import LORA_TRAIN_BYTES, REGIMES, LayerCosts, Prediction, fmt_ratio, predict, predictions, regimes, relative
+from .prediction import (
+    LORA_TRAIN_BYTES,
+    REGIMES,
+    LayerCosts,
+    Prediction,
+    fmt_ratio,
+    predict,
+    predictions,
+    regimes,
+    relative,
+)
 from .timing import capture_layer_inputs, costs_for, measure_costs
 
 __all__ = [

@@ -89,7 +89,9 @@ def select_within_budget(
     top = entry(sorted(order[: best["count"]]))
     record["chosen"] = {k: v for k, v in best.items() if k != "fits"}
     record["top_by_importance"] = top
-    record["candidates"] = [{k: c[k] for k in ("lowest", "count", "layers", "importance", "time", "fits")} for c in candidates]
+    record["candidates"] = [
+        {k: c[k] for k in ("lowest", "count", "layers", "importance", "time", "fits")} for c in candidates
+    ]
     record["summary"] = (
         f"time_budget {time_budget} ({'with' if checkpointing else 'without'} checkpointing): {best['count']} layers "
         f"from layer {best['lowest']} up, predicted {best['time']:.2f}x the step time and {best['memory']:.2f}x the "

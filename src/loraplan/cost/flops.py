@@ -17,13 +17,13 @@ from ..layers import (
     linear_modules,
     parameter_device,
     parameter_dtype,
-    target_modules_of,
+    target_shapes,
     text_config,
     unwrap,
 )
 from .prediction import REGIMES, LayerCosts
 
-__all__ = ["flop_costs", "target_shapes", "output_head", "weight_bytes"]
+__all__ = ["flop_costs", "lora_shapes", "output_head", "weight_bytes"]
 
 
 def _attention_width(config: Any) -> tuple[int | None, int | None]:
@@ -31,7 +31,14 @@ def _attention_width(config: Any) -> tuple[int | None, int | None]:
     if config is None:
         return None, None
     hidden = hidden_size(config)
-    heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if isinstance(getattr(config, k, None), int)), None)
+    heads = next(
+        (
+            getattr(config, k)
+            for k in ("num_attention_heads", "n_head", "num_heads")
+            if isinstance(getattr(config, k, None), int)
+        ),
+        None,
+    )
     if heads is None or hidden is None:
         return None, hidden
     head_dim = getattr(config, "head_dim", None)
@@ -57,14 +64,17 @@ def weight_bytes(base: nn.Module) -> int:
     return total + sum(b.numel() * b.element_size() for b in base.buffers())
 
 
-def target_shapes(stack: LayerStack, targets: list[str] | None) -> dict[str, tuple[int, int]]:
-    found = target_modules_of(stack.layers[0], targets)
+def lora_shapes(stack: LayerStack, targets: list[str] | None) -> dict[str, tuple[int, int]]:
+    """(in, out) of the target modules of layer 0; a config error when there are none (no LoRA to price)."""
+    found = target_shapes(stack.layers[0], targets)
     if not found:
         raise ConfigError(
             f"`target_modules` {targets!r} match no linear module of layer 0 ({stack.path}.0), so the cost model has "
-            "no LoRA to count. Name modules the layers have, e.g. " + ", ".join(sorted(linear_modules(stack.layers[0]))[:4]) + "."
+            "no LoRA to count. Name modules the layers have, e.g. "
+            + ", ".join(sorted(linear_modules(stack.layers[0]))[:4])
+            + "."
         )
-    return {name: features(module) for name, module in found.items()}
+    return found
 
 
 def flop_costs(
@@ -85,8 +95,8 @@ def flop_costs(
     stack = stack if stack is not None else find_layers(base)
     tokens = batch * seq_len
     linear = sum(i * o for i, o in (features(m) for m in linear_modules(stack.layers[0]).values()))
-    lora_shapes = target_shapes(stack, targets)
-    lora_width = sum(i + o for i, o in lora_shapes.values())
+    shapes = lora_shapes(stack, targets)
+    lora_width = sum(i + o for i, o in shapes.values())
     width, hidden = _attention_width(text_config(base))
     notes = []
     context = seq_len / 2 if stack.pooling == "last" else seq_len
@@ -115,14 +125,14 @@ def flop_costs(
     dtype = parameter_dtype(base, torch.float32)
     size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     linear_inputs = sum(i for i, _ in (features(m) for m in linear_modules(stack.layers[0]).values()))
-    hidden = hidden or next(iter(lora_shapes.values()))[0]
+    hidden = hidden or next(iter(shapes.values()))[0]
     saved_frozen = float(tokens * size * (linear_inputs + 4 * hidden))
     memory = {
         "source": "estimate",
         "weights": float(weight_bytes(base)),
         "saved": {
             "frozen": saved_frozen,
-            "lora": saved_frozen + float(tokens * 4 * rank * len(lora_shapes)),
+            "lora": saved_frozen + float(tokens * 4 * rank * len(shapes)),
             "checkpointed": float(tokens * size * hidden),
             "head": float(tokens * head_module.out_features * 4 * 2) if head_module is not None else 0.0,
         },

@@ -49,7 +49,6 @@ class Prediction:
     regimes: list[str]
 
 
-
 def regimes(
     num_layers: int, selected: Sequence[int], *, checkpointing: bool, truncate: bool, input_grads: bool
 ) -> list[str]:
@@ -86,14 +85,20 @@ def predict(
     """Step cost and peak memory of LoRA on ``selected`` (``num_modules`` distinct layer-module sets after sharing, at
     ``rank``). ``input_grads`` defaults to ``checkpointing`` (what HF ``Trainer`` and TRL do)."""
     input_grads = checkpointing if input_grads is None else input_grads
-    per_layer = regimes(costs.num_layers, selected, checkpointing=checkpointing, truncate=truncate, input_grads=input_grads)
+    per_layer = regimes(
+        costs.num_layers, selected, checkpointing=checkpointing, truncate=truncate, input_grads=input_grads
+    )
     modules = len(selected) if num_modules is None else num_modules
     params = modules * costs.lora_params_per_layer * (rank or costs.rank) / costs.rank
     step = sum(costs.layer[r] for r in per_layer) + costs.head + costs.optimizer_per_param * params
     mem = costs.memory
     saved = mem.get("saved", {})
-    kept = {"skip": 0.0, "frozen": saved.get("frozen", 0.0), "lora": saved.get("lora", 0.0),
-            "lora_first": saved.get("lora", 0.0)}
+    kept = {
+        "skip": 0.0,
+        "frozen": saved.get("frozen", 0.0),
+        "lora": saved.get("lora", 0.0),
+        "lora_first": saved.get("lora", 0.0),
+    }
     activations = sum(saved.get("checkpointed", 0.0) if r.endswith("_ckpt") else kept[r] for r in per_layer)
     transient = mem.get("head_transient", 0.0)  # while the head back-propagates
     if checkpointing:  # later, one layer at a time is recomputed

@@ -15,7 +15,7 @@ from ..calibration import model_inputs
 from ..errors import ConfigError
 from ..layers import LayerStack, find_layers, parameter_device, parameter_dtype, text_config, unwrap
 from ..truncate import LAYER_STATE
-from .flops import flop_costs, output_head, target_shapes
+from .flops import flop_costs, lora_shapes, output_head
 from .prediction import REGIMES, LayerCosts
 
 if TYPE_CHECKING:
@@ -67,7 +67,9 @@ def capture_layer_inputs(base: nn.Module, stack: LayerStack, batch: int, seq_len
     if not args:
         hidden = kwargs.pop("hidden_states", None)
         if hidden is None:
-            raise ConfigError(f"`cost_model`: layer 0 of {type(base).__name__} gets no hidden state; use cost_model='flops'.")
+            raise ConfigError(
+                f"`cost_model`: layer 0 of {type(base).__name__} gets no hidden state; use cost_model='flops'."
+            )
         args = (hidden,)
     return args, kwargs
 
@@ -208,8 +210,12 @@ def _measure(
         head=head_time,
         optimizer_per_param=optimizer_time / max(1, sum(p.numel() for p in bench.lora_params)),
         lora_params_per_layer=flops.lora_params_per_layer,
-        memory={"source": "measured", "weights": flops.memory["weights"], "saved": saved,
-                "head_transient": flops.memory["head_transient"]},
+        memory={
+            "source": "measured",
+            "weights": flops.memory["weights"],
+            "saved": saved,
+            "head_transient": flops.memory["head_transient"],
+        },
         device=device.type,
         dtype=str(dtype).replace("torch.", ""),
         notes=[f"median of {passes} timed rounds (regimes and head in turn) of a copy of layer 0, after one warm-up"],
@@ -219,12 +225,13 @@ def _measure(
 class _LayerBench:
     """Two frozen copies of layer 0, one with LoRA on the targets, the inputs layer 0 gets, and a job per regime."""
 
-    def __init__(self, base: nn.Module, stack: LayerStack, targets: list[str] | None, rank: int, batch: int,
-                 seq_len: int) -> None:
+    def __init__(
+        self, base: nn.Module, stack: LayerStack, targets: list[str] | None, rank: int, batch: int, seq_len: int
+    ) -> None:
         args, self.kwargs = capture_layer_inputs(base, stack, batch, seq_len)
         self.hidden, self.rest = args[0], args[1:]
         self.plain = _plain_copy(stack.layers[0])
-        self.lora = _lora_copy(self.plain, list(target_shapes(stack, targets)), rank)
+        self.lora = _lora_copy(self.plain, list(lora_shapes(stack, targets)), rank)
         self.lora_params = [p for p in self.lora.parameters() if p.requires_grad]
         self.generator = torch.Generator().manual_seed(1)
         self.upstream = torch.randn(self.hidden.shape, generator=self.generator).to(
@@ -232,7 +239,9 @@ class _LayerBench:
         )
         #: storages that are not activations: parameters and the layer inputs
         self.exclude = {p.untyped_storage().data_ptr() for p in [*self.plain.parameters(), *self.lora.parameters()]}
-        self.exclude |= {t.untyped_storage().data_ptr() for t in (self.hidden, *self.rest) if isinstance(t, torch.Tensor)}
+        self.exclude |= {
+            t.untyped_storage().data_ptr() for t in (self.hidden, *self.rest) if isinstance(t, torch.Tensor)
+        }
 
     def job(self, regime: str) -> Callable[[], None]:
         """One forward (and backward to the layer input, unless skipped) of the right copy in ``regime``."""
@@ -259,8 +268,9 @@ class _LayerBench:
             p.grad = None
 
 
-def _head_job(base: nn.Module, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype,
-              bench: _LayerBench) -> tuple[Callable[[], None], float] | None:
+def _head_job(
+    base: nn.Module, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype, bench: _LayerBench
+) -> tuple[Callable[[], None], float] | None:
     """The output head's forward, loss and backward on random features, and the bytes it saves (``None`` without a
     linear head)."""
     head_module = output_head(base)

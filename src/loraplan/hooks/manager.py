@@ -159,4 +159,3 @@ def _blame(caller: Any, exc: BaseException) -> str:
             blamed = codes[tb.tb_frame.f_code]
         tb = tb.tb_next
     return blamed
-

@@ -6,7 +6,8 @@ called with keyword arguments only; an implementation may take fewer arguments t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ._markers import hookspec
 

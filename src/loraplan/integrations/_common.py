@@ -17,11 +17,11 @@ from typing import Any
 from ..apply import adapter_of, check_layout, lora_modules_by_layer, plan_stack
 from ..config import PlanConfig
 from ..distributed import load_plan_everywhere
-from ..processes import from_main
-from ..truncate import is_torch_checkpoint
 from ..errors import ConfigError, PlanMismatchError
-from ..sites import layers_carrying
 from ..plan import PLAN_FILE, LoraPlan
+from ..processes import from_main
+from ..sites import layers_carrying
+from ..truncate import is_torch_checkpoint
 
 logger = logging.getLogger("loraplan")
 

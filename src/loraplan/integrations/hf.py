@@ -21,9 +21,9 @@ from transformers import TrainerCallback
 from ..apply import apply_plan, tie_share_groups
 from ..config import PlanConfig
 from ..distributed import make_plan_everywhere
-from ..processes import from_main
 from ..errors import ConfigError, PlanMismatchError
 from ..plan import PLAN_FILE, LoraPlan
+from ..processes import from_main
 from ..truncate import truncation_of
 from ._common import SHARING_REASON, check_applied, check_checkpoint, non_reentrant_model, resolve_plan
 
@@ -226,7 +226,9 @@ class LoraPlanCallback(TrainerCallback):
             self._guard_adapter_loads(model, plan)
             model.load_adapter.__loraplan_guard__ = True
         logger.info(
-            "loraplan: plan %s: LoRA on layers %s%s", how, plan.selected_layers,
+            "loraplan: plan %s: LoRA on layers %s%s",
+            how,
+            plan.selected_layers,
             f", share groups {plan.share_groups}" if plan.share_groups else "",
         )
         if plan.share_groups:
@@ -264,7 +266,8 @@ class LoraPlanCallback(TrainerCallback):
         if switched_args:
             logger.warning(
                 "loraplan: activation checkpointing switched from reentrant to non-reentrant (at %s): %s.",
-                when, SHARING_REASON,
+                when,
+                SHARING_REASON,
             )
         elif switched_args is False:
             logger.info("loraplan: share groups present; activation checkpointing will be non-reentrant.")
@@ -272,7 +275,9 @@ class LoraPlanCallback(TrainerCallback):
         if switched:
             logger.warning(
                 "loraplan: %d module(s) already checkpointed reentrantly were switched to non-reentrant (at %s): %s.",
-                switched, when, SHARING_REASON,
+                switched,
+                when,
+                SHARING_REASON,
             )
 
     # -- on_train_begin -----------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ from axolotl.integrations.base import BasePlugin
 from ...apply import apply_plan
 from ...config import PlanConfig
 from ...distributed import make_plan_everywhere
-from ...processes import is_main_process
 from ...errors import ConfigError
 from ...plan import PLAN_FILE, LoraPlan
+from ...processes import is_main_process
 from .._common import SHARING_REASON, check_checkpoint, resolve_plan
 from .args import PLUGIN, LoraPlanAxolotlConfig
 
@@ -143,7 +143,10 @@ class LoraPlanPlugin(BasePlugin):
             if kwargs.get("use_reentrant") is not False:
                 logger.warning(
                     "loraplan: `gradient_checkpointing_kwargs.use_reentrant` was %r; set to false because `loraplan."
-                    "share` is %r: %s.", kwargs.get("use_reentrant"), block.share, SHARING_REASON,
+                    "share` is %r: %s.",
+                    kwargs.get("use_reentrant"),
+                    block.share,
+                    SHARING_REASON,
                 )
                 kwargs["use_reentrant"] = False
                 cfg.gradient_checkpointing_kwargs = kwargs
@@ -167,7 +170,9 @@ class LoraPlanPlugin(BasePlugin):
         self.truncate_backward = block.truncate_backward is not False
         self.plan = plan
         LOG.info(
-            "loraplan: plan %s: LoRA on layers %s%s", how, plan.selected_layers,
+            "loraplan: plan %s: LoRA on layers %s%s",
+            how,
+            plan.selected_layers,
             f", share groups {plan.share_groups}" if plan.share_groups else "",
         )
         if is_main_process():
