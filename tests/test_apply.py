@@ -51,7 +51,8 @@ def test_to_lora_config_realises_the_selection(pm, make_llama, make_batches):
     base = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
     cfg = plan.to_lora_config(base)
     assert cfg is not base and base.exclude_modules is None and base.layers_to_transform is None
-    # the user's targets stay; the stack's container and its unplanned layers are excluded (never layers_to_transform=[])
+    # the user's targets stay; the stack's container and its unplanned layers are excluded
+    # (never layers_to_transform=[])
     assert cfg.target_modules == base.target_modules and cfg.layers_to_transform is None
     assert cfg.exclude_modules == stack_exclusion(plan) == r"model\.layers(?:\.(?:0|1|2)(?:\..*)?)?"
     assert cfg.r == 4
@@ -85,13 +86,27 @@ def test_a_vision_tower_keeps_the_lora_its_config_gives_it(pm, make_batches, cap
     import transformers as tf
 
     torch.manual_seed(0)
-    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=4,
-                                 image_size=32, patch_size=8)
-    text = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                          num_hidden_layers=4, vocab_size=101)
-    build = lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=100))  # noqa: E731
-    plan = make_plan(build(), make_batches(), PlanConfig(selector="top", calibration_samples=8), plugin_manager=pm, progress=False)
-    assert plan.layers["ambiguous"] and plan.selected_layers == [2, 3]
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=4, image_size=32, patch_size=8
+    )
+    text = tf.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        vocab_size=101,
+    )
+
+    def build():
+        return tf.LlavaForConditionalGeneration(
+            tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=100)
+        )
+
+    plan = make_plan(
+        build(), make_batches(), PlanConfig(selector="top", calibration_samples=8), plugin_manager=pm, progress=False
+    )
+    assert plan.stack["ambiguous"] and plan.selected_layers == [2, 3]
     # PEFT's layers_to_transform would also hit the vision tower's layers 2 and 3 (it has q_proj too); the exclusion
     # names the language model's layers by their full path
     cfg = plan.to_lora_config(LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
@@ -155,13 +170,19 @@ def test_save_then_stock_peft_load_gives_the_same_logits_with_sharing(tmp_path, 
     assert _lora_layers(stock) == set(plan.selected_layers)
     lead, member = plan.share_groups[0][:2]
     stock_layers = lora_modules_by_layer(stock)
-    assert stock_layers[member]["self_attn.q_proj"].lora_A["default"] is not stock_layers[lead]["self_attn.q_proj"].lora_A["default"]
+    assert (
+        stock_layers[member]["self_attn.q_proj"].lora_A["default"]
+        is not stock_layers[lead]["self_attn.q_proj"].lora_A["default"]
+    )
 
     ours = load_adapter(make_llama(layers=6, seed=0), tmp_path / "adapter", is_trainable=True)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, expected)
     our_layers = lora_modules_by_layer(ours)
-    assert our_layers[member]["self_attn.q_proj"].lora_A["default"] is our_layers[lead]["self_attn.q_proj"].lora_A["default"]
+    assert (
+        our_layers[member]["self_attn.q_proj"].lora_A["default"]
+        is our_layers[lead]["self_attn.q_proj"].lora_A["default"]
+    )
     assert ours.loraplan_plan == plan
 
 
@@ -208,7 +229,10 @@ def test_lora_variants_keep_the_function_and_the_ties(variant, tmp_path, pm, mak
     lead, member = plan.share_groups[0][:2]
     assert by_layer[member]["mlp.down_proj"].lora_B["default"] is by_layer[lead]["mlp.down_proj"].lora_B["default"]
     if "use_dora" in variant:
-        assert by_layer[member]["mlp.down_proj"].lora_magnitude_vector["default"] is not by_layer[lead]["mlp.down_proj"].lora_magnitude_vector["default"]
+        assert (
+            by_layer[member]["mlp.down_proj"].lora_magnitude_vector["default"]
+            is not by_layer[lead]["mlp.down_proj"].lora_magnitude_vector["default"]
+        )
 
 
 def test_loraplus_optimizer_with_tied_modules(pm, make_llama, make_batches):
@@ -238,7 +262,9 @@ def test_apply_plan_errors(pm, make_llama, make_batches):
     with pytest.raises(PlanMismatchError, match="no LoRA module there"):
         apply_plan(get_peft_model(make_llama(layers=6), narrowed), plan)
     with pytest.raises(ConfigError, match="`adapter_name` 'other'"):
-        apply_plan(get_peft_model(make_llama(layers=6), LoraConfig(r=2, target_modules=TARGETS)), plan, adapter_name="other")
+        apply_plan(
+            get_peft_model(make_llama(layers=6), LoraConfig(r=2, target_modules=TARGETS)), plan, adapter_name="other"
+        )
 
 
 class _Stage(torch.nn.Module):
@@ -279,9 +305,14 @@ def test_a_stack_found_by_a_plugin_on_the_callers_manager_is_found_when_applying
             return None
 
     pm.register(Teach(), name="teach-staged")
-    plan = make_plan(_Staged(), make_batches(), PlanConfig(selector="top", ratio=0.5, share="odd_even",
-                                                           calibration_samples=16), plugin_manager=pm, progress=False)
-    assert plan.layers["path"] == "stages" and plan.selected_layers == [2, 3] and plan.share_groups == [[2, 3]]
+    plan = make_plan(
+        _Staged(),
+        make_batches(),
+        PlanConfig(selector="top", ratio=0.5, share="odd_even", calibration_samples=16),
+        plugin_manager=pm,
+        progress=False,
+    )
+    assert plan.stack["path"] == "stages" and plan.selected_layers == [2, 3] and plan.share_groups == [[2, 3]]
     # none of these is given the manager: they read the stack from the path the plan records
     model = apply_plan(get_peft_model(_Staged(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), plan)
     check_applied(model, plan)

@@ -23,8 +23,15 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
     model = LlamaForCausalLM(
-        LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    num_hidden_layers=6, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=6,
+            vocab_size=len(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+        )
     )
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
@@ -41,11 +48,33 @@ def review_file(tmp_path_factory, reviews):
 
 def test_analyze_prints_the_table_and_writes_plan_and_figure(tiny_dir, review_file, tmp_path, capsys):
     out, png = tmp_path / "plan.json", tmp_path / "plan.png"
-    code = main([
-        "analyze", str(tiny_dir), "--data", str(review_file), "--text-field", "review", "--samples", "24",
-        "--max-length", "64", "--selector", "cka", "--ratio", "0.5", "--share", "angular", "--share-threshold", "0.5",
-        "--out", str(out), "--plot", str(png), "--quiet",
-    ])
+    code = main(
+        [
+            "analyze",
+            str(tiny_dir),
+            "--data",
+            str(review_file),
+            "--text-field",
+            "review",
+            "--samples",
+            "24",
+            "--max-length",
+            "64",
+            "--selector",
+            "cka",
+            "--ratio",
+            "0.5",
+            "--share",
+            "angular",
+            "--share-threshold",
+            "0.5",
+            "--out",
+            str(out),
+            "--plot",
+            str(png),
+            "--quiet",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     plan = LoraPlan.load(out)
@@ -66,8 +95,25 @@ def test_analyze_prints_the_table_and_writes_plan_and_figure(tiny_dir, review_fi
 def test_txt_data_and_explicit_count(tiny_dir, tmp_path, reviews, capsys):
     data = tmp_path / "reviews.txt"
     data.write_text("\n".join(r["text"].replace("\n", " ") for r in reviews[:20]) + "\n")
-    code = main(["analyze", str(tiny_dir), "--data", str(data), "--count", "2", "--selector", "activation",
-                 "--samples", "10", "--max-length", "32", "--out", str(tmp_path / "p.json"), "--quiet"])
+    code = main(
+        [
+            "analyze",
+            str(tiny_dir),
+            "--data",
+            str(data),
+            "--count",
+            "2",
+            "--selector",
+            "activation",
+            "--samples",
+            "10",
+            "--max-length",
+            "32",
+            "--out",
+            str(tmp_path / "p.json"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert len(LoraPlan.load(tmp_path / "p.json").selected_layers) == 2
 
@@ -83,8 +129,22 @@ def test_txt_data_and_explicit_count(tiny_dir, tmp_path, reviews, capsys):
     ids=["selector", "ratio", "threshold", "count"],
 )
 def test_bad_arguments_exit_with_a_clear_error(extra, message, tiny_dir, review_file, tmp_path, capsys):
-    code = main(["analyze", str(tiny_dir), "--data", str(review_file), "--text-field", "review", "--samples", "8",
-                 "--out", str(tmp_path / "p.json"), "--quiet", *extra])
+    code = main(
+        [
+            "analyze",
+            str(tiny_dir),
+            "--data",
+            str(review_file),
+            "--text-field",
+            "review",
+            "--samples",
+            "8",
+            "--out",
+            str(tmp_path / "p.json"),
+            "--quiet",
+            *extra,
+        ]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
@@ -100,21 +160,43 @@ def test_missing_data_and_wrong_field(tiny_dir, review_file, tmp_path, capsys):
 @pytest.mark.slow
 def test_real_smollm2_plan_is_plausible(smollm2_dir, tmp_path):
     """The packaged SmolLM2-135M on real reviews, through the installed console script."""
-    data = Path(subprocess.run(
-        [sys.executable, "-m", "loraplan.assets", "path", "data"], capture_output=True, text=True, check=True
-    ).stdout.strip()) / "fine_foods_train.jsonl"
+    data = (
+        Path(
+            subprocess.run(
+                [sys.executable, "-m", "loraplan.assets", "path", "data"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
+        / "fine_foods_train.jsonl"
+    )
     if not data.is_file():  # `make demo` writes it; write it here otherwise
         subprocess.run([sys.executable, "-m", "loraplan.assets", "prepare"], check=True, capture_output=True)
     out = tmp_path / "plan.json"
     script = Path(sys.executable).with_name("loraplan")
     result = subprocess.run(
-        [str(script), "analyze", str(smollm2_dir), "--data", str(data), "--samples", "48", "--max-length", "96",
-         "--share", "angular", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+        [
+            str(script),
+            "analyze",
+            str(smollm2_dir),
+            "--data",
+            str(data),
+            "--samples",
+            "48",
+            "--max-length",
+            "96",
+            "--share",
+            "angular",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     plan = LoraPlan.load(out)
-    assert plan.model["class"] == "LlamaForCausalLM" and plan.num_layers == 30
+    assert plan.model_fingerprint["class"] == "LlamaForCausalLM" and plan.num_layers == 30
     assert len(plan.selected_layers) == 15
     # decoders favour early layers plus the last one (DESIGN §1): the embedding-adjacent block and the final
     # block (whose output is after the final norm) change the representation most
@@ -131,8 +213,21 @@ def test_real_minilm_plan_is_plausible(minilm_dir, reviews, tmp_path, capsys):
     """The packaged MiniLM-L6 encoder: the [CLS] embedding is constant, so layer 0 is flagged; late layers win."""
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in reviews[:96]))
-    code = main(["analyze", str(minilm_dir), "--data", str(data), "--samples", "96", "--max-length", "128",
-                 "--out", str(tmp_path / "plan.json"), "--quiet"])
+    code = main(
+        [
+            "analyze",
+            str(minilm_dir),
+            "--data",
+            str(data),
+            "--samples",
+            "96",
+            "--max-length",
+            "128",
+            "--out",
+            str(tmp_path / "plan.json"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     plan = LoraPlan.load(tmp_path / "plan.json")
     assert plan.calibration["pooling"] == "first" and plan.num_layers == 6

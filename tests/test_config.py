@@ -10,7 +10,13 @@ from loraplan.errors import ConfigError
 
 def test_defaults_match_the_documented_api():
     cfg = PlanConfig()
-    assert (cfg.selector, cfg.ratio, cfg.share, cfg.share_threshold, cfg.rank_policy) == ("cka", 0.5, None, 0.85, "keep")
+    assert (cfg.selector, cfg.ratio, cfg.share, cfg.share_threshold, cfg.rank_policy) == (
+        "cka",
+        0.5,
+        None,
+        0.85,
+        "keep",
+    )
     assert (cfg.calibration_samples, cfg.max_length, cfg.seed) == (128, 512, 0)
 
 

@@ -43,19 +43,40 @@ def test_regime_of_every_layer():
     assert regimes(6, top, checkpointing=True, truncate=True, input_grads=True) == (
         ["skip"] * 3 + ["lora_first_ckpt", "lora_ckpt", "lora_ckpt"]
     )
-    assert regimes(6, top, checkpointing=True, truncate=False, input_grads=True) == ["frozen_ckpt"] * 3 + ["lora_ckpt"] * 3
-    assert regimes(6, top, checkpointing=False, truncate=False, input_grads=False) == ["skip"] * 3 + ["lora_first", "lora", "lora"]
+    assert (
+        regimes(6, top, checkpointing=True, truncate=False, input_grads=True) == ["frozen_ckpt"] * 3 + ["lora_ckpt"] * 3
+    )
+    assert regimes(6, top, checkpointing=False, truncate=False, input_grads=False) == ["skip"] * 3 + [
+        "lora_first",
+        "lora",
+        "lora",
+    ]
     assert regimes(6, [1, 3, 5], checkpointing=False, truncate=True, input_grads=True) == [
-        "skip", "lora_first", "frozen", "lora", "frozen", "lora",
+        "skip",
+        "lora_first",
+        "frozen",
+        "lora",
+        "frozen",
+        "lora",
     ]
 
 
 def synthetic(num_layers: int = 6) -> LayerCosts:
     """Round numbers: a skipped layer 1, back-propagated 3, with LoRA 4 (+1 and +2 under checkpointing), head 2."""
-    layer = {"skip": 1.0, "frozen": 3.0, "frozen_ckpt": 4.0, "lora": 4.0, "lora_ckpt": 6.0, "lora_first": 4.0,
-             "lora_first_ckpt": 6.0}
-    memory = {"weights": 100.0, "saved": {"frozen": 10.0, "lora": 12.0, "checkpointed": 1.0, "head": 5.0},
-              "head_transient": 7.0}
+    layer = {
+        "skip": 1.0,
+        "frozen": 3.0,
+        "frozen_ckpt": 4.0,
+        "lora": 4.0,
+        "lora_ckpt": 6.0,
+        "lora_first": 4.0,
+        "lora_first_ckpt": 6.0,
+    }
+    memory = {
+        "weights": 100.0,
+        "saved": {"frozen": 10.0, "lora": 12.0, "checkpointed": 1.0, "head": 5.0},
+        "head_transient": 7.0,
+    }
     return LayerCosts("flops", "GFLOP", [1, 1], 8, num_layers, layer, 2.0, 0.0, 1, memory)
 
 
@@ -80,7 +101,9 @@ def test_predicted_memory_by_hand():
     assert predict(costs, [3, 4, 5], checkpointing=True).memory == 100 + 3 + 12 + 5 + 3 * 16
     # stock PEFT without checkpointing but with input grads: three frozen (10) and three LoRA (12) layers saved, and
     # the logits' gradient on top while the head back-propagates
-    assert predict(costs, [3, 4, 5], checkpointing=False, truncate=False, input_grads=True).memory == 100 + 66 + 7 + 5 + 48
+    assert (
+        predict(costs, [3, 4, 5], checkpointing=False, truncate=False, input_grads=True).memory == 100 + 66 + 7 + 5 + 48
+    )
 
 
 def test_time_budget_trades_importance_for_backward_depth():
@@ -129,11 +152,15 @@ def test_unscorable_layers_are_never_chosen_and_an_impossible_budget_says_what_w
     )
     assert 0 not in layers and layers == [1, 2, 3, 4, 5]
     with pytest.raises(ConfigError) as exc:
-        select_within_budget(importance, costs, time_budget=0.2, param_budget=None, checkpointing=True, base_rank=8, plan_rank=8)
+        select_within_budget(
+            importance, costs, time_budget=0.2, param_budget=None, checkpointing=True, base_rank=8, plan_rank=8
+        )
     # the cheapest plan: layer 5 alone, 5 skipped + 6 + head = 13 / 38
     assert "`time_budget` 0.2" in str(exc.value) and "0.342x" in str(exc.value) and "at least 0.343" in str(exc.value)
     with pytest.raises(ConfigError, match=r"`param_budget` 0.1 allows 0.60 layers"):
-        select_within_budget(importance, costs, time_budget=None, param_budget=0.1, checkpointing=True, base_rank=8, plan_rank=8)
+        select_within_budget(
+            importance, costs, time_budget=None, param_budget=0.1, checkpointing=True, base_rank=8, plan_rank=8
+        )
 
 
 @pytest.mark.parametrize(
@@ -161,7 +188,9 @@ def test_budget_settings_are_validated_with_the_key_and_the_value(changes, key):
 
 def test_plan_with_a_time_budget_records_the_trade_off_and_is_reproducible(tmp_path, pm, make_llama, make_batches):
     config = PlanConfig(selector="cka", time_budget=0.7, calibration_samples=16, cost_shape=[2, 32])
-    plans = [make_plan(make_llama(layers=12), make_batches(), config, plugin_manager=pm, progress=False) for _ in range(2)]
+    plans = [
+        make_plan(make_llama(layers=12), make_batches(), config, plugin_manager=pm, progress=False) for _ in range(2)
+    ]
     assert plans[0].save(tmp_path / "a.json").read_bytes() == plans[1].save(tmp_path / "b.json").read_bytes()
     plan = plans[0]
     budget = plan.cost["budget"]
@@ -174,8 +203,14 @@ def test_plan_with_a_time_budget_records_the_trade_off_and_is_reproducible(tmp_p
 
 
 def test_every_plan_carries_predictions(pm, make_llama, make_batches):
-    plan = make_plan(make_llama(layers=6), make_batches(), PlanConfig(selector="top", calibration_samples=8),
-                     plugin_manager=pm, progress=False, lora_rank=4)
+    plan = make_plan(
+        make_llama(layers=6),
+        make_batches(),
+        PlanConfig(selector="top", calibration_samples=8),
+        plugin_manager=pm,
+        progress=False,
+        lora_rank=4,
+    )
     predicted = plan.cost["predicted"]
     assert set(predicted) == {"checkpointing", "no_checkpointing"}
     assert predicted["checkpointing"]["loraplan"]["time"] < predicted["checkpointing"]["stock"]["time"] < 1
@@ -190,8 +225,11 @@ def test_timed_costs_leave_the_model_untouched(make_llama):
     model.base_model.model.activation_checkpointing_enable()
     before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
     costs = measure_costs(model, targets=["q_proj", "v_proj"], rank=4, batch=2, seq_len=8, passes=1)
-    assert costs.source == "timed" and costs.unit == "s" and set(costs.layer) == set(flop_costs(
-        model, targets=["q_proj", "v_proj"], rank=4, batch=2, seq_len=8).layer)
+    assert (
+        costs.source == "timed"
+        and costs.unit == "s"
+        and set(costs.layer) == set(flop_costs(model, targets=["q_proj", "v_proj"], rank=4, batch=2, seq_len=8).layer)
+    )
     assert all(v > 0 for v in costs.layer.values()) and costs.head > 0
     saved = costs.memory["saved"]
     assert saved["lora"] > saved["frozen"] > saved["checkpointed"] > 0  # LoRA also keeps A(x)
@@ -205,7 +243,9 @@ def test_timed_costs_leave_the_model_untouched(make_llama):
 
 def test_cli_show_prints_the_cost_model_and_the_budget(tmp_path, capsys, pm, make_llama, make_batches):
     config = PlanConfig(selector="cka", time_budget=0.8, calibration_samples=16, cost_shape=[2, 32])
-    path = make_plan(make_llama(layers=8), make_batches(), config, plugin_manager=pm, progress=False).save(tmp_path / "p.json")
+    path = make_plan(make_llama(layers=8), make_batches(), config, plugin_manager=pm, progress=False).save(
+        tmp_path / "p.json"
+    )
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
     assert "cost model (FLOP counts, batch 2 x 32 tokens, r=8)" in out
@@ -218,8 +258,11 @@ def test_a_plan_saved_before_the_budget_settings_existed_still_matches_default_s
 
     config = PlanConfig(selector="top", calibration_samples=8)
     plan = make_plan(make_llama(layers=4), make_batches(), config, plugin_manager=pm, progress=False)
-    old = {k: v for k, v in plan.config.items() if k not in ("time_budget", "param_budget", "cost_model",
-                                                               "cost_checkpointing", "cost_shape")}
+    old = {
+        k: v
+        for k, v in plan.config.items()
+        if k not in ("time_budget", "param_budget", "cost_model", "cost_checkpointing", "cost_shape")
+    }
     older = LoraPlan.from_dict({**plan.to_dict(), "config": old})
     assert config_differences(older, config) == []
     assert config_differences(older, config.replace(time_budget=0.5)) == ["time_budget: plan None, now 0.5"]

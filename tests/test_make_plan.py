@@ -37,7 +37,9 @@ def test_every_strategy_on_a_tiny_llama(selector, share, pm, make_llama, make_ba
     for group in plan.share_groups:
         assert set(group) <= set(plan.selected_layers) and len(group) >= 2
     if share == "odd_even":
-        assert plan.share_groups == [[i, i + 1] for i in plan.selected_layers if i % 2 == 0 and i + 1 in plan.selected_layers]
+        assert plan.share_groups == [
+            [i, i + 1] for i in plan.selected_layers if i % 2 == 0 and i + 1 in plan.selected_layers
+        ]
     if share == "angular":
         assert plan.similarity is not None and len(plan.similarity) == 6
     assert plan.calibration["num_samples"] == 16
@@ -117,6 +119,7 @@ def test_activation_scores_equal_an_independent_computation(pm, make_llama, make
     def hook(key):
         def fn(module, args):
             seen[key] = args[0].detach()
+
         return fn
 
     handles = []
@@ -148,7 +151,10 @@ def test_gradient_scores_equal_an_independent_computation(pm, make_llama, make_b
         labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
         model(**b, labels=labels).loss.backward()
         per_batch.append(
-            [float(l.self_attn.v_proj.weight.grad.norm() + l.mlp.up_proj.weight.grad.norm()) for l in model.model.layers]
+            [
+                float(l.self_attn.v_proj.weight.grad.norm() + l.mlp.up_proj.weight.grad.norm())
+                for l in model.model.layers
+            ]
         )
     model.zero_grad()
     expected = torch.tensor(per_batch).mean(0)
@@ -169,33 +175,48 @@ def test_same_inputs_give_a_byte_identical_plan(tmp_path, pm, make_llama, make_b
 
 def test_the_plan_records_what_is_needed_to_reproduce_it(pm, make_llama, make_batches):
     plan = make_plan(
-        make_llama(layers=6), make_batches(), PlanConfig(calibration_samples=16, seed=7), plugin_manager=pm,
-        lora_rank=8, progress=False,
+        make_llama(layers=6),
+        make_batches(),
+        PlanConfig(calibration_samples=16, seed=7),
+        plugin_manager=pm,
+        lora_rank=8,
+        progress=False,
     )
-    assert plan.model["class"] == "LlamaForCausalLM" and plan.model["num_layers"] == 6
-    assert plan.model["hidden_size"] == 32 and plan.model["config_hash"].startswith("sha256:")
+    assert plan.model_fingerprint["class"] == "LlamaForCausalLM" and plan.model_fingerprint["num_layers"] == 6
+    assert plan.model_fingerprint["hidden_size"] == 32 and plan.model_fingerprint["config_hash"].startswith("sha256:")
     assert plan.calibration["data_hash"].startswith("sha256:") and plan.calibration["seed"] == 7
     assert plan.config == PlanConfig(calibration_samples=16, seed=7).to_dict()
-    assert plan.versions["torch"] == torch.__version__.split("+")[0] or plan.versions["torch"].startswith(torch.__version__.split("+")[0])
+    assert plan.versions["torch"] == torch.__version__.split("+")[0] or plan.versions["torch"].startswith(
+        torch.__version__.split("+")[0]
+    )
     assert plan.rank == 8
     assert "cka" in plan.stability and -1.0 <= plan.stability["cka"] <= 1.0
-    assert plan.layers["module_shapes"]["self_attn.q_proj"] == [32, 32]
+    assert plan.stack["module_shapes"]["self_attn.q_proj"] == [32, 32]
     assert len(plan.diagnostics["max_sample_variance_share"]) == 7
 
 
 def test_other_data_gives_another_data_hash(pm, make_llama, make_batches):
-    a = make_plan(make_llama(), make_batches(seed=1), PlanConfig(calibration_samples=16), plugin_manager=pm, progress=False)
-    b = make_plan(make_llama(), make_batches(seed=2), PlanConfig(calibration_samples=16), plugin_manager=pm, progress=False)
+    a = make_plan(
+        make_llama(), make_batches(seed=1), PlanConfig(calibration_samples=16), plugin_manager=pm, progress=False
+    )
+    b = make_plan(
+        make_llama(), make_batches(seed=2), PlanConfig(calibration_samples=16), plugin_manager=pm, progress=False
+    )
     assert a.calibration["data_hash"] != b.calibration["data_hash"]
 
 
 def test_count_cumulative_and_budget_rank(pm, make_llama, make_batches):
     model = make_llama(layers=6)
-    plan = make_plan(model, make_batches(), PlanConfig(count=4, calibration_samples=16), plugin_manager=pm, progress=False)
+    plan = make_plan(
+        model, make_batches(), PlanConfig(count=4, calibration_samples=16), plugin_manager=pm, progress=False
+    )
     assert len(plan.selected_layers) == 4
     plan = make_plan(
-        model, make_batches(), PlanConfig(selector="activation", cumulative=0.5, calibration_samples=16),
-        plugin_manager=pm, progress=False,
+        model,
+        make_batches(),
+        PlanConfig(selector="activation", cumulative=0.5, calibration_samples=16),
+        plugin_manager=pm,
+        progress=False,
     )
     scores = plan.scores["activation"]
     order = sorted(range(6), key=lambda i: -scores[i])
@@ -203,8 +224,12 @@ def test_count_cumulative_and_budget_rank(pm, make_llama, make_batches):
     needed = next(n for n in range(1, 7) if sum(scores[i] for i in order[:n]) / total >= 0.5)
     assert plan.selected_layers == sorted(order[:needed])
     plan = make_plan(
-        model, make_batches(), PlanConfig(selector="all", share="odd_even", rank_policy="budget", calibration_samples=16),
-        plugin_manager=pm, lora_rank=4, progress=False,
+        model,
+        make_batches(),
+        PlanConfig(selector="all", share="odd_even", rank_policy="budget", calibration_samples=16),
+        plugin_manager=pm,
+        lora_rank=4,
+        progress=False,
     )
     assert plan.share_groups == [[0, 1], [2, 3], [4, 5]]
     assert plan.rank == 8  # floor(6 * 4 / 3)
@@ -215,20 +240,31 @@ def test_text_data_with_a_tokenizer(pm, smollm2_dir, make_llama):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = make_llama(layers=4, vocab=len(tokenizer))
-    texts = [f"review number {i}: {'great' if i % 2 else 'bad'} product, would {'' if i % 3 else 'not '}buy again" for i in range(20)]
-    plan = make_plan(model, texts, PlanConfig(calibration_samples=12, batch_size=5), tokenizer, plugin_manager=pm, progress=False)
+    texts = [
+        f"review number {i}: {'great' if i % 2 else 'bad'} product, would {'' if i % 3 else 'not '}buy again"
+        for i in range(20)
+    ]
+    plan = make_plan(
+        model, texts, PlanConfig(calibration_samples=12, batch_size=5), tokenizer, plugin_manager=pm, progress=False
+    )
     assert plan.calibration["num_samples"] == 12
     from datasets import Dataset
 
     ds = Dataset.from_dict({"review": texts})
     plan2 = make_plan(
-        model, ds, PlanConfig(calibration_samples=12, batch_size=5, text_field="review"), tokenizer,
-        plugin_manager=pm, progress=False,
+        model,
+        ds,
+        PlanConfig(calibration_samples=12, batch_size=5, text_field="review"),
+        tokenizer,
+        plugin_manager=pm,
+        progress=False,
     )
     assert plan2.calibration["data_hash"] == plan.calibration["data_hash"]
     assert plan2.selected_layers == plan.selected_layers
     records = [{"text": t} for t in texts]
-    plan3 = make_plan(model, records, PlanConfig(calibration_samples=12, batch_size=5), tokenizer, plugin_manager=pm, progress=False)
+    plan3 = make_plan(
+        model, records, PlanConfig(calibration_samples=12, batch_size=5), tokenizer, plugin_manager=pm, progress=False
+    )
     assert plan3.calibration["data_hash"] == plan.calibration["data_hash"]
 
 
@@ -263,8 +299,11 @@ def test_left_padded_batches_pool_the_same_tokens(pm, make_llama, make_batches):
 def test_no_group_is_a_warning_not_an_error(pm, make_llama, make_batches, caplog):
     with caplog.at_level(logging.WARNING, logger="loraplan"):
         plan = make_plan(
-            make_llama(), make_batches(), PlanConfig(share="angular", share_threshold=1.0, calibration_samples=16),
-            plugin_manager=pm, progress=False,
+            make_llama(),
+            make_batches(),
+            PlanConfig(share="angular", share_threshold=1.0, calibration_samples=16),
+            plugin_manager=pm,
+            progress=False,
         )
     assert plan.share_groups == []
     assert any("formed no share group" in w for w in plan.warnings)
@@ -307,29 +346,6 @@ def test_one_odd_sample_makes_calibration_degenerate_and_is_reported(pm, make_ll
     assert 0 not in plan.flagged_layers  # scorable, but the warning says it rests on one sample
 
 
-def test_reference_last_token_is_the_count_of_non_eos_tokens_minus_one(pm, make_llama):
-    # a chat template puts eos (= pad = 1) in the middle of a sample: the reference code takes
-    # (input_ids != pad).sum() - 1, which is then not the last real position; reference mode does the same
-    from loraplan.calibration import calibrate
-    from loraplan.data import prepare_batches
-    from loraplan.layers import find_layers
-    from loraplan.strategies import HIDDEN
-
-    model = make_llama(layers=3)
-    model.config.eos_token_id = 1
-    ids = torch.tensor([[5, 6, 1, 7, 8, 1, 1, 1], [9, 1, 4, 4, 4, 3, 2, 1], [3, 4, 5, 6, 7, 8, 9, 10]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8, [1] * 8])
-    config = PlanConfig(calibration_samples=3, last_token="reference")
-    batches = prepare_batches([{"input_ids": ids, "attention_mask": mask}], config, None, model.config)
-    stats = calibrate(model, find_layers(model, pm), batches, {HIDDEN}, config, progress=False)
-    with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    positions = (ids != 1).sum(dim=1) - 1
-    assert positions.tolist() == [3, 5, 7]  # the last non-eos tokens are at 4, 5 and 7
-    for i, h in enumerate(hidden):
-        torch.testing.assert_close(stats.hidden[i], h[torch.arange(3), positions].float())
-
-
 def test_the_budget_rank_follows_an_adjusted_plan(pm, make_llama, make_batches):
     from loraplan import hookimpl
 
@@ -340,9 +356,12 @@ def test_the_budget_rank_follows_an_adjusted_plan(pm, make_llama, make_batches):
 
     pm.register(Regroup(), name="regroup")
     plan = make_plan(
-        make_llama(layers=6), make_batches(), PlanConfig(selector="top", count=4, rank_policy="budget",
-                                                         calibration_samples=16),
-        plugin_manager=pm, lora_rank=4, progress=False,
+        make_llama(layers=6),
+        make_batches(),
+        PlanConfig(selector="top", count=4, rank_policy="budget", calibration_samples=16),
+        plugin_manager=pm,
+        lora_rank=4,
+        progress=False,
     )
     # 4 adapted layers in 2 modules: floor(4 * 4 / 2) = 8, not the 4 of the selection before the hook
     assert plan.share_groups == [[2, 3], [4, 5]] and plan.rank == 8 == plan.resolve_rank(4)

@@ -54,15 +54,23 @@ class FixedPlugin:
 
 # -- tiny models of each family -----------------------------------------------------------------------------------
 
-TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-            num_hidden_layers=NUM_LAYERS, vocab_size=VOCAB, max_position_embeddings=64)
+TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=NUM_LAYERS,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+)
 
 
 def _vision_clip():
     import transformers as tf
 
-    return tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                               image_size=32, patch_size=8)
+    return tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8
+    )
 
 
 def build(arch: str, seed: int = 0):
@@ -72,33 +80,68 @@ def build(arch: str, seed: int = 0):
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT))
     elif arch == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=NUM_LAYERS, n_head=4, vocab_size=VOCAB,
-                                                 n_positions=64, bos_token_id=0, eos_token_id=0))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(
+                n_embd=32,
+                n_layer=NUM_LAYERS,
+                n_head=4,
+                vocab_size=VOCAB,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        )
     elif arch == "bert_cls":
-        model = tf.BertForSequenceClassification(tf.BertConfig(
-            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=NUM_LAYERS,
-            vocab_size=VOCAB, max_position_embeddings=64, num_labels=2))
+        model = tf.BertForSequenceClassification(
+            tf.BertConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_hidden_layers=NUM_LAYERS,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                num_labels=2,
+            )
+        )
     elif arch == "llava":
         model = tf.LlavaForConditionalGeneration(
-            tf.LlavaConfig(vision_config=_vision_clip(), text_config=tf.LlamaConfig(**TEXT), image_token_id=VOCAB - 1))
+            tf.LlavaConfig(vision_config=_vision_clip(), text_config=tf.LlamaConfig(**TEXT), image_token_id=VOCAB - 1)
+        )
     elif arch == "mixtral":
         model = tf.MixtralForCausalLM(tf.MixtralConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2))
     elif arch == "qwen3_moe":
-        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**TEXT, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                                                        moe_intermediate_size=16))
+        model = tf.Qwen3MoeForCausalLM(
+            tf.Qwen3MoeConfig(**TEXT, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+        )
     elif arch == "gpt_oss":
         model = tf.GptOssForCausalLM(tf.GptOssConfig(**TEXT, head_dim=8, num_local_experts=4, num_experts_per_tok=2))
     elif arch == "qwen2_vl":
         text = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=0, eos_token_id=0)
-        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
-                      spatial_merge_size=1, temporal_patch_size=1, in_channels=3)
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=2,
+            spatial_merge_size=1,
+            temporal_patch_size=1,
+            in_channels=3,
+        )
         model = tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(text_config=text, vision_config=vision))
     elif arch == "gemma3":
         text = tf.Gemma3TextConfig(**TEXT, head_dim=8, bos_token_id=0, eos_token_id=0)
-        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                       num_hidden_layers=2, image_size=32, patch_size=8)
-        model = tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(text_config=text, vision_config=vision,
-                                                                  mm_tokens_per_image=4))
+        vision = tf.SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+        )
+        model = tf.Gemma3ForConditionalGeneration(
+            tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+        )
     else:
         raise KeyError(arch)
     return model.eval()
@@ -120,13 +163,24 @@ STACK = {
 CASES = [
     ("llama", "list", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
     ("llama", "all-linear", dict(target_modules="all-linear")),
-    ("llama", "rank-alpha-pattern", dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 8},
-                                         alpha_pattern={"up_proj": 3})),
+    (
+        "llama",
+        "rank-alpha-pattern",
+        dict(
+            r=4,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            rank_pattern={"v_proj": 8},
+            alpha_pattern={"up_proj": 3},
+        ),
+    ),
     ("llama", "modules_to_save", dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
     ("llama", "lm_head", dict(target_modules=["q_proj", "v_proj", "lm_head"])),
     ("llama", "dora", dict(target_modules=["q_proj", "v_proj"], use_dora=True)),
-    ("llama", "layers_pattern", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=list(range(NUM_LAYERS)),
-                                     layers_pattern="layers")),
+    (
+        "llama",
+        "layers_pattern",
+        dict(target_modules=["q_proj", "v_proj"], layers_to_transform=list(range(NUM_LAYERS)), layers_pattern="layers"),
+    ),
     ("llama", "regex", dict(target_modules=r".*\.(q_proj|o_proj)")),
     ("gpt2", "conv1d", dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
     ("gpt2", "all-linear", dict(target_modules="all-linear", fan_in_fan_out=True)),
@@ -134,11 +188,19 @@ CASES = [
     ("bert_cls", "modules_to_save", dict(target_modules=["query", "value"], modules_to_save=["classifier"])),
     ("llava", "list", dict(target_modules=["q_proj", "v_proj"])),
     ("llava", "all-linear", dict(target_modules="all-linear")),
-    ("mixtral", "target_parameters", dict(target_modules=["q_proj"],
-                                          target_parameters=["experts.gate_up_proj", "experts.down_proj"])),
+    (
+        "mixtral",
+        "target_parameters",
+        dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+    ),
     ("mixtral", "all-linear", dict(target_modules="all-linear")),
-    ("qwen3_moe", "target_parameters", dict(target_modules=["q_proj", "v_proj"],
-                                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
+    (
+        "qwen3_moe",
+        "target_parameters",
+        dict(
+            target_modules=["q_proj", "v_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        ),
+    ),
     ("gpt_oss", "target_parameters", dict(target_modules=["q_proj"], target_parameters=["experts.down_proj"])),
     ("qwen2_vl", "list", dict(target_modules=["q_proj", "v_proj"])),
     ("qwen2_vl", "all-linear", dict(target_modules="all-linear")),
@@ -146,11 +208,18 @@ CASES = [
 ]
 
 #: the cases whose config also reaches modules outside the planned stack
-OUTSIDE = {("llama", "lm_head"), ("bert_cls", "all-linear"), ("llava", "list"), ("llava", "all-linear"),
-           ("qwen2_vl", "all-linear"), ("gemma3", "list")}
+OUTSIDE = {
+    ("llama", "lm_head"),
+    ("bert_cls", "all-linear"),
+    ("llava", "list"),
+    ("llava", "all-linear"),
+    ("qwen2_vl", "all-linear"),
+    ("gemma3", "list"),
+}
 
 
 # -- independent reading of a PEFT model ----------------------------------------------------------------------------
+
 
 def layer_of(site: str, arch: str) -> int | None:
     match = re.match(rf"^{re.escape(STACK[arch])}\.(\d+)\.", site)
@@ -216,8 +285,14 @@ def plans(pm):
     def plan_for(arch: str, share: bool):
         key = (arch, share)
         if key not in made:
-            config = PlanConfig(selector="fixed", options={"layers": PLANNED}, share="odd_even" if share else None,
-                                calibration_samples=4, max_length=12, stability=False)
+            config = PlanConfig(
+                selector="fixed",
+                options={"layers": PLANNED},
+                share="odd_even" if share else None,
+                calibration_samples=4,
+                max_length=12,
+                stability=False,
+            )
             batches = [inputs(arch, seed=1), inputs(arch, seed=2)]
             made[key] = make_plan(build(arch), batches, config, plugin_manager=pm, progress=False)
         return copy.deepcopy(made[key])
@@ -270,17 +345,34 @@ def test_encoder_decoder_models_are_refused_naming_both_stacks(pm):
     import transformers as tf
 
     torch.manual_seed(0)
-    bart = tf.BartForConditionalGeneration(tf.BartConfig(
-        d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64))
-    t5 = tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                                                   num_heads=4, vocab_size=VOCAB))
-    for model, planned, other in ((bart, "model.decoder.layers", "model.encoder.layers"),
-                                  (t5, "encoder.block", "decoder.block")):
+    bart = tf.BartForConditionalGeneration(
+        tf.BartConfig(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=3,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        )
+    )
+    t5 = tf.T5ForConditionalGeneration(
+        tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB)
+    )
+    for model, planned, other in (
+        (bart, "model.decoder.layers", "model.encoder.layers"),
+        (t5, "encoder.block", "decoder.block"),
+    ):
         for targets in (None, ["q_proj", "v_proj"] if model is bart else ["q", "v"]):
             with pytest.raises(ConfigError) as exc:
-                make_plan(model, [inputs("llama", 1)], PlanConfig(selector="top", target_modules=targets,
-                                                                    calibration_samples=2), plugin_manager=pm,
-                          progress=False)
+                make_plan(
+                    model,
+                    [inputs("llama", 1)],
+                    PlanConfig(selector="top", target_modules=targets, calibration_samples=2),
+                    plugin_manager=pm,
+                    progress=False,
+                )
             message = str(exc.value)
             assert f"`{other}`" in message and f"`{planned}`" in message and "encoder-decoder" in message

@@ -13,8 +13,24 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
-MICRO = dict(model="tiny", layers=4, hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=128, batch=1, seq_len=16,
-             dtype="float32", device="cpu", rank=2, repeats=1, warmup=0, cka_samples=8, cka_max_length=16)
+MICRO = dict(
+    model="tiny",
+    layers=4,
+    hidden=32,
+    intermediate=64,
+    heads=4,
+    kv_heads=2,
+    vocab=128,
+    batch=1,
+    seq_len=16,
+    dtype="float32",
+    device="cpu",
+    rank=2,
+    repeats=1,
+    warmup=0,
+    cka_samples=8,
+    cka_max_length=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +45,21 @@ def bench():
 def test_presets_cover_the_design_settings(bench):
     cpu, gpu = bench.PRESETS["cpu"], bench.PRESETS["gpu"]
     assert (cpu["model"], cpu["batch"], cpu["seq_len"], cpu["dtype"], cpu["rank"], cpu["repeats"]) == (
-        "smollm2", 4, 256, "float32", 16, 5)
+        "smollm2",
+        4,
+        256,
+        "float32",
+        16,
+        5,
+    )
     assert (gpu["layers"], gpu["hidden"], gpu["batch"], gpu["seq_len"], gpu["dtype"], gpu["repeats"]) == (
-        22, 2048, 8, 1024, "bfloat16", 8)
+        22,
+        2048,
+        8,
+        1024,
+        "bfloat16",
+        8,
+    )
 
 
 def test_one_micro_run_measures_every_configuration(bench, tmp_path):
@@ -53,8 +81,16 @@ def test_one_micro_run_measures_every_configuration(bench, tmp_path):
     assert ("top half", "stock PEFT, input grads off", False) in seen and len(rows) == 23
     for r in rows:
         assert len(r["times_s"]) == 1 and r["median_s"] > 0 and r["peak_bytes"] > 0
-        assert all(math.isfinite(r[k]) for k in ("time_ratio", "predicted_time_ratio", "flops_time_ratio",
-                                                     "memory_ratio", "predicted_memory_ratio"))
+        assert all(
+            math.isfinite(r[k])
+            for k in (
+                "time_ratio",
+                "predicted_time_ratio",
+                "flops_time_ratio",
+                "memory_ratio",
+                "predicted_memory_ratio",
+            )
+        )
         if r["mode"] == "all layers":
             assert r["time_ratio"] == 1.0 and r["predicted_time_ratio"] == pytest.approx(1.0)
         expected = list(range(r["lowest"])) if r["mode"] == "loraplan" else []

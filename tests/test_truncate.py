@@ -20,7 +20,6 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 LAYERS = 6
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -50,7 +49,8 @@ def plan_for(model, layers: list[int], groups: list[list[int]]) -> LoraPlan:
 
 
 def build(make_llama, layers, groups, *, truncate=True, checkpointing=None, input_grads=True, **lora):
-    """A LoRA model narrowed to the plan; checkpointing and input grads switched on afterwards, as Trainer.train does."""
+    """A LoRA model narrowed to the plan; checkpointing and input grads switched on afterwards, as Trainer.train
+    does."""
     base = make_llama(layers=LAYERS, seed=0)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False, **lora))
     plan = plan_for(base, layers, groups)
@@ -135,7 +135,8 @@ def test_same_loss_and_lora_gradients_as_stock_peft(make_llama, which, mode):
 
 
 def test_deprecated_gradient_checkpointing_name_and_a_later_input_grads_call(make_llama):
-    """What TRL does: `gradient_checkpointing_enable` (deprecated name) and `enable_input_require_grads` after the plan."""
+    """What TRL does: `gradient_checkpointing_enable` (deprecated name) and `enable_input_require_grads` after the
+    plan."""
     ours, _ = build(make_llama, [3, 4, 5], [], input_grads=False)
     stock, _ = build(make_llama, [3, 4, 5], [], truncate=False, input_grads=False)
     for model in (ours, stock):
@@ -151,7 +152,10 @@ def test_deprecated_gradient_checkpointing_name_and_a_later_input_grads_call(mak
 
 def test_truncate_backward_false_and_remove_truncation_give_stock_behaviour(make_llama):
     model, plan = build(make_llama, [3, 4, 5], [], truncate=False)
-    assert plan.notes[-1] == f"{NOTE_PREFIX} off: turned off (truncate_backward=False); every layer is back-propagated as with stock PEFT"
+    assert (
+        plan.notes[-1]
+        == f"{NOTE_PREFIX} off: turned off (truncate_backward=False); every layer is back-propagated as with stock PEFT"
+    )
     layers = find_layers(model).layers
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
     apply_plan(model, plan)  # applied again: installed, and the note replaced rather than added
@@ -238,8 +242,9 @@ def test_save_and_load_keep_truncation(tmp_path, make_llama):
     assert LoraPlan.load(tmp_path / "adapter").notes[-1] == plan.notes[-1]
     loaded = []
     for truncate in (False, True):
-        peft = load_adapter(make_llama(layers=LAYERS, seed=0), tmp_path / "adapter", is_trainable=True,
-                            truncate_backward=truncate)
+        peft = load_adapter(
+            make_llama(layers=LAYERS, seed=0), tmp_path / "adapter", is_trainable=True, truncate_backward=truncate
+        )
         peft.train()
         peft.base_model.model.activation_checkpointing_enable()
         loaded.append(peft)

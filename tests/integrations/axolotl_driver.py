@@ -92,7 +92,9 @@ def _sites(model) -> dict[str, int]:
     found = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if name.endswith(".lora_A") and "default" in module:
-            found[name.removesuffix(".lora_A").removeprefix("base_model.model.")] = int(module["default"].weight.shape[0])
+            found[name.removesuffix(".lora_A").removeprefix("base_model.model.")] = int(
+                module["default"].weight.shape[0]
+            )
     return found
 
 

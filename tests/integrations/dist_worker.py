@@ -17,8 +17,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-SETTINGS = {"selector": "cka", "ratio": 0.5, "share": "angular", "share_threshold": 0.0, "calibration_samples": 12,
-            "max_length": 24, "batch_size": 4, "last_token": "reference"}
+SETTINGS = {
+    "selector": "cka",
+    "ratio": 0.5,
+    "share": "angular",
+    "share_threshold": 0.0,
+    "calibration_samples": 12,
+    "max_length": 24,
+    "batch_size": 4,
+    "last_token": "reference",
+}
 
 
 def texts(reverse: bool) -> list[str]:
@@ -104,16 +112,27 @@ def fsdp2(out: Path, model_dir: str) -> dict:
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(model_dir)
         stack = find_layers(base)
-        plan = LoraPlan(num_layers=4, selected_layers=[2, 3], config={"selector": "top"}, model_fingerprint=fingerprint(base, stack),
-                        stack={"path": stack.path, "pattern": stack.pattern, "ambiguous": False})
-        model = get_peft_model(base, plan.to_lora_config(LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                                      init_lora_weights=False)))
+        plan = LoraPlan(
+            num_layers=4,
+            selected_layers=[2, 3],
+            config={"selector": "top"},
+            model_fingerprint=fingerprint(base, stack),
+            stack={"path": stack.path, "pattern": stack.pattern, "ambiguous": False},
+        )
+        model = get_peft_model(
+            base,
+            plan.to_lora_config(
+                LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+            ),
+        )
         apply_plan(model, plan, truncate_backward=truncate)
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         seen: dict[int, set] = {}
         for index, layer in enumerate(stack.layers):
             layer.register_forward_hook(
-                lambda m, a, o, index=index: seen.setdefault(index, set()).add(bool((o[0] if isinstance(o, tuple) else o).requires_grad))
+                lambda m, a, o, index=index: seen.setdefault(index, set()).add(  # noqa: B023 - one dict for all
+                    bool((o[0] if isinstance(o, tuple) else o).requires_grad)
+                )
             )
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)

@@ -31,8 +31,10 @@ TINY = REPO / "recipes" / "axolotl" / "tiny_cpu.yaml"
 def axolotl_python() -> str:
     python = Path(os.environ.get("LORAPLAN_AXOLOTL_PYTHON", REPO / ".venv-axolotl" / "bin" / "python"))
     if not python.is_file():
-        pytest.fail(f"no Axolotl venv at {python}: run `make test-axolotl` (it builds .venv-axolotl) or set "
-                    "LORAPLAN_AXOLOTL_PYTHON to the python of a venv with axolotl 0.21.0.")
+        pytest.fail(
+            f"no Axolotl venv at {python}: run `make test-axolotl` (it builds .venv-axolotl) or set "
+            "LORAPLAN_AXOLOTL_PYTHON to the python of a venv with axolotl 0.21.0."
+        )
     return str(python)
 
 
@@ -107,9 +109,19 @@ def test_two_steps_with_the_loraplan_block(first_run, model_dir, checks):
     plan = LoraPlan.load(out / "loraplan.json")
     assert plan.config["selector"] == "cka" and plan.config["share"] == "angular"
     # LoRA on the configured targets of the planned layers only, and the saved config alone says so
-    planned = {f"model.layers.{i}.{m}" for i in plan.selected_layers for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-        "mlp.up_proj", "mlp.down_proj")}
+    planned = {
+        f"model.layers.{i}.{m}"
+        for i in plan.selected_layers
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     assert set(report["sites"]) == planned and set(report["sites"].values()) == {4}
     assert report["config_sites"] == report["sites"]
     assert report["saved_exclude_modules"] == stack_exclusion(plan)
@@ -147,15 +159,34 @@ def test_all_linear_with_per_module_ranks_and_the_budget_rank(axolotl_python, ti
     # lora_target_linear and lora_rank_pattern reach PEFT as the user wrote them; the plan narrows the layers and its
     # budget rule scales every rank (two planned layers in one group: doubled)
     config = tiny_config(
-        tiny_dir, tmp_path, lora_target_modules=None, lora_target_linear=True, lora_rank_pattern={"v_proj": 8},
-        loraplan={"selector": "cka", "ratio": 0.5, "share": "angular", "share_threshold": 0.0, "rank_policy": "budget",
-                  "calibration_samples": 16, "max_length": 64, "last_token": "reference"},
+        tiny_dir,
+        tmp_path,
+        lora_target_modules=None,
+        lora_target_linear=True,
+        lora_rank_pattern={"v_proj": 8},
+        loraplan={
+            "selector": "cka",
+            "ratio": 0.5,
+            "share": "angular",
+            "share_threshold": 0.0,
+            "rank_policy": "budget",
+            "calibration_samples": 16,
+            "max_length": 64,
+            "last_token": "reference",
+        },
     )
     report, _ = train(axolotl_python, config, tmp_path)
     plan = LoraPlan.load(tmp_path / "out" / "loraplan.json")
     assert len(plan.selected_layers) == 2 and plan.share_groups == [plan.selected_layers] and plan.rank == 8
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-             "mlp.up_proj", "mlp.down_proj")
+    names = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
     assert report["sites"] == {
         f"model.layers.{i}.{m}": 16 if m.endswith("v_proj") else 8 for i in plan.selected_layers for m in names
     }

@@ -33,8 +33,22 @@ def free_port() -> int:
 
 def launch(out: Path, report: Path, *overrides: str, resume: bool = False) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               "recipes/trl_sft.py", "--config", TINY, "--report", str(report), f"training.output_dir={out}", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "recipes/trl_sft.py",
+        "--config",
+        TINY,
+        "--report",
+        str(report),
+        f"training.output_dir={out}",
+        *overrides,
+    ]
     if resume:
         command.insert(command.index("--report"), "--resume")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -119,8 +133,11 @@ def test_trl_recipe_on_two_cpu_ranks_with_ddp(tmp_path):
 
 @pytest.mark.parametrize(
     ("launcher", "share"),
-    [("training.deepspeed=recipes/deepspeed/zero3.json", "null"), ("training.deepspeed=recipes/deepspeed/zero2.json",
-     "angular"), ("training.use_cpu=true", "angular")],
+    [
+        ("training.deepspeed=recipes/deepspeed/zero3.json", "null"),
+        ("training.deepspeed=recipes/deepspeed/zero2.json", "angular"),
+        ("training.use_cpu=true", "angular"),
+    ],
     ids=["zero3-reentrant", "zero2-shared", "ddp-shared"],
 )
 def test_truncated_backward_matches_stock_on_two_ranks(tmp_path, launcher, share):
@@ -146,7 +163,10 @@ def test_truncated_backward_matches_stock_on_two_ranks(tmp_path, launcher, share
         assert after["model_checkpointing"] == [f"{{'use_reentrant': {reentrant}}}"]
     plan = LoraPlan.from_dict(ours[0]["plan"])
     assert plan.selected_layers == [2, 3] and plan.notes[-1].startswith("backward truncation: layers 0-1")
-    want, got = load_file(tmp_path / "stock" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    want, got = (
+        load_file(tmp_path / "stock" / "adapter_model.safetensors"),
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
+    )
     assert want.keys() == got.keys()
     for key in want:
         assert torch_close(got[key], want[key]), key

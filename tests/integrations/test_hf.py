@@ -49,13 +49,20 @@ def make_trainer(model, out, tokenizer, dataset, callback, **overrides):
     )
 
 
-def test_two_steps_plan_ties_checkpoints_and_stock_reload(tmp_path, model_dir, tokenizer, texts, checks, shared, caplog):
+def test_two_steps_plan_ties_checkpoints_and_stock_reload(
+    tmp_path, model_dir, tokenizer, texts, checks, shared, caplog
+):
     model = checks.lora_model(model_dir)
     callback = LoraPlanCallback(shared, calibration_data=texts)
     with caplog.at_level(logging.WARNING, logger="loraplan"):
         trainer = make_trainer(
-            model, tmp_path, tokenizer, tokenised(texts, tokenizer), callback,
-            activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True},
+            model,
+            tmp_path,
+            tokenizer,
+            tokenised(texts, tokenizer),
+            callback,
+            activation_checkpointing=True,
+            activation_checkpointing_kwargs={"use_reentrant": True},
         )
     plan = callback.plan
     # sharing is on and reentrant checkpointing was asked for: switched, under both names, and said so
@@ -80,7 +87,9 @@ def test_two_steps_plan_ties_checkpoints_and_stock_reload(tmp_path, model_dir, t
 
 def test_resume_reuses_plan_and_ties(tmp_path, model_dir, tokenizer, texts, checks, shared, caplog):
     dataset = tokenised(texts, tokenizer)
-    first = make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts))
+    first = make_trainer(
+        checks.lora_model(model_dir), tmp_path, tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts)
+    )
     first.train()
     saved = (tmp_path / "loraplan.json").read_bytes()
     before = checks.losses(first)
@@ -105,11 +114,21 @@ def test_resume_reuses_plan_and_ties(tmp_path, model_dir, tokenizer, texts, chec
 
 def test_resume_from_checkpoint_of_another_plan_is_an_error(tmp_path, model_dir, tokenizer, texts, checks, shared):
     dataset = tokenised(texts, tokenizer)
-    make_trainer(checks.lora_model(model_dir), tmp_path / "a", tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts)).train()
+    make_trainer(
+        checks.lora_model(model_dir),
+        tmp_path / "a",
+        tokenizer,
+        dataset,
+        LoraPlanCallback(shared, calibration_data=texts),
+    ).train()
     other = make_plan(checks.lora_model(model_dir), texts, {**shared, "ratio": 0.75}, tokenizer, progress=False)
     other.save(tmp_path / "other.json")
     trainer = make_trainer(
-        checks.lora_model(model_dir), tmp_path / "b", tokenizer, dataset, LoraPlanCallback(plan_path=tmp_path / "other.json"),
+        checks.lora_model(model_dir),
+        tmp_path / "b",
+        tokenizer,
+        dataset,
+        LoraPlanCallback(plan_path=tmp_path / "other.json"),
         max_steps=4,
     )
     with pytest.raises(PlanMismatchError, match="selected_layers"):
@@ -126,7 +145,9 @@ def test_callback_added_after_construction_fails_at_train(tmp_path, model_dir, t
 
 def test_neither_data_nor_plan_explains_both(tmp_path, model_dir, tokenizer, texts, checks, shared):
     with pytest.raises(ConfigError, match=r"`calibration_data`.*calibration_data=.*TRAIN_DATASET.*plan_path="):
-        make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared))
+        make_trainer(
+            checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared)
+        )
 
 
 def test_plan_for_another_model_is_an_error(tmp_path, model_dir, tokenizer, texts, checks, shared):
@@ -139,17 +160,25 @@ def test_plan_for_another_model_is_an_error(tmp_path, model_dir, tokenizer, text
     make_plan(bigger, texts, shared, tokenizer, progress=False).save(tmp_path / "six.json")
     with pytest.raises(PlanMismatchError, match="num_layers: plan 6, model 4"):
         make_trainer(
-            checks.lora_model(model_dir), tmp_path / "out", tokenizer, tokenised(texts, tokenizer),
+            checks.lora_model(model_dir),
+            tmp_path / "out",
+            tokenizer,
+            tokenised(texts, tokenizer),
             LoraPlanCallback(plan_path=tmp_path / "six.json"),
         )
 
 
 def test_changed_settings_with_a_saved_plan_is_an_error(tmp_path, model_dir, tokenizer, texts, checks, shared):
     dataset = tokenised(texts, tokenizer)
-    make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts))
+    make_trainer(
+        checks.lora_model(model_dir), tmp_path, tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts)
+    )
     with pytest.raises(ConfigError, match=r"ratio: plan 0\.5, now 0\.25.*delete that file or use a fresh output"):
         make_trainer(
-            checks.lora_model(model_dir), tmp_path, tokenizer, dataset,
+            checks.lora_model(model_dir),
+            tmp_path,
+            tokenizer,
+            dataset,
             LoraPlanCallback({**shared, "ratio": 0.25}, calibration_data=texts),
         )
 
@@ -174,7 +203,10 @@ def test_unwrapped_model_is_refused(tmp_path, model_dir, tokenizer, texts, share
 
     with pytest.raises(ConfigError, match="needs a LoRA-wrapped model.*get_peft_model"):
         make_trainer(
-            AutoModelForCausalLM.from_pretrained(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer),
+            AutoModelForCausalLM.from_pretrained(model_dir),
+            tmp_path,
+            tokenizer,
+            tokenised(texts, tokenizer),
             LoraPlanCallback(shared, calibration_data=texts),
         )
 
@@ -194,7 +226,9 @@ def test_train_dataset_calibration_uses_the_trainers_rows(tmp_path, model_dir, t
 def test_model_already_checkpointing_reentrantly_is_switched(tmp_path, model_dir, tokenizer, texts, checks, shared):
     model = checks.lora_model(model_dir)
     model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    make_trainer(model, tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts))
+    make_trainer(
+        model, tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts)
+    )
     funcs = [m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert funcs and all(isinstance(f, functools.partial) and f.keywords["use_reentrant"] is False for f in funcs)
 
@@ -210,7 +244,9 @@ def test_custom_checkpointing_with_sharing_is_refused(tmp_path, model_dir, token
         if getattr(module, "gradient_checkpointing", False):
             module._gradient_checkpointing_func = offloaded_checkpoint
     with pytest.raises(ConfigError, match="offloaded_checkpoint, not torch's checkpoint.*share: null"):
-        make_trainer(model, tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts))
+        make_trainer(
+            model, tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts)
+        )
 
 
 def test_model_init_is_refused_at_train(tmp_path, model_dir, tokenizer, texts, checks, shared):

@@ -77,8 +77,13 @@ def test_deepspeed_configs_fill_their_auto_values(path, tmp_path):
     raw = json.loads(path.read_text(encoding="utf-8"))
     assert "auto" in json.dumps(raw), "HF recipes leave batch sizes and buckets to the Trainer ('auto')"
     hf = HfTrainerDeepSpeedConfig(str(path))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                             report_to=[], use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        report_to=[],
+        use_cpu=True,
+    )
     hf.trainer_config_process(args)
     hf.trainer_config_finalize(args, type("Model", (), {"config": LlamaConfig(hidden_size=64)})(), 100)
     assert "auto" not in json.dumps(hf.config)
@@ -103,9 +108,20 @@ def test_tiny_cpu_trl_recipe_runs_two_steps(tmp_path, checks):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run(
-        [sys.executable, "recipes/trl_sft.py", "--config", "recipes/configs/trl/tiny_cpu.yaml",
-         "--report", str(tmp_path / "report.json"), f"training.output_dir={out}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "recipes/trl_sft.py",
+            "--config",
+            "recipes/configs/trl/tiny_cpu.yaml",
+            "--report",
+            str(tmp_path / "report.json"),
+            f"training.output_dir={out}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "report.rank0.json").read_text())

@@ -15,10 +15,15 @@ import torch
 
 from loraplan.integrations.hf import TRAIN_DATASET, LoraPlanCallback
 
-LLAMA_ALL_LINEAR = dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"v_proj": 8},
-                        alpha_pattern={"v_proj": 4})
-MOE = dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
-           target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+LLAMA_ALL_LINEAR = dict(
+    r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"v_proj": 8}, alpha_pattern={"v_proj": 4}
+)
+MOE = dict(
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "o_proj"],
+    target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+)
 
 CASES = [
     ("trainer", "llama", LLAMA_ALL_LINEAR, "keep"),
@@ -33,11 +38,20 @@ def mixtral_dir(tiny_dir, tokenizer):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                           num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2,
-                           vocab_size=len(tokenizer), max_position_embeddings=256,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
+    config = MixtralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     out = tiny_dir / "mixtral"
     MixtralForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -73,30 +87,49 @@ def _expected(path, settings, plan, read_sites, policy) -> dict[str, int]:
 def _trainer(kind, path, out, settings, callback, tokenizer, texts):
     from datasets import Dataset
 
-    common = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, save_steps=2,
-                  logging_steps=1, report_to=[], use_cpu=True, seed=0)
+    common = dict(
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
     if kind == "trainer":
         from peft import LoraConfig, get_peft_model
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
         data = Dataset.from_dict({"text": texts}).map(
-            lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"])
-        return Trainer(model=get_peft_model(_load(path), LoraConfig(**copy.deepcopy(settings))),
-                       args=TrainingArguments(**common, dataloader_num_workers=0), train_dataset=data,
-                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
-                       callbacks=[callback])
+            lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"]
+        )
+        return Trainer(
+            model=get_peft_model(_load(path), LoraConfig(**copy.deepcopy(settings))),
+            args=TrainingArguments(**common, dataloader_num_workers=0),
+            train_dataset=data,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            processing_class=tokenizer,
+            callbacks=[callback],
+        )
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    return SFTTrainer(model=_load(path), args=SFTConfig(**common, max_length=32, bf16=False),
-                      train_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer,
-                      peft_config=LoraConfig(**copy.deepcopy(settings)), callbacks=[callback])
+    return SFTTrainer(
+        model=_load(path),
+        args=SFTConfig(**common, max_length=32, bf16=False),
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**copy.deepcopy(settings)),
+        callbacks=[callback],
+    )
 
 
-@pytest.mark.parametrize(("kind", "arch", "settings", "policy"), CASES,
-                         ids=[f"{k}-{a}-{p}" for k, a, _, p in CASES])
-def test_trainer_round_trip(kind, arch, settings, policy, tmp_path, model_dir, mixtral_dir, tokenizer, texts,
-                            shared, read_sites):
+@pytest.mark.parametrize(("kind", "arch", "settings", "policy"), CASES, ids=[f"{k}-{a}-{p}" for k, a, _, p in CASES])
+def test_trainer_round_trip(
+    kind, arch, settings, policy, tmp_path, model_dir, mixtral_dir, tokenizer, texts, shared, read_sites
+):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     path = model_dir if arch == "llama" else mixtral_dir

@@ -89,7 +89,9 @@ def test_reentrant_kwargs_as_trl_forces_them_are_switched(tmp_path, model_dir, t
     assert trainer.args.activation_checkpointing_kwargs == {"use_reentrant": False}
     assert any("switched from reentrant" in r.getMessage() for r in caplog.records)
     trainer.train()
-    funcs = [m._gradient_checkpointing_func for m in trainer.model.modules() if getattr(m, "gradient_checkpointing", False)]
+    funcs = [
+        m._gradient_checkpointing_func for m in trainer.model.modules() if getattr(m, "gradient_checkpointing", False)
+    ]
     assert funcs and all(f.keywords["use_reentrant"] is False for f in funcs)
     checks.plan_realised(trainer.model, callback.plan)
 
@@ -102,8 +104,16 @@ def test_sft_with_a_peft_model_and_no_peft_config(tmp_path, model_dir, texts, ch
     callback = LoraPlanCallback(shared, calibration_data=texts)
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, max_length=32,
-                       report_to=[], use_cpu=True, bf16=False, save_strategy="no"),
+        args=SFTConfig(
+            output_dir=str(tmp_path),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            max_length=32,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            save_strategy="no",
+        ),
         train_dataset=Dataset.from_dict({"text": texts}),
         callbacks=[callback],
     )

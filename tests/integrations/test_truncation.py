@@ -12,7 +12,6 @@ from loraplan import make_plan
 from loraplan.integrations.hf import LoraPlanCallback
 from loraplan.layers import find_layers
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -83,9 +82,17 @@ def test_hf_trainer_with_activation_checkpointing(tmp_path, model_dir, tokenizer
         trainer = Trainer(
             model=model,
             args=TrainingArguments(
-                output_dir=str(tmp_path / str(truncate)), max_steps=2, per_device_train_batch_size=4,
-                learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": reentrant},
+                output_dir=str(tmp_path / str(truncate)),
+                max_steps=2,
+                per_device_train_batch_size=4,
+                learning_rate=1e-2,
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                use_cpu=True,
+                seed=0,
+                activation_checkpointing=True,
+                activation_checkpointing_kwargs={"use_reentrant": reentrant},
             ),
             train_dataset=dataset(texts, tokenizer),
             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
@@ -97,7 +104,11 @@ def test_hf_trainer_with_activation_checkpointing(tmp_path, model_dir, tokenizer
         runs.append((trainer, records))
     assert_same_run(*runs, checks)
     # checkpointing really ran as asked, on the layers that are back-propagated
-    funcs = [m._gradient_checkpointing_func for m in runs[1][0].model.modules() if getattr(m, "gradient_checkpointing", False)]
+    funcs = [
+        m._gradient_checkpointing_func
+        for m in runs[1][0].model.modules()
+        if getattr(m, "gradient_checkpointing", False)
+    ]
     assert funcs and all(f.keywords["use_reentrant"] is reentrant for f in funcs)
 
 
@@ -115,9 +126,19 @@ def test_trl_sft_trainer_with_gradient_checkpointing(tmp_path, model_dir, tokeni
         trainer = SFTTrainer(
             model=str(model_dir),
             args=SFTConfig(
-                output_dir=str(tmp_path / str(truncate)), max_steps=2, per_device_train_batch_size=4,
-                learning_rate=1e-2, max_length=24, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                bf16=False, seed=0, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
+                output_dir=str(tmp_path / str(truncate)),
+                max_steps=2,
+                per_device_train_batch_size=4,
+                learning_rate=1e-2,
+                max_length=24,
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                use_cpu=True,
+                bf16=False,
+                seed=0,
+                gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"use_reentrant": True},
             ),
             train_dataset=Dataset.from_dict({"text": texts[:16]}),
             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
@@ -127,5 +148,9 @@ def test_trl_sft_trainer_with_gradient_checkpointing(tmp_path, model_dir, tokeni
         trainer.train()
         runs.append((trainer, records))
     assert_same_run(*runs, checks)
-    funcs = [m._gradient_checkpointing_func for m in runs[1][0].model.modules() if getattr(m, "gradient_checkpointing", False)]
+    funcs = [
+        m._gradient_checkpointing_func
+        for m in runs[1][0].model.modules()
+        if getattr(m, "gradient_checkpointing", False)
+    ]
     assert funcs and all(f.keywords["use_reentrant"] is True for f in funcs)
