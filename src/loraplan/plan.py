@@ -5,20 +5,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import PlanMismatchError
+from .errors import LayerDiscoveryError, PlanMismatchError
+from .layers import find_layers, hidden_size, stack_at, text_config, unwrap
 from .layout import plan_lora_config
+from .sharing import expanded_rank
 
 if TYPE_CHECKING:
     from peft import LoraConfig
     from torch import nn
 
 __all__ = ["PLAN_FILE", "FORMAT", "LoraPlan", "fingerprint"]
+
+logger = logging.getLogger("loraplan")
 
 #: the plan's file name beside an adapter or in a trainer's output directory
 PLAN_FILE = "loraplan.json"
@@ -66,30 +71,11 @@ def _nan(values: list[Any]) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
 
-def _config_of(model: nn.Module) -> Any:
-    from .layers import unwrap
-
-    return getattr(unwrap(model), "config", None)
-
-
-def _hidden_size(config: Any) -> int | None:
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(text, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def fingerprint(model: nn.Module, stack: Any = None) -> dict[str, Any]:
     """Class, layer count, hidden size, layer path and a hash of the network-defining config of ``model``."""
-    from .layers import find_layers, unwrap
-
     base = unwrap(model)
     stack = stack if stack is not None else find_layers(base)
-    config = _config_of(base)
+    config = getattr(base, "config", None)
     relevant: dict[str, Any] = {}
     if config is not None:
         relevant = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
@@ -98,7 +84,7 @@ def fingerprint(model: nn.Module, stack: Any = None) -> dict[str, Any]:
         "class": type(base).__name__,
         "model_type": getattr(config, "model_type", None),
         "num_layers": stack.num_layers,
-        "hidden_size": _hidden_size(config),
+        "hidden_size": hidden_size(text_config(base)),
         "layers_path": stack.path,
         "config_hash": "sha256:" + digest[:16],
     }
@@ -185,8 +171,6 @@ class LoraPlan:
 
     def resolve_rank(self, base_rank: int) -> int:
         """The LoRA rank this plan asks for, given the LoRA config's ``r``."""
-        from .sharing import expanded_rank
-
         policy = self.config.get("rank_policy", "keep")
         if isinstance(policy, int):
             return policy
@@ -228,11 +212,6 @@ class LoraPlan:
     def check_model(self, model: nn.Module, stack: Any = None) -> None:
         """Raise :class:`PlanMismatchError` if this plan does not fit ``model`` (layer count, hidden size, layer
         path); log a warning if only the class or the config hash differ."""
-        import logging
-
-        from .errors import LayerDiscoveryError
-        from .layers import stack_at
-
         if stack is None and self.stack_path:
             try:
                 stack = stack_at(model, self.stack_path)
@@ -253,7 +232,7 @@ class LoraPlan:
             )
         for key in ("class", "config_hash"):
             if self.model_fingerprint.get(key) and self.model_fingerprint[key] != current[key]:
-                logging.getLogger("loraplan").warning(
+                logger.warning(
                     "the plan was made for a model with %s %r; this model has %r. The layer stack fits, so the plan "
                     "is used.",
                     key,
