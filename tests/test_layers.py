@@ -11,8 +11,21 @@ from loraplan import PlanConfig, hookimpl
 from loraplan.calibration import calibrate
 from loraplan.data import prepare_batches
 from loraplan.errors import LayerDiscoveryError
-from loraplan.layers import LayerStack, find_layers, linear_modules
+from loraplan.layers import (
+    LayerStack,
+    base_layer,
+    features,
+    find_layers,
+    hidden_size,
+    linear_modules,
+    parameter_device,
+    parameter_dtype,
+    target_shapes,
+    text_config,
+)
 from loraplan.strategies import ACTIVATIONS, HIDDEN
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3, vocab_size=101)
 
@@ -37,8 +50,15 @@ def _build(name):
         return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**SMALL))
     if name == "opt":
         return tf.OPTForCausalLM(
-            tf.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=3, vocab_size=101,
-                         word_embed_proj_dim=32, max_position_embeddings=64)
+            tf.OPTConfig(
+                hidden_size=32,
+                ffn_dim=64,
+                num_attention_heads=4,
+                num_hidden_layers=3,
+                vocab_size=101,
+                word_embed_proj_dim=32,
+                max_position_embeddings=64,
+            )
         )
     if name == "falcon":
         return tf.FalconForCausalLM(
@@ -51,10 +71,18 @@ def _build(name):
     if name == "deberta-v2":
         return tf.DebertaV2Model(tf.DebertaV2Config(**SMALL, max_position_embeddings=64))
     if name == "llava":
-        vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                     num_hidden_layers=2, image_size=32, patch_size=8)
+        vision = tf.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+        )
         text = tf.LlamaConfig(**SMALL, num_key_value_heads=2)
-        return tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=100))
+        return tf.LlavaForConditionalGeneration(
+            tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=100)
+        )
     raise KeyError(name)
 
 
@@ -111,8 +139,15 @@ def test_linear_modules_see_through_lora_wrappers(make_llama):
     model = make_llama(layers=2)
     plain = linear_modules(model.model.layers[0])
     assert sorted(plain) == sorted(
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-         "mlp.up_proj", "mlp.down_proj"]
+        [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
     )
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     found = linear_modules(wrapped.base_model.model.model.layers[0])
@@ -158,3 +193,96 @@ def test_a_hook_returning_the_wrong_type_is_an_error(pm):
     pm.register(Wrong(), name="wrong")
     with pytest.raises(LayerDiscoveryError, match="must return a loraplan.layers.LayerStack"):
         find_layers(_Odd(), pm)
+
+
+# -- what a model's modules look like -----------------------------------------------------------------------------
+
+
+def test_base_layer_is_the_module_under_a_peft_wrapper(make_llama):
+    from peft import LoraConfig, get_peft_model
+
+    linear = nn.Linear(3, 5)
+    assert base_layer(linear) is linear
+    model = make_llama(layers=2)
+    attention = model.model.layers[1].self_attn
+    q_proj, k_proj = attention.q_proj, attention.k_proj
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert attention.q_proj is not q_proj  # replaced by PEFT's wrapper
+    assert base_layer(attention.q_proj) is q_proj
+    assert attention.k_proj is k_proj and base_layer(k_proj) is k_proj  # not a target: not wrapped
+
+
+def test_features_of_linear_wrapped_and_conv1d_modules():
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    assert features(nn.Linear(3, 5)) == (3, 5)
+    conv = Conv1D(5, 3)  # nf (out) = 5, nx (in) = 3
+    assert tuple(conv.weight.shape) == (3, 5)  # GPT-2 keeps the weight as (in, out)
+    assert features(conv) == (3, 5)
+    gpt2 = get_peft_model(_build("gpt2"), LoraConfig(r=2, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    block = gpt2.get_base_model().transformer.h[0]
+    assert features(block.attn.c_attn) == (32, 96)  # the wrapped Conv1D: 3 projections of 32
+    assert features(block.mlp.c_proj) == (128, 32)  # GPT-2's MLP is 4 x n_embd wide
+    llama = get_peft_model(_build("llama"), LoraConfig(r=2, target_modules=["k_proj"]))
+    assert features(llama.get_base_model().model.layers[0].self_attn.k_proj) == (32, 16)  # 2 KV heads of 8
+
+
+def test_target_shapes_of_one_block_by_name():
+    layer = _build("llama").model.layers[0]
+    assert target_shapes(layer, ["q_proj", "k_proj"]) == {"self_attn.k_proj": (32, 16), "self_attn.q_proj": (32, 32)}
+    assert list(target_shapes(layer, ["q_proj", "k_proj"])) == ["self_attn.k_proj", "self_attn.q_proj"]  # sorted
+    every = target_shapes(layer, None)
+    assert every == {
+        "mlp.down_proj": (64, 32),
+        "mlp.gate_proj": (32, 64),
+        "mlp.up_proj": (32, 64),
+        "self_attn.k_proj": (32, 16),
+        "self_attn.o_proj": (32, 32),
+        "self_attn.q_proj": (32, 32),
+        "self_attn.v_proj": (32, 16),
+    }
+    assert target_shapes(layer, ["no_such_module"]) == {}
+    assert target_shapes(_build("gpt2").transformer.h[0], ["c_attn"]) == {"attn.c_attn": (32, 96)}
+
+
+def test_text_config_and_hidden_size_of_text_and_multimodal_models():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config
+
+    llama = _build("llama")
+    assert text_config(llama) is llama.config
+    assert hidden_size(text_config(llama)) == 32
+    wrapped = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert text_config(wrapped) is llama.config  # a PEFT wrapper is looked through
+    assert hidden_size(GPT2Config(n_embd=48, n_head=4)) == 48
+    assert hidden_size(text_config(_build("gpt2"))) == 32
+    llava = _build("llava")
+    assert text_config(llava) is llava.config.text_config
+    assert hidden_size(llava.config) is None  # the multimodal config itself declares none
+    assert hidden_size(text_config(llava)) == 32
+    assert text_config(nn.Linear(2, 2)) is None
+    assert hidden_size(None) is None
+
+
+def test_parameter_dtype_and_device_with_and_without_default():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert parameter_dtype(model) == torch.float32
+    assert parameter_dtype(model.to(torch.bfloat16), torch.float16) == torch.bfloat16
+    assert parameter_device(model) == torch.device("cpu")
+    assert parameter_device(model, torch.device("meta")) == torch.device("cpu")
+    # the first floating-point parameter counts: an integer one is passed over
+    mixed = nn.Module()
+    mixed.steps = nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
+    mixed.scale = nn.Parameter(torch.ones(2, dtype=torch.float16))
+    assert parameter_dtype(mixed) == torch.float16
+    only_int = nn.Module()
+    only_int.steps = nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
+    assert parameter_dtype(only_int) is None and parameter_dtype(only_int, torch.float32) == torch.float32
+    assert parameter_device(only_int) == torch.device("cpu")
+    empty = nn.Module()
+    assert parameter_dtype(empty) is None
+    assert parameter_dtype(empty, torch.bfloat16) == torch.bfloat16
+    assert parameter_device(empty) is None
+    assert parameter_device(empty, torch.device("meta")) == torch.device("meta")
+    assert parameter_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")

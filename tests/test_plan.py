@@ -117,10 +117,12 @@ def test_from_dict_names_what_is_missing_or_malformed():
         ({"selected_layers": [2, 1]}, "sorted and unique, got \\[2, 1\\]"),
         ({"selected_layers": [1, 1, 2]}, "sorted and unique"),
         ({"share_groups": [[2]]}, "share group \\[2\\] has fewer than two layers"),
+        ({"share_groups": [[2, 2]]}, "share group \\[2, 2\\] has fewer than two layers"),
+        ({"share_groups": [[1, 2, 2]]}, "share group \\[1, 2, 2\\] lists a layer twice"),
         ({"share_groups": [[1, 2], [2, 3]]}, "layer\\(s\\) \\[2\\] appear in more than one share group"),
         ({"flagged_layers": {1: "constant"}}, "flagged \\(unscorable\\) layers \\[1\\] must not be selected"),
     ],
-    ids=["empty", "unsorted", "duplicate", "group-of-one", "overlap", "flagged"],
+    ids=["empty", "unsorted", "duplicate", "group-of-one", "one-layer-twice", "repeated-layer", "overlap", "flagged"],
 )
 def test_validate_names_what_is_wrong(changes, message):
     plan = LoraPlan(num_layers=4, selected_layers=[1, 2, 3])

@@ -194,8 +194,10 @@ class LoraPlan:
             raise PlanMismatchError(f"`selected_layers` must be layer indices 0..{L - 1}, got {self.selected_layers}.")
         seen: set[int] = set()
         for group in self.share_groups:
-            if len(group) < 2:
+            if len(set(group)) < 2:
                 raise PlanMismatchError(f"share group {group} has fewer than two layers.")
+            if len(set(group)) < len(group):
+                raise PlanMismatchError(f"share group {group} lists a layer twice.")
             outside = [i for i in group if i not in self.selected_layers]
             if outside:
                 raise PlanMismatchError(

@@ -175,7 +175,7 @@ def check_groups(strategy: Registered, result: Any, selected: list[int]) -> Shar
     used: set[int] = set()
     for group in groups:
         bad = [i for i in group if i not in selected]
-        if bad or len(group) < 2 or used & set(group):
+        if bad or len(set(group)) < 2 or len(set(group)) < len(group) or used & set(group):
             raise PluginError(
                 f"plugin {strategy.plugin!r}: sharer {strategy.name!r} returned group {group}; groups must hold two "
                 f"or more distinct selected layers ({selected}) and not overlap."
