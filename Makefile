@@ -29,7 +29,7 @@ DEFAULT_MARKERS := not heavy and not axolotl
 DEMO_DIR ?= demo
 DEMO_ARGS ?= --samples 128 --max-length 256 --selector cka --ratio 0.5 --share angular --share-threshold 0.85
 
-.PHONY: venv demo test test-fast test-latest constraints test-integrations-heavy axolotl-venv test-axolotl bench \
+.PHONY: venv demo test lint format test-fast test-latest constraints test-integrations-heavy axolotl-venv test-axolotl bench \
 	bench-speed bench-speed-smoke bench-quality bench-quality-smoke bench-quality-report clean
 
 $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
@@ -50,6 +50,18 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -m "$(DEFAULT_MARKERS)" $(PYTEST_ARGS)
+
+# what CI checks before the tests: ruff (lint and format), mypy on src/loraplan, no import circles (docs/development.md)
+LINT_PATHS := src tests benchmarks recipes .ci
+lint: venv
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+	$(PY) .ci/import_cycles.py
+
+format: venv
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow and $(DEFAULT_MARKERS)" $(PYTEST_ARGS)

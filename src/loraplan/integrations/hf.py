@@ -189,7 +189,16 @@ class LoraPlanCallback(TrainerCallback):
         self._initialised = False
 
     # -- on_init_end --------------------------------------------------------------------------------------------
-    def on_init_end(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
+    def on_init_end(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Any = None,
+        processing_class: Any = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         if model is None:
             raise ConfigError(f"LoraPlanCallback got no model at on_init_end; use it as {_CALLBACK_ARGS}.")
         if optimizer is not None:
@@ -281,7 +290,7 @@ class LoraPlanCallback(TrainerCallback):
             )
 
     # -- on_train_begin -----------------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         if not self._initialised:
             raise ConfigError(
                 "LoraPlanCallback was added after the Trainer was constructed (trainer.add_callback), so it never "
@@ -339,7 +348,7 @@ class LoraPlanCallback(TrainerCallback):
         adapter = self.adapter_name or getattr(model, "active_adapter", "default")
 
         @functools.wraps(original)
-        def load_adapter(model_id, adapter_name, *args, **kwargs):
+        def load_adapter(model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
             planned = adapter_name == adapter and Path(str(model_id)).is_dir()
             if planned:
                 check_checkpoint(model_id, plan)
@@ -351,7 +360,7 @@ class LoraPlanCallback(TrainerCallback):
         model.load_adapter = load_adapter
 
     # -- saving -------------------------------------------------------------------------------------------------
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         if self.plan is not None and args.should_save:
@@ -360,7 +369,7 @@ class LoraPlanCallback(TrainerCallback):
                 self.plan.save(checkpoint / PLAN_FILE)
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.plan is not None and args.should_save:
             self.plan.save(Path(args.output_dir) / PLAN_FILE)
         return control

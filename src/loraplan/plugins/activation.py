@@ -6,6 +6,8 @@ layer's LoRA target modules, averaged over those modules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..hooks import hookimpl
 from ..strategies import ACTIVATIONS, SelectionContext, Selector
 
@@ -23,5 +25,5 @@ class ActivationSelector(Selector):
 
 
 @hookimpl
-def loraplan_register_selectors(register):
+def loraplan_register_selectors(register: Callable[[Selector], None]) -> None:
     register(ActivationSelector())

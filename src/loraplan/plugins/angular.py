@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..hooks import hookimpl
 from ..sharing import group_layers
 from ..similarity import angular_similarity
@@ -21,5 +23,5 @@ class AngularSharer(Sharer):
 
 
 @hookimpl
-def loraplan_register_sharers(register):
+def loraplan_register_sharers(register: Callable[[Sharer], None]) -> None:
     register(AngularSharer())

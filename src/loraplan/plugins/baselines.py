@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 from ..hooks import hookimpl
 from ..strategies import SelectionContext, Selector
@@ -74,6 +75,6 @@ class EveryOtherSelector(_Fixed):
 
 
 @hookimpl
-def loraplan_register_selectors(register):
+def loraplan_register_selectors(register: Callable[[Selector], None]) -> None:
     for selector in (AllSelector(), RandomSelector(), TopSelector(), BottomSelector(), EveryOtherSelector()):
         register(selector)

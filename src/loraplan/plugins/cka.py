@@ -7,6 +7,7 @@ layers that change the representation most (lowest CKA) are kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from ..config import PlanConfig
 from ..hooks import hookimpl
@@ -29,5 +30,5 @@ class CkaSelector(Selector):
 
 
 @hookimpl
-def loraplan_register_selectors(register):
+def loraplan_register_selectors(register: Callable[[Selector], None]) -> None:
     register(CkaSelector())

@@ -3,6 +3,8 @@ over calibration batches."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..hooks import hookimpl
 from ..strategies import GRADIENTS, SelectionContext, Selector
 
@@ -19,5 +21,5 @@ class GradientSelector(Selector):
 
 
 @hookimpl
-def loraplan_register_selectors(register):
+def loraplan_register_selectors(register: Callable[[Selector], None]) -> None:
     register(GradientSelector())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..hooks import hookimpl
 from ..sharing import odd_even_groups
 from ..strategies import Sharer, SharingContext, SharingResult
@@ -15,5 +17,5 @@ class OddEvenSharer(Sharer):
 
 
 @hookimpl
-def loraplan_register_sharers(register):
+def loraplan_register_sharers(register: Callable[[Sharer], None]) -> None:
     register(OddEvenSharer())
