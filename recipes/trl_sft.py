@@ -242,8 +242,26 @@ def _truncation(model: Any) -> dict[str, Any] | None:
     )
 
 
+def loraplan_section_help() -> str:
+    """What the ``loraplan:`` section takes, from ``PlanConfig``'s field metadata (``loraplan.config.settings``)."""
+    import textwrap
+
+    from loraplan.config import TRUNCATE_BACKWARD_HELP, settings
+
+    lines = ["the loraplan: section (loraplan.PlanConfig settings; override with loraplan.KEY=VALUE):"]
+    items = [(s.name, s.default, s.help) for s in settings()] + [("truncate_backward", True, TRUNCATE_BACKWARD_HELP)]
+    for name, default, text in items:
+        lines.append(f"  {name} (default: {'null' if default is None else default})")
+        lines += textwrap.wrap(text, 100, initial_indent="      ", subsequent_indent="      ", break_on_hyphens=False)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=loraplan_section_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/trl/)")
     parser.add_argument("--report", default=None, help="write per-rank JSON facts to PATH (PATH.rank<N>.json)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")

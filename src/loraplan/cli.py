@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from .config import PlanConfig
-from .errors import LoraPlanError
+from .config import PlanConfig, Setting, settings
+from .errors import ConfigError, LoraPlanError
 
 __all__ = ["main"]
 
@@ -27,56 +28,84 @@ def _shape(value: str | None) -> list[int] | str | None:
     return [int(p) for p in parts] if all(p.strip().isdigit() for p in parts) else value
 
 
+def _options(values: list[str] | None) -> dict[str, Any] | None:
+    """``KEY=VALUE`` pairs as a dict, each value read as JSON when it parses (numbers, true/false, lists), else kept
+    as the string."""
+    if not values:
+        return None
+    found: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"`--options` takes KEY=VALUE, got {item!r}. Write e.g. --options window=4.")
+        try:
+            found[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            found[key] = raw
+    return found
+
+
+def _targets(value: str) -> list[str]:
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+#: how the command line reads each kind of setting (by its annotation)
+_READERS: dict[str, Any] = {
+    "str": str,
+    "str | None": str,
+    "float": float,
+    "float | None": float,
+    "int": int,
+    "int | None": int,
+    "str | int": _rank_policy,
+    "list[str] | None": _targets,
+    "list[int] | None": _shape,
+}
+
+
+def _add_setting(parser: argparse._ActionsContainer, item: Setting) -> None:
+    """One ``PlanConfig`` setting as a flag: its help and choices from the field's metadata, no default of its own
+    (an absent flag leaves the setting to PlanConfig)."""
+    shown = "none" if item.default is None else item.default
+    help_text = (item.help if "Default:" in item.help else f"{item.help} (default: {shown})").replace("%", "%%")
+    names = [item.flag, *(a for a in item.aliases if not a.startswith("--no-"))]
+    if item.type == "bool":
+        parser.add_argument(*names, dest=item.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        for alias in (a for a in item.aliases if a.startswith("--no-")):
+            parser.add_argument(alias, dest=item.name, action="store_false", help=f"the same as --no-{item.flag[2:]}")
+        return
+    if item.type.startswith("dict"):
+        parser.add_argument(*names, dest=item.name, action="append", metavar=item.metavar, help=help_text)
+        return
+    parser.add_argument(
+        *names,
+        dest=item.name,
+        type=_READERS[item.type],
+        choices=item.choices,
+        metavar=item.metavar,
+        default=None,
+        help=help_text,
+    )
+
+
+def plan_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``PlanConfig`` settings given on the command line (absent flags are left out)."""
+    given = {item.name: getattr(args, item.name) for item in settings()}
+    given["options"] = _options(given.get("options"))
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def _parser() -> argparse.ArgumentParser:
-    defaults = PlanConfig()
     parser = argparse.ArgumentParser(prog="loraplan", description="Plan layer-selective and shared LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     analyze = sub.add_parser("analyze", help="calibrate a model and write a plan")
     analyze.add_argument("model_dir", metavar="MODEL_DIR", help="a transformers model directory")
     analyze.add_argument("--data", required=True, help="calibration data: .jsonl, .json or .txt")
-    analyze.add_argument("--text-field", default=defaults.text_field, help="JSON key of the text (default: text)")
-    analyze.add_argument("--samples", type=int, default=defaults.calibration_samples, help="calibration samples")
-    analyze.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per sample")
-    analyze.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    analyze.add_argument("--selector", default=defaults.selector, help="cka, activation, gradient, random, top, ...")
-    analyze.add_argument("--ratio", type=float, default=defaults.ratio, help="fraction of layers to keep")
-    analyze.add_argument("--count", type=int, default=None, help="explicit number of layers to keep")
-    analyze.add_argument("--cumulative", type=float, default=None, help="cumulative-score threshold mode")
-    analyze.add_argument("--share", default=None, help="angular, odd_even, ... (default: no sharing)")
-    analyze.add_argument("--share-threshold", type=float, default=defaults.share_threshold)
-    analyze.add_argument(
-        "--rank-policy", type=_rank_policy, default=defaults.rank_policy, help="keep, budget or an int"
-    )
+    plan = analyze.add_argument_group("plan settings (loraplan.PlanConfig)")
+    for item in settings():
+        _add_setting(plan, item)
     analyze.add_argument("--rank", type=int, default=8, help="LoRA r the parameter count assumes (default 8)")
-    analyze.add_argument("--target-modules", default=None, help="comma-separated LoRA targets (default: all linear)")
-    analyze.add_argument("--pooling", default=defaults.pooling, choices=["auto", "last", "first"])
-    analyze.add_argument("--last-token", default=defaults.last_token, choices=["mask", "reference"])
-    analyze.add_argument("--debiased", action="store_true", help="debiased CKA")
-    analyze.add_argument("--seed", type=int, default=defaults.seed)
-    analyze.add_argument(
-        "--time-budget", type=float, default=None, help="step-time budget, a fraction of LoRA on every layer (e.g. 0.6)"
-    )
-    analyze.add_argument(
-        "--param-budget", type=float, default=None, help="trainable-parameter budget, a fraction of LoRA on every layer"
-    )
-    analyze.add_argument(
-        "--cost-model",
-        default=defaults.cost_model,
-        choices=["flops", "timed"],
-        help="price layers by FLOP counts (default) or by timing layer 0 on the device",
-    )
-    analyze.add_argument(
-        "--no-checkpointing",
-        action="store_true",
-        help="the training run does not checkpoint activations (what --time-budget assumes)",
-    )
-    analyze.add_argument(
-        "--cost-shape",
-        default=None,
-        metavar="BATCHxLENGTH",
-        help="training step shape for the cost model, e.g. 8x1024 (default: --batch-size x --max-length)",
-    )
     analyze.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     analyze.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     analyze.add_argument("--out", default="plan.json", help="where to write the plan (default: plan.json)")
@@ -93,8 +122,6 @@ def _parser() -> argparse.ArgumentParser:
 def _load_model(model_dir: str, selector: str, dtype: str, device: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    from .errors import ConfigError
 
     if not Path(model_dir).is_dir():
         raise ConfigError(f"`MODEL_DIR` {model_dir!r} is not a directory; give a transformers model directory.")
@@ -117,31 +144,9 @@ def _analyze(args: argparse.Namespace) -> int:
     from .planner import make_plan
     from .report import format_plan
 
-    config = PlanConfig(
-        selector=args.selector,
-        ratio=args.ratio,
-        count=args.count,
-        cumulative=args.cumulative,
-        share=args.share,
-        share_threshold=args.share_threshold,
-        rank_policy=args.rank_policy,
-        calibration_samples=args.samples,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        target_modules=[t.strip() for t in args.target_modules.split(",")] if args.target_modules else None,
-        text_field=args.text_field,
-        pooling=args.pooling,
-        last_token=args.last_token,
-        debiased=args.debiased,
-        time_budget=args.time_budget,
-        param_budget=args.param_budget,
-        cost_model=args.cost_model,
-        cost_checkpointing=not args.no_checkpointing,
-        cost_shape=_shape(args.cost_shape),  # type: ignore[arg-type]  # a malformed shape is PlanConfig's to refuse
-    )
-    texts = read_texts(args.data, args.text_field, limit=args.samples)
-    model, tokenizer = _load_model(args.model_dir, args.selector, args.dtype, args.device)
+    config = PlanConfig.from_dict(plan_settings(args))
+    texts = read_texts(args.data, config.text_field, limit=config.calibration_samples)
+    model, tokenizer = _load_model(args.model_dir, config.selector, args.dtype, args.device)
     plan = make_plan(model, texts, config, tokenizer, lora_rank=args.rank, progress=not args.quiet)
     print(format_plan(plan, args.rank))
     out = plan.save(args.out)

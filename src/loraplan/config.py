@@ -13,105 +13,208 @@ from typing import Any
 
 from .errors import ConfigError, closest
 
-__all__ = ["PlanConfig"]
+__all__ = ["TRUNCATE_BACKWARD_HELP", "PlanConfig", "Setting", "setting", "settings"]
 
 POOLINGS = ("auto", "last", "first")
 LAST_TOKEN_MODES = ("mask", "reference")
 RANK_POLICIES = ("keep", "budget")
 COST_MODELS = ("flops", "timed")
 
+#: the switch every integration takes beside the plan settings (``apply_plan(truncate_backward=...)``), described once
+TRUNCATE_BACKWARD_HELP = (
+    "Run the layers below the lowest planned layer without autograd and without activation checkpointing (exact; "
+    "left off, with the reason in the log and the plan, when something below is trainable). Default: on; "
+    "`false` back-propagates every layer, as stock PEFT does."
+)
+
+
+def setting(
+    *,
+    help: str,
+    default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
+    choices: tuple[str, ...] | None = None,
+    aliases: tuple[str, ...] = (),
+    metavar: str | None = None,
+) -> Any:
+    """A :class:`PlanConfig` field with its description: ``help`` is what every front end shows, ``choices`` the
+    allowed strings, ``aliases`` extra command-line flags (``--no-...`` for a flag that turns a setting off), and
+    ``metavar`` how the command line names the value."""
+    metadata = {"help": help, "choices": choices, "aliases": aliases, "metavar": metavar}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting as the front ends present it (see :func:`settings`)."""
+
+    name: str
+    #: the annotation as written, e.g. ``"float | None"``
+    type: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    aliases: tuple[str, ...]
+    metavar: str | None
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag: ``--`` and the name with dashes."""
+        return "--" + self.name.replace("_", "-")
+
 
 @dataclass
 class PlanConfig:
     """Settings of a plan: which strategy, how many layers, how to calibrate.
 
-    Args:
-        selector (`str`, defaults to `"cka"`):
-            Name of the layer selector: a built-in (`cka`, `activation`, `gradient`, `random`, `top`, `bottom`,
-            `every_other`, `all`) or any installed plugin's.
-        ratio (`float`, defaults to `0.5`):
-            Fraction of the layers to keep, in (0, 1]: `k = floor(ratio * L)`, at least 1.
-        count (`int`, *optional*):
-            Explicit number of layers to keep, 1..L. Overrides `ratio`.
-        cumulative (`float`, *optional*):
-            Cumulative-threshold mode (Act-LoRA): keep the smallest set of highest-scoring layers whose
-            normalised importance sums to at least this value, in (0, 1]. Overrides `ratio` and `count`.
-        share (`str`, *optional*):
-            Name of the sharer (`angular`, `odd_even` or a plugin's); `None` for no sharing.
-        share_threshold (`float`, defaults to `0.85`):
-            Similarity threshold ε of ShareLoRA's grouping, in [0, 1]. The paper used 0.85 for LLaMA-1/2, 0.80
-            for LLaMA-3, 0.9 for LLaVA.
-        rank_policy (`str` or `int`, defaults to `"keep"`):
-            Rank of the planned LoRA modules: `"keep"` the LoRA config's `r`; `"budget"` ShareLoRA's budget rule
-            `r' = floor(L r / (L - sum|S| + |S|))`; or an explicit positive integer.
-        calibration_samples (`int`, defaults to `128`):
-            Number of calibration samples N, taken in order from the data (no shuffle), as the reference does.
-        max_length (`int`, defaults to `512`):
-            Tokens per sample; longer samples are truncated.
-        batch_size (`int`, defaults to `8`):
-            Samples per calibration forward pass.
-        seed (`int`, defaults to `0`):
-            Seed for the `random` selector and anything else random.
-        target_modules (`list[str]`, *optional*):
-            Names of the LoRA target modules whose inputs the activation and gradient metrics read. Default: the
-            wrapped model's LoRA targets, or every linear module inside the layers.
-        text_field (`str`, defaults to `"text"`):
-            Column or JSON key that holds the calibration text.
-        pooling (`str`, defaults to `"auto"`):
-            One vector per sample: `"last"` non-pad token (decoders), `"first"` token (encoders, CLS), or
-            `"auto"` to decide from the architecture.
-        last_token (`str`, defaults to `"mask"`):
-            How the last real token is found: `"mask"` from the attention mask, or `"reference"` from
-            `input_ids != pad_id` with pad = eos, as the CKA reference code does (it also drops a trailing eos).
-        debiased (`bool`, defaults to `False`):
-            Use the debiased (unbiased HSIC) CKA estimator; needs at least 4 samples.
-        stability (`bool`, defaults to `True`):
-            Also score each half of the calibration data and store the rank correlation of the two rankings.
-        time_budget (`float`, *optional*):
-            Step-time budget as a fraction of LoRA on every layer, in (0, 1]: choose, under the selector's scores,
-            the set of layers with the highest summed importance whose step time the cost model predicts within the
-            budget. A plan's lowest layer decides how much of the network is back-propagated (loraplan runs the
-            layers below it without autograd), so the choice trades importance against backward depth; every
-            candidate cut is recorded in the plan (`cost.budget`). Overrides `ratio`; `count` caps the layers.
-        param_budget (`float`, *optional*):
-            Trainable-parameter budget as a fraction of LoRA on every layer, in (0, 1], counted at the plan's rank
-            before sharing (sharing only lowers it). Overrides `ratio`; with `time_budget` both must hold.
-        cost_model (`str`, defaults to `"flops"`):
-            How the cost model prices a layer: `"flops"` from the module shapes (deterministic: the same plan on
-            every run and rank), or `"timed"`, a few timed forward and backward passes of a copy of layer 0 and of
-            the head on the model's device (seconds on a GPU, about half a minute for SmolLM2 on a CPU).
-        cost_checkpointing (`bool`, defaults to `True`):
-            Whether training checkpoints activations; what `time_budget` assumes. The plan records predictions
-            for both.
-        cost_shape (`list[int]`, *optional*):
-            `[batch, sequence length]` of a training step, for the cost model. Default: `[batch_size, max_length]`.
-        options (`dict`, defaults to `{}`):
-            Settings for third-party strategies, passed through untouched and recorded in the plan.
+    Every setting is described once, in its field's metadata (``help``; ``choices``, ``aliases``, ``metavar`` for
+    the command line): the CLI flags, the Axolotl ``loraplan:`` block and the TRL recipe's ``loraplan:`` section
+    are generated from it (:func:`settings`), and so is the ``Args:`` section below.
     """
 
-    selector: str = "cka"
-    ratio: float = 0.5
-    count: int | None = None
-    cumulative: float | None = None
-    share: str | None = None
-    share_threshold: float = 0.85
-    rank_policy: str | int = "keep"
-    calibration_samples: int = 128
-    max_length: int = 512
-    batch_size: int = 8
-    seed: int = 0
-    target_modules: list[str] | None = None
-    text_field: str = "text"
-    pooling: str = "auto"
-    last_token: str = "mask"
-    debiased: bool = False
-    stability: bool = True
-    time_budget: float | None = None
-    param_budget: float | None = None
-    cost_model: str = "flops"
-    cost_checkpointing: bool = True
-    cost_shape: list[int] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    selector: str = setting(
+        default="cka",
+        help=(
+            "Name of the layer selector: a built-in (`cka`, `activation`, `gradient`, `random`, `top`, `bottom`, "
+            "`every_other`, `all`) or any installed plugin's."
+        ),
+    )
+    ratio: float = setting(
+        default=0.5,
+        help=("Fraction of the layers to keep, in (0, 1]: `k = floor(ratio * L)`, at least 1."),
+    )
+    count: int | None = setting(
+        default=None,
+        help=("Explicit number of layers to keep, 1..L. Overrides `ratio`."),
+    )
+    cumulative: float | None = setting(
+        default=None,
+        help=(
+            "Cumulative-threshold mode (Act-LoRA): keep the smallest set of highest-scoring layers whose "
+            "normalised importance sums to at least this value, in (0, 1]. Overrides `ratio` and `count`."
+        ),
+    )
+    share: str | None = setting(
+        default=None,
+        help=("Name of the sharer (`angular`, `odd_even` or a plugin's); `None` for no sharing."),
+    )
+    share_threshold: float = setting(
+        default=0.85,
+        help=(
+            "Similarity threshold ε of ShareLoRA's grouping, in [0, 1]. The paper used 0.85 for LLaMA-1/2, 0.80 "
+            "for LLaMA-3, 0.9 for LLaVA."
+        ),
+    )
+    rank_policy: str | int = setting(
+        default="keep",
+        help=(
+            'Rank of the planned LoRA modules: `"keep"` the LoRA config\'s `r`; `"budget"` ShareLoRA\'s budget '
+            "rule `r' = floor(L r / (L - sum|S| + |S|))`; or an explicit positive integer."
+        ),
+        metavar="keep|budget|R",
+    )
+    calibration_samples: int = setting(
+        default=128,
+        help=("Number of calibration samples N, taken in order from the data (no shuffle), as the reference does."),
+        aliases=("--samples",),
+    )
+    max_length: int = setting(
+        default=512,
+        help=("Tokens per sample; longer samples are truncated."),
+    )
+    batch_size: int = setting(
+        default=8,
+        help=("Samples per calibration forward pass."),
+    )
+    seed: int = setting(
+        default=0,
+        help=("Seed for the `random` selector and anything else random."),
+    )
+    target_modules: list[str] | None = setting(
+        default=None,
+        help=(
+            "Names of the LoRA target modules whose inputs the activation and gradient metrics read. Default: the "
+            "wrapped model's LoRA targets, or every linear module inside the layers."
+        ),
+        metavar="NAME,NAME",
+    )
+    text_field: str = setting(
+        default="text",
+        help=("Column or JSON key that holds the calibration text."),
+    )
+    pooling: str = setting(
+        default="auto",
+        help=(
+            'One vector per sample: `"last"` non-pad token (decoders), `"first"` token (encoders, CLS), or '
+            '`"auto"` to decide from the architecture.'
+        ),
+        choices=POOLINGS,
+    )
+    last_token: str = setting(
+        default="mask",
+        help=(
+            'How the last real token is found: `"mask"` from the attention mask, or `"reference"` from '
+            "`input_ids != pad_id` with pad = eos, as the CKA reference code does (it also drops a trailing eos)."
+        ),
+        choices=LAST_TOKEN_MODES,
+    )
+    debiased: bool = setting(
+        default=False,
+        help=("Use the debiased (unbiased HSIC) CKA estimator; needs at least 4 samples."),
+    )
+    stability: bool = setting(
+        default=True,
+        help=("Also score each half of the calibration data and store the rank correlation of the two rankings."),
+    )
+    time_budget: float | None = setting(
+        default=None,
+        help=(
+            "Step-time budget as a fraction of LoRA on every layer, in (0, 1]: choose, under the selector's "
+            "scores, the set of layers with the highest summed importance whose step time the cost model predicts "
+            "within the budget. A plan's lowest layer decides how much of the network is back-propagated "
+            "(loraplan runs the layers below it without autograd), so the choice trades importance against "
+            "backward depth; every candidate cut is recorded in the plan (`cost.budget`). Overrides `ratio`; "
+            "`count` caps the layers."
+        ),
+    )
+    param_budget: float | None = setting(
+        default=None,
+        help=(
+            "Trainable-parameter budget as a fraction of LoRA on every layer, in (0, 1], counted at the plan's "
+            "rank before sharing (sharing only lowers it). Overrides `ratio`; with `time_budget` both must hold."
+        ),
+    )
+    cost_model: str = setting(
+        default="flops",
+        help=(
+            'How the cost model prices a layer: `"flops"` from the module shapes (deterministic: the same plan '
+            'on every run and rank), or `"timed"`, a few timed forward and backward passes of a copy of layer 0 '
+            "and of the head on the model's device (seconds on a GPU, about half a minute for SmolLM2 on a CPU)."
+        ),
+        choices=COST_MODELS,
+    )
+    cost_checkpointing: bool = setting(
+        default=True,
+        help=(
+            "Whether training checkpoints activations; what `time_budget` assumes. The plan records predictions "
+            "for both."
+        ),
+        aliases=("--no-checkpointing",),
+    )
+    cost_shape: list[int] | None = setting(
+        default=None,
+        help=(
+            "`[batch, sequence length]` of a training step, for the cost model. Default: `[batch_size, max_length]`."
+        ),
+        metavar="BATCHxLENGTH",
+    )
+    options: dict[str, Any] = setting(
+        default_factory=dict,
+        help=("Settings for third-party strategies, passed through untouched and recorded in the plan."),
+        metavar="KEY=VALUE",
+    )
 
     def __post_init__(self) -> None:
         # One check per setting, in field order, each naming its key and the fix: ~85 lines on purpose, since split
@@ -245,6 +348,42 @@ class PlanConfig:
                 )
             return self.count
         return max(1, math.floor(self.ratio * num_layers + 1e-9))
+
+
+def settings() -> list[Setting]:
+    """Every :class:`PlanConfig` setting, in field order, with its type, default and description: the one source the
+    CLI, the Axolotl block and the TRL recipe build their options from."""
+    found = []
+    for f in dataclasses.fields(PlanConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        found.append(
+            Setting(
+                name=f.name,
+                type=str(f.type),
+                default=default,
+                help=f.metadata["help"],
+                choices=f.metadata["choices"],
+                aliases=tuple(f.metadata["aliases"]),
+                metavar=f.metadata["metavar"],
+            )
+        )
+    return found
+
+
+def _args_section() -> str:
+    import textwrap
+
+    lines = ["", "    Args:"]
+    for item in settings():
+        given = "*optional*" if item.default is None else f"defaults to `{item.default!r}`"
+        lines.append(f"        {item.name} (`{item.type}`, {given}):")
+        lines += textwrap.wrap(
+            item.help, 116, initial_indent=" " * 12, subsequent_indent=" " * 12, break_on_hyphens=False
+        )
+    return "\n".join(lines) + "\n    "
+
+
+PlanConfig.__doc__ = (PlanConfig.__doc__ or "").rstrip() + "\n" + _args_section()
 
 
 def _check_str(name: str, value: Any, what: str) -> None:

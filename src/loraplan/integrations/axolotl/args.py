@@ -9,13 +9,12 @@ Imports pydantic only.
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from ...config import PlanConfig
+from ...config import TRUNCATE_BACKWARD_HELP, PlanConfig
 from ...errors import ConfigError
 
 __all__ = ["PLUGIN", "LoraPlanArgs", "LoraPlanAxolotlConfig"]
@@ -31,28 +30,8 @@ EXTRA_KEYS = {
         "`<output_dir>/loraplan.json` when an earlier run left one there, else calibrate on the first "
         "`calibration_samples` examples of the configured training dataset.",
     ),
-    "truncate_backward": (
-        bool | None,
-        "Run the layers below the lowest planned layer without autograd and without activation checkpointing (exact; "
-        "left off, with the reason in the log and the plan, when something below is trainable). Default: on; "
-        "`false` back-propagates every layer, as stock PEFT does.",
-    ),
+    "truncate_backward": (bool | None, TRUNCATE_BACKWARD_HELP),
 }
-
-
-def _field_docs() -> dict[str, str]:
-    """Each field's description, from the ``Args:`` section of ``PlanConfig``'s docstring (written once there)."""
-    doc = PlanConfig.__doc__ or ""
-    docs: dict[str, str] = {}
-    current = None
-    for line in doc.split("Args:", 1)[-1].splitlines():
-        header = re.match(r"^ {8}(\w+) \((.*)\):\s*$", line)
-        if header:
-            current = header.group(1)
-            docs[current] = ""
-        elif current and line.startswith(" " * 12):
-            docs[current] = (docs[current] + " " + line.strip()).strip()
-    return docs
 
 
 class _BlockBase(BaseModel):
@@ -83,13 +62,13 @@ class _BlockBase(BaseModel):
 
 def _build_block() -> type[BaseModel]:
     hints = typing.get_type_hints(PlanConfig)
-    docs = _field_docs()
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(PlanConfig):
+        help_text = f.metadata["help"]  # the one description of the setting (loraplan.config.setting)
         if f.default is not dataclasses.MISSING:
-            spec = Field(default=f.default, description=docs.get(f.name))
+            spec = Field(default=f.default, description=help_text)
         else:
-            spec = Field(default_factory=f.default_factory, description=docs.get(f.name))  # type: ignore[arg-type]
+            spec = Field(default_factory=f.default_factory, description=help_text)  # type: ignore[arg-type]
         fields[f.name] = (hints[f.name], spec)
     for name, (annotation, description) in EXTRA_KEYS.items():
         fields[name] = (annotation, Field(default=None, description=description))
