@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .card import attach_card
 from .errors import ConfigError, PlanMismatchError
 from .layers import LayerStack, find_layers, stack_at
 from .layout import plan_lora_config, planned_config
@@ -327,6 +328,7 @@ def apply_plan(
     outside = _record_outside(plan, wanted, stack.path)
     truncation = _truncate_for_plan(peft_model, plan, truncate_backward, stack)
     peft_model.loraplan_plan = plan
+    attach_card(peft_model)
     logger.info(
         "loraplan: LoRA kept on layers %s (%d modules removed%s), %d modules tied in %d share groups%s; %s",
         plan.selected_layers,
@@ -345,7 +347,8 @@ def apply_plan(
 
 def save_adapter(peft_model: PeftModel, path: str | Path, plan: LoraPlan | None = None, **kwargs: Any) -> Path:
     """``peft_model.save_pretrained(path)`` (a standard PEFT adapter; shared modules are written once per layer)
-    plus the plan beside it as ``loraplan.json``."""
+    plus the plan beside it as ``loraplan.json``. The model card (``README.md``) gets a ``loraplan`` section and tag,
+    as on every ``save_pretrained`` of a planned model (:mod:`loraplan.card`)."""
     plan = plan if plan is not None else getattr(peft_model, "loraplan_plan", None)
     if plan is None:
         raise ConfigError("no plan to save: pass `plan=` or apply one with apply_plan first.")
@@ -377,4 +380,5 @@ def load_adapter(
     tie_share_groups(peft_model, plan, adapter_name, verify_equal=True, stack=stack)
     _truncate_for_plan(peft_model, plan, truncate_backward, stack)
     peft_model.loraplan_plan = plan
+    attach_card(peft_model)
     return peft_model

@@ -28,6 +28,7 @@ __all__ = [
     "Site",
     "adapters_of",
     "default_targets",
+    "fold_ranges",
     "layer_index",
     "layers_carrying",
     "lora_sites",
@@ -166,7 +167,7 @@ def reached_sites(model: nn.Module, config: LoraConfig) -> set[Site]:
     return sites
 
 
-def _ranges(indices: list[int]) -> str:
+def fold_ranges(indices: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
     parts, start = [], None
     for position, value in enumerate(indices):
@@ -190,6 +191,6 @@ def summarise_sites(sites: set[Site]) -> list[str]:
         folded.setdefault((kind, pattern), []).append(int(match.group(1)))
     lines = []
     for (kind, pattern), indices in sorted(folded.items()):
-        name = pattern.replace("{}", "{" + _ranges(sorted(indices)) + "}") if indices else pattern
+        name = pattern.replace("{}", "{" + fold_ranges(sorted(indices)) + "}") if indices else pattern
         lines.append(show((kind, name)))
     return lines

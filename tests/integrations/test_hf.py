@@ -262,3 +262,34 @@ def test_model_init_is_refused_at_train(tmp_path, model_dir, tokenizer, texts, c
     )
     with pytest.raises(ConfigError, match="`model_init`"):
         trainer.train()
+
+
+def test_calibration_progress_follows_the_trainers_disable_tqdm(
+    tmp_path, model_dir, tokenizer, texts, checks, shared, capfd
+):
+    dataset = tokenised(texts, tokenizer)
+    for disable in (False, True):
+        callback = LoraPlanCallback(shared, calibration_data=texts)
+        make_trainer(
+            checks.lora_model(model_dir), tmp_path / str(disable), tokenizer, dataset, callback, disable_tqdm=disable
+        )
+        assert callback.plan is not None
+        assert ("loraplan calibration" in capfd.readouterr().err) is not disable
+
+
+def test_trainer_checkpoints_carry_the_plan_and_the_model_card_section(
+    tmp_path, model_dir, tokenizer, texts, checks, shared
+):
+    from huggingface_hub import ModelCard
+
+    from loraplan.card import BEGIN
+
+    callback = LoraPlanCallback(shared, calibration_data=texts)
+    make_trainer(
+        checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), callback, max_steps=1
+    ).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    card = ModelCard.load(checkpoint / "README.md")
+    assert "loraplan" in card.data.tags and card.text.count(BEGIN) == 1
+    assert f"{len(callback.plan.selected_layers)} of {callback.plan.num_layers}" in card.text
+    assert (checkpoint / "loraplan.json").is_file()

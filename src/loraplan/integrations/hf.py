@@ -147,7 +147,7 @@ class LoraPlanCallback(TrainerCallback):
         adapter_name (`str`, *optional*):
             The LoRA adapter to plan; default: the active one.
         progress (`bool`, defaults to `True`):
-            Show a calibration progress bar on rank 0.
+            Show a calibration progress bar on rank 0 (never when the trainer's ``disable_tqdm`` is set).
         truncate_backward (`bool`, defaults to `True`):
             Run the layers below the lowest planned layer without autograd and without activation checkpointing
             (exact; see :func:`loraplan.apply_plan`). ``False`` back-propagates every layer, as stock PEFT does.
@@ -221,7 +221,9 @@ class LoraPlanCallback(TrainerCallback):
             reuse_dirs=[output_dir],
             config=self.config,
             config_given=self._config_given,
-            calibrate=(lambda: self._calibrate(model, processing_class)) if self.calibration_data is not None else None,
+            calibrate=(lambda: self._calibrate(model, processing_class, args))
+            if self.calibration_data is not None
+            else None,
             no_data_message=(
                 "`calibration_data`: LoraPlanCallback has neither calibration data nor a plan. Either pass "
                 "calibration_data= (texts, a datasets.Dataset, tokenised batches, or "
@@ -247,7 +249,7 @@ class LoraPlanCallback(TrainerCallback):
         self._initialised = True
         return control
 
-    def _calibrate(self, model: Any, processing_class: Any) -> LoraPlan:
+    def _calibrate(self, model: Any, processing_class: Any, args: Any) -> LoraPlan:
         data = self.calibration_data
         if isinstance(data, str) and data == TRAIN_DATASET:
             trainer = _calling_trainer(self)
@@ -268,7 +270,9 @@ class LoraPlanCallback(TrainerCallback):
                 "`calibration_data` is text, but the Trainer has no tokenizer to tokenise it. Pass "
                 "processing_class=tokenizer to the Trainer, or give tokenised batches (with `input_ids`)."
             )
-        return make_plan_everywhere(model, data, self.config, tokenizer, progress=self.progress)
+        # the trainer's own switch for progress bars counts too (TrainingArguments.disable_tqdm)
+        progress = self.progress and not getattr(args, "disable_tqdm", False)
+        return make_plan_everywhere(model, data, self.config, tokenizer, progress=progress)
 
     def _non_reentrant(self, args: Any, model: Any, when: str) -> None:
         switched_args = non_reentrant_args(args)
