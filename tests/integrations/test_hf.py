@@ -293,3 +293,23 @@ def test_trainer_checkpoints_carry_the_plan_and_the_model_card_section(
     assert "loraplan" in card.data.tags and card.text.count(BEGIN) == 1
     assert f"{len(callback.plan.selected_layers)} of {callback.plan.num_layers}" in card.text
     assert (checkpoint / "loraplan.json").is_file()
+
+
+def test_resume_from_a_checkpoint_outside_output_dir_is_checked_where_it_was_loaded(
+    tmp_path, model_dir, tokenizer, texts, checks, shared, caplog
+):
+    import shutil
+
+    dataset = tokenised(texts, tokenizer)
+    first = LoraPlanCallback(shared, calibration_data=texts)
+    make_trainer(checks.lora_model(model_dir), tmp_path / "a", tokenizer, dataset, first).train()
+    moved = tmp_path / "kept" / "step-2"
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", moved)
+    callback = LoraPlanCallback(plan=first.plan)
+    model = checks.lora_model(model_dir)
+    with caplog.at_level(logging.INFO, logger="loraplan"):
+        make_trainer(model, tmp_path / "b", tokenizer, dataset, callback, max_steps=3).train(
+            resume_from_checkpoint=str(moved)
+        )
+    assert any(f"resumed from {moved}" in r.getMessage() for r in caplog.records)
+    checks.plan_realised(model, first.plan)

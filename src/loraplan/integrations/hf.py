@@ -62,22 +62,6 @@ def _calling_trainer(callback: TrainerCallback) -> Any:
     return None
 
 
-def _resume_argument() -> Any:
-    """The ``resume_from_checkpoint`` the calling ``Trainer`` is resuming from (already resolved from ``True`` to a
-    path by ``Trainer.train``): callbacks are not told, so it is read from the training loop's arguments."""
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if isinstance(frame.f_locals.get("self"), Trainer) and "resume_from_checkpoint" in frame.f_locals:
-                return frame.f_locals["resume_from_checkpoint"]
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
-
-
 def _training_rows(dataset: Any) -> Any:
     """Keep only the token columns of a formatted dataset, so calibration sees what the trainer trains on."""
     columns = getattr(dataset, "column_names", None)
@@ -187,6 +171,8 @@ class LoraPlanCallback(TrainerCallback):
             raise ConfigError(f"`truncate_backward` must be true or false, got {truncate_backward!r}.")
         self.truncate_backward = truncate_backward
         self._initialised = False
+        #: the checkpoint directory the Trainer loaded this adapter from (a resumed run), once it has
+        self._loaded_from: str | None = None
 
     # -- on_init_end --------------------------------------------------------------------------------------------
     def on_init_end(
@@ -323,10 +309,11 @@ class LoraPlanCallback(TrainerCallback):
     def _check_resume(self, args: Any, state: Any, plan: LoraPlan) -> None:
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        candidates = []
-        requested = _resume_argument()
-        if isinstance(requested, str):
-            candidates.append(Path(requested))
+        # where the weights came from, by what the Trainer tells: the directory it loaded the adapter from (its resume
+        # path without DeepSpeed/FSDP goes through model.load_adapter), the documented TrainingArguments field, and
+        # the checkpoint of this step in output_dir (what resume_from_checkpoint=True resolves to)
+        given = (self._loaded_from, getattr(args, "resume_from_checkpoint", None))
+        candidates = [Path(p) for p in given if isinstance(p, str) and p]
         candidates.append(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
         def verify() -> str | None:
@@ -340,8 +327,9 @@ class LoraPlanCallback(TrainerCallback):
         if checked is None:
             raise PlanMismatchError(
                 f"the run resumed at step {state.global_step}, but none of {[str(c) for c in candidates]} is a "
-                "checkpoint, so the loaded weights cannot be checked against the plan. Resume with "
-                "trainer.train(resume_from_checkpoint=<checkpoint directory of this run>)."
+                "checkpoint, so the loaded weights cannot be checked against the plan. Resume from a checkpoint "
+                "in this run's output_dir (trainer.train(resume_from_checkpoint=True)), or name the directory in "
+                "TrainingArguments(resume_from_checkpoint=...) too."
             )
         logger.info("loraplan: resumed from %s, which was trained with this plan; share groups still tied", checked)
 
@@ -356,6 +344,7 @@ class LoraPlanCallback(TrainerCallback):
             planned = adapter_name == adapter and Path(str(model_id)).is_dir()
             if planned:
                 check_checkpoint(model_id, plan)
+                self._loaded_from = str(model_id)
             result = original(model_id, adapter_name, *args, **kwargs)
             if planned:
                 tie_share_groups(model, plan, adapter_name, verify_equal=True)
