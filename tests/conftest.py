@@ -13,7 +13,8 @@ os.environ["LORAPLAN_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # tests register plugins e
 import pytest
 import torch
 
-from loraplan import get_plugin_manager
+from loraplan import get_plugin_manager, hookimpl
+from loraplan.strategies import Selector, Sharer, SharingResult
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,45 @@ def make_bert():
 @pytest.fixture
 def make_batches():
     return random_batches
+
+
+class _LastTwo(Selector):
+    """A third-party selector: the last two layers."""
+
+    name = "last_two"
+
+    def score(self, ctx):
+        return {"importance": [float(i) for i in range(ctx.num_layers)]}
+
+    def choose(self, ctx, importance):
+        return [ctx.num_layers - 2, ctx.num_layers - 1]
+
+
+class _PairAll(Sharer):
+    """A third-party sharer: every selected layer in one group."""
+
+    name = "pair_all"
+
+    def share(self, ctx):
+        return SharingResult(groups=[list(ctx.selected)])
+
+
+class _ThirdParty:
+    """A plugin as an installed package would register it: the selector `last_two` and the sharer `pair_all`."""
+
+    @hookimpl
+    def loraplan_register_selectors(self, register):
+        register(_LastTwo())
+
+    @hookimpl
+    def loraplan_register_sharers(self, register):
+        register(_PairAll())
+
+
+@pytest.fixture
+def third_party():
+    """The third-party plugin's classes: ``third_party.plugin()`` to register, ``LastTwo``/``PairAll`` the
+    strategies (shared by the hook and plugin tests; test files cannot import each other)."""
+    import types
+
+    return types.SimpleNamespace(plugin=_ThirdParty, LastTwo=_LastTwo, PairAll=_PairAll)

@@ -15,33 +15,6 @@ from loraplan.hooks.manager import lookup
 from loraplan.strategies import Selector, Sharer, SharingResult
 
 
-class LastTwo(Selector):
-    name = "last_two"
-
-    def score(self, ctx):
-        return {"importance": [float(i) for i in range(ctx.num_layers)]}
-
-    def choose(self, ctx, importance):
-        return [ctx.num_layers - 2, ctx.num_layers - 1]
-
-
-class PairAll(Sharer):
-    name = "pair_all"
-
-    def share(self, ctx):
-        return SharingResult(groups=[list(ctx.selected)])
-
-
-class ThirdParty:
-    @hookimpl
-    def loraplan_register_selectors(self, register):
-        register(LastTwo())
-
-    @hookimpl
-    def loraplan_register_sharers(self, register):
-        register(PairAll())
-
-
 def test_builtins_are_registered_as_plugins(pm):
     assert set(selectors(pm)) == {"cka", "activation", "gradient", "random", "top", "bottom", "every_other", "all"}
     assert set(sharers(pm)) == {"angular", "odd_even"}
@@ -56,11 +29,11 @@ def test_the_builtin_plugins_are_registered_in_order_under_their_module_names(pm
     ]
 
 
-def test_a_third_party_selector_and_sharer_are_found_by_name(pm):
+def test_a_third_party_selector_and_sharer_are_found_by_name(pm, third_party):
     assert "last_two" not in selectors(pm)
-    pm.register(ThirdParty(), name="acme")
+    pm.register(third_party.plugin(), name="acme")
     found = lookup(selectors(pm), "last_two", "selector")
-    assert isinstance(found, Registered) and isinstance(found.strategy, LastTwo)
+    assert isinstance(found, Registered) and isinstance(found.strategy, third_party.LastTwo)
     assert (found.name, found.plugin) == ("last_two", "acme")
     assert lookup(sharers(pm), "pair_all", "share").plugin == "acme"
     assert selectors(pm)["cka"].plugin == "loraplan.plugins.cka"  # the built-ins are still there
@@ -77,9 +50,9 @@ def test_an_unknown_name_lists_what_is_installed_and_suggests_the_closest(pm):
     assert "`selector` is 'zzz'" in str(exc.value) and "Did you mean" not in str(exc.value)
 
 
-def test_each_call_returns_a_fresh_manager():
+def test_each_call_returns_a_fresh_manager(third_party):
     a, b = get_plugin_manager(load_entrypoints=False), get_plugin_manager(load_entrypoints=False)
-    a.register(ThirdParty(), name="third-party")
+    a.register(third_party.plugin(), name="third-party")
     assert "last_two" in selectors(a) and "last_two" not in selectors(b)
 
 
@@ -94,11 +67,11 @@ def test_a_registration_hook_that_fails_names_the_plugin(pm):
         sharers(pm)
 
 
-def test_a_name_registered_twice_is_an_error(pm):
+def test_a_name_registered_twice_is_an_error(pm, third_party):
     class Clash:
         @hookimpl
         def loraplan_register_selectors(self, register):
-            class Cka(LastTwo):
+            class Cka(third_party.LastTwo):
                 name = "cka"
 
             register(Cka())

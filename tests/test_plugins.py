@@ -10,38 +10,11 @@ import pytest
 from loraplan import PlanConfig, get_plugin_manager, hookimpl, make_plan
 from loraplan.errors import ConfigError, PluginError
 from loraplan.hooks import selectors
-from loraplan.strategies import Selector, Sharer, SharingResult
+from loraplan.strategies import Selector
 
 
-class LastTwo(Selector):
-    name = "last_two"
-
-    def score(self, ctx):
-        return {"importance": [float(i) for i in range(ctx.num_layers)]}
-
-    def choose(self, ctx, importance):
-        return [ctx.num_layers - 2, ctx.num_layers - 1]
-
-
-class PairAll(Sharer):
-    name = "pair_all"
-
-    def share(self, ctx):
-        return SharingResult(groups=[list(ctx.selected)])
-
-
-class ThirdParty:
-    @hookimpl
-    def loraplan_register_selectors(self, register):
-        register(LastTwo())
-
-    @hookimpl
-    def loraplan_register_sharers(self, register):
-        register(PairAll())
-
-
-def test_a_plugin_registered_in_a_test_is_usable_by_name(pm, make_llama, make_batches):
-    pm.register(ThirdParty(), name="third-party")
+def test_a_plugin_registered_in_a_test_is_usable_by_name(pm, make_llama, make_batches, third_party):
+    pm.register(third_party.plugin(), name="third-party")
     plan = make_plan(
         make_llama(layers=6),
         make_batches(),
