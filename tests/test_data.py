@@ -184,9 +184,9 @@ def test_read_texts_errors_name_the_file_the_line_and_the_key(tmp_path):
     listed.write_text(json.dumps({"text": "an object, not a list"}))
     with pytest.raises(ConfigError, match="must hold a JSON list"):
         read_texts(str(listed))
-    (tmp_path / "rows.csv").write_text("text\nx\n")
-    with pytest.raises(ConfigError, match="must be a .jsonl, .json or .txt file, got 'rows.csv'"):
-        read_texts(str(tmp_path / "rows.csv"))
+    (tmp_path / "rows.xml").write_text("<text>x</text>\n")
+    with pytest.raises(ConfigError, match="must be a .jsonl, .json, .csv, .parquet or .txt file, got 'rows.xml'"):
+        read_texts(str(tmp_path / "rows.xml"))
     with pytest.raises(ConfigError, match="does not exist"):
         read_texts(str(tmp_path / "missing.jsonl"))
     (tmp_path / "blank.txt").write_text("\n  \n")

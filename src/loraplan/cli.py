@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="calibrate a model and write a plan")
     analyze.add_argument("model_dir", metavar="MODEL_DIR", help="a transformers model directory")
-    analyze.add_argument("--data", required=True, help="calibration data: .jsonl, .json or .txt")
+    analyze.add_argument("--data", required=True, help="calibration data: .jsonl, .json, .csv, .parquet or .txt")
     plan = analyze.add_argument_group("plan settings (loraplan.PlanConfig)")
     for item in settings():
         _add_setting(plan, item)
@@ -145,9 +145,9 @@ def _analyze(args: argparse.Namespace) -> int:
     from .report import format_plan
 
     config = PlanConfig.from_dict(plan_settings(args))
-    texts = read_texts(args.data, config.text_field, limit=config.calibration_samples)
+    samples = read_texts(args.data, config.text_field, limit=config.calibration_samples)  # texts or conversations
     model, tokenizer = _load_model(args.model_dir, config.selector, args.dtype, args.device)
-    plan = make_plan(model, texts, config, tokenizer, lora_rank=args.rank, progress=not args.quiet)
+    plan = make_plan(model, samples, config, tokenizer, lora_rank=args.rank, progress=not args.quiet)
     print(format_plan(plan, args.rank))
     out = plan.save(args.out)
     print(f"\nplan written to {out}")

@@ -1,9 +1,10 @@
 """Turning calibration data of any accepted form into right-padded token batches.
 
-Accepted forms: a list of strings (with a tokenizer); a list of ``{text_field: ...}`` records; a HF
-``datasets.Dataset`` with a text column (or ``input_ids``); an iterable of tokenised batches (mappings with
-``input_ids`` and, optionally, ``attention_mask`` and ``labels``). The first ``calibration_samples`` samples are
-used, in order, as the reference does.
+Accepted forms: a list of strings (with a tokenizer); a list of ``{text_field: ...}`` records; conversational
+records ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered with the tokenizer's chat template; a HF
+``datasets.Dataset`` with a text column, an ``input_ids`` column or a ``messages`` column; an iterable of tokenised
+batches (mappings with ``input_ids`` and, optionally, ``attention_mask`` and ``labels``). The first
+``calibration_samples`` samples are used, in order, as the reference does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import torch
 from .config import PlanConfig
 from .errors import CalibrationError, ConfigError
 
-__all__ = ["CalibrationBatches", "prepare_batches", "read_texts"]
+__all__ = ["CalibrationBatches", "chat_ids", "prepare_batches", "read_texts"]
+
+#: the key of a conversational record: a list of ``{"role": ..., "content": ...}`` messages (TRL's format)
+MESSAGES = "messages"
 
 
 @dataclass
@@ -61,27 +65,102 @@ def _pad_id(tokenizer: Any, model_config: Any, last_token: str) -> int:
     return 0
 
 
-def _tokenize(texts: list[str], tokenizer: Any, config: PlanConfig) -> list[Sample]:
-    if tokenizer is None:
-        raise ConfigError(
-            "calibration data given as text needs a tokenizer: pass `tokenizer=` to make_plan (or use the CLI, "
-            "which loads the model's tokenizer), or pass tokenised batches with `input_ids`."
+def _no_tokenizer() -> ConfigError:
+    return ConfigError(
+        "calibration data given as text needs a tokenizer: pass `tokenizer=` to make_plan (or use the CLI, "
+        "which loads the model's tokenizer), or pass tokenised batches with `input_ids`."
+    )
+
+
+def _encode(text: Any, index: int, tokenizer: Any, config: PlanConfig, special_tokens: bool = True) -> Sample:
+    if not isinstance(text, str):
+        raise CalibrationError(
+            f"calibration sample {index} is {type(text).__name__}, not text: {str(text)[:80]!r}. "
+            f"Every entry of `{config.text_field}` must be a string."
         )
+    encoded = tokenizer(text, truncation=True, max_length=config.max_length, add_special_tokens=special_tokens)
+    ids = list(encoded["input_ids"])
+    if not ids:
+        raise CalibrationError(
+            f"calibration sample {index} is empty after tokenisation ({text[:80]!r}). Remove empty texts "
+            "from the calibration data."
+        )
+    return Sample(ids)
+
+
+def _tokenize(texts: list[Any], tokenizer: Any, config: PlanConfig) -> list[Sample]:
+    if tokenizer is None:
+        raise _no_tokenizer()
+    return [_encode(text, index, tokenizer, config) for index, text in enumerate(texts)]
+
+
+def chat_text(
+    messages: Any,
+    tokenizer: Any,
+    *,
+    add_generation_prompt: bool = False,
+    chat_template: str | None = None,
+    where: str = "calibration record",
+) -> str:
+    """``messages`` (a list of ``{"role": ..., "content": ...}``) rendered with the tokenizer's chat template."""
+    if tokenizer is None:
+        raise _no_tokenizer()
+    if (
+        not isinstance(messages, (list, tuple))
+        or not messages
+        or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages)
+    ):
+        raise CalibrationError(
+            f"{where}: `{MESSAGES}` must be a non-empty list of {{'role': ..., 'content': ...}} mappings, got "
+            f"{str(messages)[:80]!r}."
+        )
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ConfigError(
+            f"{where} is a conversation (`{MESSAGES}`), but the tokenizer "
+            f"({type(tokenizer).__name__}) has no chat template to render it with. Use a tokenizer with a chat "
+            "template (set `tokenizer.chat_template`), or give the conversations as texts."
+        )
+    cleaned = [{k: v for k, v in m.items() if v is not None} for m in messages]  # datasets fills absent keys with None
+    text = tokenizer.apply_chat_template(
+        cleaned, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+    )
+    if not isinstance(text, str):
+        raise CalibrationError(f"{where}: the chat template rendered {type(text).__name__}, not text.")
+    return text
+
+
+def chat_ids(
+    messages: Any, tokenizer: Any, *, add_generation_prompt: bool = False, chat_template: str | None = None
+) -> list[int]:
+    """The token ids of ``messages`` rendered with the chat template, as ``apply_chat_template(tokenize=True)``
+    gives them: the template writes the special tokens, so the tokenizer adds none."""
+    text = chat_text(messages, tokenizer, add_generation_prompt=add_generation_prompt, chat_template=chat_template)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _records(records: list[Any], tokenizer: Any, config: PlanConfig) -> list[Sample]:
+    """Text records (``{text_field: ...}``) and conversational records (``{"messages": [...]}``)."""
+    field = config.text_field
     samples = []
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise CalibrationError(
-                f"calibration sample {index} is {type(text).__name__}, not text: {str(text)[:80]!r}. "
-                f"Every entry of `{config.text_field}` must be a string."
+    for index, record in enumerate(records):
+        if isinstance(record, str):
+            if tokenizer is None:
+                raise _no_tokenizer()
+            samples.append(_encode(record, index, tokenizer, config))
+        elif isinstance(record, Mapping) and field in record:
+            if tokenizer is None:
+                raise _no_tokenizer()
+            samples.append(_encode(record[field], index, tokenizer, config))
+        elif isinstance(record, Mapping) and MESSAGES in record:
+            text = chat_text(record[MESSAGES], tokenizer, where=f"calibration record {index}")
+            samples.append(_encode(text, index, tokenizer, config, special_tokens=False))
+        else:
+            keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
+            raise ConfigError(
+                f"`text_field` is {field!r}, but calibration record {index} has keys {keys}. Set text_field "
+                f"to the key that holds the text (or give conversations as `{MESSAGES}` records)."
             )
-        encoded = tokenizer(text, truncation=True, max_length=config.max_length)
-        ids = list(encoded["input_ids"])
-        if not ids:
-            raise CalibrationError(
-                f"calibration sample {index} is empty after tokenisation ({text[:80]!r}). Remove empty texts "
-                "from the calibration data."
-            )
-        samples.append(Sample(ids))
     return samples
 
 
@@ -162,9 +241,11 @@ def _collect(data: Any, tokenizer: Any, config: PlanConfig) -> list[Sample]:
                 for row in head
             ]
             return _from_batches(rows, config, limit)
+        if MESSAGES in columns:
+            return _records([{MESSAGES: m} for m in head[MESSAGES]], tokenizer, config)
         raise ConfigError(
             f"`text_field` is {field!r}, but the dataset has columns {columns}. Set text_field to the column "
-            "that holds the text (or give the dataset an `input_ids` column)."
+            f"that holds the text (or give the dataset an `input_ids` or a `{MESSAGES}` column)."
         )
     if isinstance(data, Mapping):
         return _from_batches([data], config, limit)
@@ -176,17 +257,7 @@ def _collect(data: Any, tokenizer: Any, config: PlanConfig) -> list[Sample]:
     if isinstance(first, str):
         return _tokenize(list(itertools.islice(rest, limit)), tokenizer, config)
     if isinstance(first, Mapping) and "input_ids" not in first:
-        records = list(itertools.islice(rest, limit))
-        texts = []
-        for index, record in enumerate(records):
-            if not isinstance(record, Mapping) or field not in record:
-                keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
-                raise ConfigError(
-                    f"`text_field` is {field!r}, but calibration record {index} has keys {keys}. Set text_field "
-                    "to the key that holds the text."
-                )
-            texts.append(record[field])
-        return _tokenize(texts, tokenizer, config)
+        return _records(list(itertools.islice(rest, limit)), tokenizer, config)
     return _from_batches(rest, config, limit)
 
 
@@ -238,50 +309,97 @@ def prepare_batches(
     )
 
 
-def read_texts(path: str, text_field: str = "text", limit: int | None = None) -> list[str]:
-    """Texts from a ``.jsonl`` (one JSON object per line, text under ``text_field``), ``.json`` (a list of such
-    objects or of strings) or ``.txt`` file (one sample per non-empty line)."""
+#: ``datasets.load_dataset`` builder of each data-file suffix ``read_texts`` reads (``.txt`` it reads itself)
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _bad_json_line(path: Any) -> str | None:
+    """Where a JSON-lines file first fails to parse, as ``line N is not valid JSON (why)``."""
     import json
+
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number} is not valid JSON ({exc.msg})"
+    return None
+
+
+def _load_file(path: Any) -> Any:
+    """``path`` as a ``datasets.Dataset`` (``load_dataset`` with the builder its suffix names), or a
+    ``ConfigError`` naming the file and what is wrong with it."""
+    import datasets
+
+    suffix = path.suffix.lower()
+    builder = _BUILDERS[suffix]
+    if path.stat().st_size == 0:
+        raise ConfigError(f"`--data` {path} holds no samples.")
+    if suffix == ".json":
+        with path.open(encoding="utf-8") as handle:
+            head = handle.read(4096).lstrip()
+        if not head.startswith("["):
+            raise ConfigError(f"`--data` {path} must hold a JSON list of records or strings.")
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(
+        datasets.logging.CRITICAL
+    )  # its own "Failed to load JSON" lines: the error below says it once
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # noqa: BLE001 - whatever the builder raises, the message names the file
+        where = _bad_json_line(path) if suffix == ".jsonl" else None
+        cause = exc.__cause__ or exc.__context__ or exc
+        detail = where or f"it could not be read as {builder} ({type(cause).__name__}: {str(cause)[:200]})"
+        raise ConfigError(f"`--data` {path}: {detail}.") from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def read_texts(path: str, text_field: str = "text", limit: int | None = None) -> list[Any]:
+    """The calibration samples in a data file: ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` (read with
+    ``datasets.load_dataset``: the text under ``text_field``, or, when there is no such column, conversations under
+    ``messages``), or ``.txt`` (one sample per non-empty line).
+
+    Returns texts, or ``{"messages": [...]}`` records for conversational files (rendered later with the
+    tokenizer's chat template, see :func:`prepare_batches`). A ``.json`` list of plain strings is read as texts.
+    """
     from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"`--data` file {str(p)!r} does not exist.")
     suffix = p.suffix.lower()
-    texts: list[str] = []
+    samples: list[Any] = []
     if suffix == ".txt":
-        texts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif suffix in (".jsonl", ".json"):
-        if suffix == ".jsonl":
-            records = []
-            for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"`--data` {p}: line {number} is not valid JSON ({exc.msg}).") from exc
-                if limit is not None and len(records) >= limit:
-                    break
-        else:
-            records = json.loads(p.read_text(encoding="utf-8"))
-            if not isinstance(records, list):
-                raise ConfigError(f"`--data` {p} must hold a JSON list of records or strings.")
-        for index, record in enumerate(records):
-            if isinstance(record, str):
-                texts.append(record)
-            elif isinstance(record, dict) and isinstance(record.get(text_field), str):
-                texts.append(record[text_field])
+        samples = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif suffix in _BUILDERS:
+        dataset = _load_file(p)
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        columns = list(dataset.column_names)
+        conversational = text_field not in columns and MESSAGES in columns
+        for index, record in enumerate(dataset):
+            value = record.get(text_field)
+            if isinstance(value, Mapping):  # a .json list mixing strings and objects: the objects land in `text`
+                value = value.get(text_field)
+            if conversational and record.get(MESSAGES) is not None:
+                samples.append({MESSAGES: record[MESSAGES]})
+            elif isinstance(value, str):
+                samples.append(value)
             else:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                keys = sorted(k for k, v in record.items() if v is not None)
                 raise ConfigError(
                     f"`--text-field` is {text_field!r}, but record {index} of {p} has keys {keys}. "
-                    "Pass --text-field with the key that holds the text."
+                    f"Pass --text-field with the key that holds the text (or give conversations under `{MESSAGES}`)."
                 )
     else:
-        raise ConfigError(f"`--data` must be a .jsonl, .json or .txt file, got {p.name!r}.")
+        raise ConfigError(f"`--data` must be a .jsonl, .json, .csv, .parquet or .txt file, got {p.name!r}.")
     if limit is not None:
-        texts = texts[:limit]
-    if not texts:
+        samples = samples[:limit]
+    if not samples:
         raise ConfigError(f"`--data` {p} holds no samples.")
-    return texts
+    return samples

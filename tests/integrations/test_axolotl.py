@@ -94,8 +94,8 @@ def assert_ties(report: dict, plan: LoraPlan) -> None:
 @pytest.fixture(scope="module")
 def first_run(axolotl_python, tiny_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("axolotl")
-    # reentrant asked for on purpose: sharing must switch it
-    config = tiny_config(tiny_dir, work, gradient_checkpointing_kwargs={"use_reentrant": True})
+    # reentrant asked for on purpose: sharing must switch it; TensorBoard on to see the plan reach the trackers
+    config = tiny_config(tiny_dir, work, gradient_checkpointing_kwargs={"use_reentrant": True}, use_tensorboard=True)
     report, output = train(axolotl_python, config, work)
     return work, report, output
 
@@ -139,6 +139,16 @@ def test_two_steps_with_the_loraplan_block(first_run, model_dir, checks):
     # and stock PEFT of the main venv (newer transformers) reads the adapter too
     fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out))
     assert checks.lora_layers(fresh) == plan.selected_layers
+    # use_tensorboard: the plugin's LoraPlanCallback put the plan in the trainer's TensorBoard event file (no figure
+    # is asserted: the Axolotl venv has no matplotlib, and the figure is then left out without an error)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = out.rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0, "images": 0, "scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert {"loraplan/layers/text_summary", "loraplan/plan/text_summary"} <= set(tags["tensors"])
+    assert {"loraplan/lora_parameter_ratio", "loraplan/predicted_step_time_ratio"} <= set(tags["scalars"])
 
 
 def test_resume_reuses_plan_and_reties(first_run, axolotl_python, tiny_dir, tmp_path):

@@ -26,6 +26,8 @@ from ..plan import PLAN_FILE, LoraPlan
 from ..processes import from_main
 from ..truncate import truncation_of
 from ._common import SHARING_REASON, check_applied, check_checkpoint, non_reentrant_model, resolve_plan
+from .trackers import report_plan
+from .trainer_data import is_text, training_rows
 
 logger = logging.getLogger("loraplan")
 
@@ -60,24 +62,6 @@ def _calling_trainer(callback: TrainerCallback) -> Any:
     finally:
         del frame
     return None
-
-
-def _training_rows(dataset: Any) -> Any:
-    """Keep only the token columns of a formatted dataset, so calibration sees what the trainer trains on."""
-    columns = getattr(dataset, "column_names", None)
-    if columns and "input_ids" in columns and hasattr(dataset, "select_columns"):
-        return dataset.select_columns([c for c in ("input_ids", "attention_mask", "labels") if c in columns])
-    return dataset
-
-
-def _is_text(data: Any, text_field: str) -> bool:
-    columns = getattr(data, "column_names", None)
-    if columns is not None:
-        return text_field in columns and "input_ids" not in columns
-    if isinstance(data, (list, tuple)) and data:
-        first = data[0]
-        return isinstance(first, str) or (isinstance(first, dict) and "input_ids" not in first)
-    return False
 
 
 def _checkpointing_enabled(args: Any) -> bool:
@@ -249,9 +233,14 @@ class LoraPlanCallback(TrainerCallback):
                     f"`calibration_data`: {TRAIN_DATASET!r} asks for the trainer's training dataset, but the Trainer "
                     "has none. Pass train_dataset= to the Trainer, or give calibration_data explicitly."
                 )
-            data = _training_rows(trainer.train_dataset)
+            data = training_rows(
+                trainer.train_dataset,
+                self.config.text_field,
+                _tokenizer_of(processing_class),
+                getattr(trainer, "chat_template", None),  # GRPOTrainer's own template (chat_template_path)
+            )
         tokenizer = _tokenizer_of(processing_class)
-        if tokenizer is None and _is_text(data, self.config.text_field):
+        if tokenizer is None and is_text(data, self.config.text_field):
             raise ConfigError(
                 "`calibration_data` is text, but the Trainer has no tokenizer to tokenise it. Pass "
                 "processing_class=tokenizer to the Trainer, or give tokenised batches (with `input_ids`)."
@@ -304,6 +293,7 @@ class LoraPlanCallback(TrainerCallback):
         truncation = truncation_of(model)
         if truncation is not None:
             logger.info("loraplan: %s", truncation.note())
+        report_plan(plan, args, state, callback=self, truncate_backward=self.truncate_backward)
         return control
 
     def _check_resume(self, args: Any, state: Any, plan: LoraPlan) -> None:
