@@ -208,6 +208,7 @@ def run_sft(
                 processing_class=tokenizer,
                 callbacks=[callback],
             )
+            callback.attach(trainer)  # calibrates on TRL's formatted rows when it has no plan
         init_seconds = time.perf_counter() - started
         model = trainer.model
         layout = lora_layout(model)

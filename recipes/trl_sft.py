@@ -1,10 +1,11 @@
 """LoRA fine-tuning with TRL's SFTTrainer, the layers and share groups planned by loraplan.
 
-The training code is stock TRL: the only loraplan piece is ``LoraPlanCallback`` in the trainer's callbacks. The
-model is given to TRL as a path, so TRL loads it (and, under DeepSpeed ZeRO-3, partitions it while loading), wraps
-it with the ``lora:`` settings, formats the dataset; the callback then calibrates on the first
-``loraplan.calibration_samples`` examples of TRL's formatted training data and narrows/ties the LoRA modules
-before the optimizer or the DeepSpeed engine exist.
+The training code is stock TRL: the only loraplan piece is ``plan_trainer(trainer, settings)`` between building
+the trainer and ``train()``. The model is given to TRL as a path, so TRL loads it (and, under DeepSpeed ZeRO-3,
+partitions it while loading), wraps it with the ``lora:`` settings, formats the dataset; ``plan_trainer`` then
+calibrates on the first ``loraplan.calibration_samples`` examples of TRL's formatted training data, narrows/ties
+the LoRA modules before the optimizer or the DeepSpeed engine exist, and leaves a ``LoraPlanCallback`` in the
+trainer for resuming, saving and the trackers.
 
 Usage (from the repository root):
 
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from loraplan.integrations.hf import TRAIN_DATASET, LoraPlanCallback
+    from loraplan.integrations.hf import plan_trainer
 
     training = dict(config.get("training") or {})
     _cpu_deepspeed(training)
@@ -287,15 +288,15 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = dict(config.get("loraplan") or {})
     truncate_backward = settings.pop("truncate_backward", True)  # how the plan is applied, not a plan setting
-    callback = LoraPlanCallback(settings, calibration_data=TRAIN_DATASET, truncate_backward=truncate_backward)
     recorded = _record_lower_layers if args.report else None
     trainer = SFTTrainer(
         model=model,
         args=sft_args,
         train_dataset=load_dataset(config.get("dataset") or {}),
         peft_config=LoraConfig(**(config.get("lora") or {})),
-        callbacks=[callback],
     )
+    # the one loraplan line: plan on TRL's own formatted rows, narrow and tie the LoRA modules, before train()
+    callback = plan_trainer(trainer, settings, truncate_backward=truncate_backward)
     if recorded is not None:
         recorded(trainer.model)
     trainer.train(resume_from_checkpoint=True if args.resume else None)

@@ -216,7 +216,7 @@ def test_train_dataset_calibration_uses_the_trainers_rows(tmp_path, model_dir, t
 
     dataset = tokenised(texts, tokenizer)
     callback = LoraPlanCallback(shared, calibration_data=TRAIN_DATASET)
-    make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, dataset, callback)
+    callback.attach(make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, dataset, callback))
     config = PlanConfig.from_dict(shared)
     expected = prepare_batches(dataset.select(range(config.calibration_samples)), config, tokenizer)
     assert callback.plan.calibration["num_samples"] == config.calibration_samples
@@ -313,3 +313,45 @@ def test_resume_from_a_checkpoint_outside_output_dir_is_checked_where_it_was_loa
         )
     assert any(f"resumed from {moved}" in r.getMessage() for r in caplog.records)
     checks.plan_realised(model, first.plan)
+
+
+def test_train_dataset_without_the_trainer_is_refused_before_training(
+    tmp_path, model_dir, tokenizer, texts, checks, shared
+):
+    callback = LoraPlanCallback(shared, calibration_data=TRAIN_DATASET)
+    trainer = make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), callback)
+    assert callback.plan is None  # a callback is not told the trainer's dataset: nothing planned, nothing applied
+    with pytest.raises(ConfigError, match=r"'train_dataset'.*plan_trainer\(trainer, settings\).*attach\(trainer\)"):
+        trainer.train()
+
+
+def test_plan_trainer_plans_on_the_trainers_rows_and_stays_for_the_run(
+    tmp_path, model_dir, tokenizer, texts, checks, shared
+):
+    from loraplan.data import prepare_batches
+    from loraplan.integrations.hf import plan_trainer
+
+    dataset = tokenised(texts, tokenizer)
+    model = checks.lora_model(model_dir)
+    trainer = make_trainer(model, tmp_path, tokenizer, dataset, None)
+    callback = plan_trainer(trainer, shared)
+    assert any(cb is callback for cb in trainer.callback_handler.callbacks)
+    config = PlanConfig.from_dict(shared)
+    expected = prepare_batches(dataset.select(range(config.calibration_samples)), config, tokenizer)
+    assert callback.plan.calibration["data_hash"] == expected.data_hash
+    checks.plan_realised(model, callback.plan)
+    trainer.train()
+    checks.plan_realised(model, callback.plan)
+    assert LoraPlan.load(tmp_path / "checkpoint-2" / "loraplan.json") == callback.plan
+    with pytest.raises(ConfigError, match="`attach` takes a transformers Trainer"):
+        callback.attach(model)
+
+
+def test_attach_plans_a_callback_added_after_construction(tmp_path, model_dir, tokenizer, texts, checks, shared):
+    model = checks.lora_model(model_dir)
+    trainer = make_trainer(model, tmp_path, tokenizer, tokenised(texts, tokenizer), None)
+    callback = LoraPlanCallback(shared, calibration_data=texts)
+    trainer.add_callback(callback)
+    callback.attach(trainer)
+    trainer.train()
+    checks.plan_realised(model, callback.plan)

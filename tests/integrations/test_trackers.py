@@ -86,7 +86,7 @@ def stray(home) -> list[str]:
     return [str(p.relative_to(home)) for p in home.rglob("*") if p.is_file() and "matplotlib" not in p.parts]
 
 
-def train(tmp_path, model_dir, tokenizer, texts, checks, shared, report_to):
+def train(tmp_path, model_dir, tokenizer, texts, checks, shared, report_to, attach=True):
     callback = LoraPlanCallback(shared, calibration_data=texts, progress=False)
     trainer = make_trainer(
         checks.lora_model(model_dir),
@@ -96,6 +96,8 @@ def train(tmp_path, model_dir, tokenizer, texts, checks, shared, report_to):
         callback,
         report_to=report_to,
     )
+    if attach:  # the callback then knows the trainer's TensorBoardCallback (a callback is not told its siblings)
+        callback.attach(trainer)
     trainer.train()
     return callback.plan
 
@@ -337,3 +339,14 @@ def test_without_trainer_runs_only_tensorboard_writes(
     assert "loraplan/lora_parameter_ratio" in acc.Tags()["scalars"]
     # not the main process: nothing at all
     assert report_plan(plan, SimpleNamespace(**{**vars(args), "process_index": 1})) == []
+
+
+def test_a_callback_never_attached_writes_tensorboard_into_a_run_of_its_own(
+    tmp_path, model_dir, tokenizer, texts, checks, shared, reports, home, monkeypatch
+):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    train(tmp_path, model_dir, tokenizer, texts, checks, shared, ["tensorboard"], attach=False)
+    assert reports == [["tensorboard"]]
+    (ours,) = (tmp_path / "out" / "runs" / "loraplan").glob("events.out.tfevents.*")
+    curves = [p for p in (tmp_path / "out" / "runs").glob("*/events.out.tfevents.*") if p.parent.name != "loraplan"]
+    assert len(curves) == 1 and ours.stat().st_size > 0

@@ -135,6 +135,7 @@ def test_trainer_round_trip(
     path = model_dir if arch == "llama" else mixtral_dir
     callback = LoraPlanCallback({**shared, "rank_policy": policy}, calibration_data=TRAIN_DATASET)
     trainer = _trainer(kind, path, tmp_path / "out", settings, callback, tokenizer, texts)
+    callback.attach(trainer)  # plans on the trainer's own rows (TRAIN_DATASET)
     plan = callback.plan
     assert plan.share_groups, "the shared settings form a group on the tiny model"
     want = _expected(path, settings, plan, read_sites, policy)

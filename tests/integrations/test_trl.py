@@ -32,13 +32,15 @@ def sft(model_dir, out, texts, callback, **overrides):
         gradient_checkpointing=True,
     )
     settings.update(overrides)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=str(model_dir),
         args=SFTConfig(**settings),
         train_dataset=Dataset.from_dict({"text": texts}),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
         callbacks=[callback],
     )
+    callback.attach(trainer)  # the trainer's own rows (TRAIN_DATASET) are planned on here; otherwise a no-op
+    return trainer
 
 
 def test_sft_two_steps_on_its_own_formatted_data(tmp_path, model_dir, tokenizer, texts, checks, shared):

@@ -17,7 +17,7 @@ import torch
 
 from loraplan import ConfigError, PlanConfig, make_plan
 from loraplan.data import prepare_batches, read_texts
-from loraplan.integrations.hf import TRAIN_DATASET, LoraPlanCallback
+from loraplan.integrations.hf import LoraPlanCallback, plan_trainer
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 
@@ -84,14 +84,13 @@ def test_sft_on_conversations_calibrates_on_trls_tokenised_messages(
 
     chats = conversations(texts)
     shared["max_length"] = 256  # whole conversations, not their first 32 tokens
-    callback = LoraPlanCallback(shared, calibration_data=TRAIN_DATASET)
     trainer = SFTTrainer(
         model=str(model_dir),
         args=SFTConfig(**common(tmp_path, max_length=256)),
         train_dataset=Dataset.from_dict({"messages": chats}),
         peft_config=lora_config(),
-        callbacks=[callback],
     )
+    callback = plan_trainer(trainer, shared)
     plan = callback.plan
     config = PlanConfig.from_dict(shared)
     rows = trainer.train_dataset
@@ -127,14 +126,13 @@ def test_dpo_calibrates_on_prompt_plus_chosen(tmp_path, model_dir, tokenizer, te
     from trl import DPOConfig, DPOTrainer
 
     data = preferences(texts)
-    callback = LoraPlanCallback(shared, calibration_data=TRAIN_DATASET)
     trainer = DPOTrainer(
         model=str(model_dir),
         args=DPOConfig(**common(tmp_path, per_device_train_batch_size=2, max_length=48)),
         train_dataset=Dataset.from_dict(data),
         peft_config=lora_config(),
-        callbacks=[callback],
     )
+    callback = plan_trainer(trainer, shared)
     plan = callback.plan
     config = PlanConfig.from_dict(shared)
     rows = trainer.train_dataset
@@ -171,7 +169,6 @@ def test_grpo_calibrates_on_the_prompts_through_the_chat_template(
 
     prompts = [[{"role": "user", "content": f"Rate this review: {t[:80]}"}] for t in texts[:20]]
     shared["max_length"] = 256  # the whole rendered prompt, generation prompt included, is calibrated on
-    callback = LoraPlanCallback(shared, calibration_data=TRAIN_DATASET)
     trainer = GRPOTrainer(
         model=str(model_dir),
         reward_funcs=varied_reward,
@@ -186,8 +183,8 @@ def test_grpo_calibrates_on_the_prompts_through_the_chat_template(
         ),
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         peft_config=lora_config(),
-        callbacks=[callback],
     )
+    callback = plan_trainer(trainer, shared)
     plan = callback.plan
     config = PlanConfig.from_dict(shared)
     assert "input_ids" not in trainer.train_dataset.column_names  # GRPO tokenises only when generating

@@ -11,7 +11,6 @@ plan beside it; a resumed run reuses the saved plan and checks the checkpoint ag
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,37 +30,24 @@ from .trainer_data import is_text, training_rows
 
 logger = logging.getLogger("loraplan")
 
-__all__ = ["TRAIN_DATASET", "LoraPlanCallback"]
+__all__ = ["TRAIN_DATASET", "LoraPlanCallback", "plan_trainer"]
 
 #: ``calibration_data=TRAIN_DATASET`` calibrates on the first N examples of the trainer's own (formatted,
 #: tokenised) training dataset, as the CKA reference implementation does.
 TRAIN_DATASET = "train_dataset"
 
 _CALLBACK_ARGS = "Trainer(..., callbacks=[LoraPlanCallback(...)])"
+_ATTACH_MESSAGE = (
+    f"`calibration_data`: {TRAIN_DATASET!r} calibrates on the trainer's own training rows, which a callback is not "
+    "told. After building the trainer and before train(), call loraplan.integrations.hf.plan_trainer(trainer, "
+    "settings) (or callback.attach(trainer) for a callback you passed to the trainer)."
+)
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
     """The text tokenizer inside a processor, or the tokenizer itself."""
     inner = getattr(processing_class, "tokenizer", None)
     return inner if inner is not None else processing_class
-
-
-def _calling_trainer(callback: TrainerCallback) -> Any:
-    """The ``Trainer`` whose ``__init__`` is calling ``callback`` (callbacks get no dataset at ``on_init_end``)."""
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                handler = getattr(candidate, "callback_handler", None)
-                if handler is not None and any(cb is callback for cb in handler.callbacks):
-                    return candidate
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
 
 
 def _checkpointing_enabled(args: Any) -> bool:
@@ -157,6 +143,10 @@ class LoraPlanCallback(TrainerCallback):
         self._initialised = False
         #: the checkpoint directory the Trainer loaded this adapter from (a resumed run), once it has
         self._loaded_from: str | None = None
+        #: the trainer given to attach(); a callback is not told it otherwise
+        self._trainer: Any = None
+        #: on_init_end saw calibration_data=TRAIN_DATASET and no trainer: attach(trainer) must plan before train()
+        self._waiting_for_trainer = False
 
     # -- on_init_end --------------------------------------------------------------------------------------------
     def on_init_end(
@@ -169,6 +159,36 @@ class LoraPlanCallback(TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> Any:
+        if self._needs_trainer():
+            # a callback is not told the trainer's dataset: attach(trainer) (or plan_trainer) plans once it is given
+            self._waiting_for_trainer = True
+            return control
+        self._setup(args, model, processing_class, optimizer)
+        return control
+
+    def attach(self, trainer: Any) -> LoraPlanCallback:
+        """Plan for ``trainer`` now, with what only the trainer knows: its training dataset (for
+        ``calibration_data=TRAIN_DATASET``) and its own chat template (GRPO). Call it after building the trainer
+        and before ``train()`` (which builds the optimizer and the DeepSpeed/DDP wrappers); the callback is added
+        to the trainer if it is not one of its callbacks yet. Returns the callback."""
+        handler = getattr(trainer, "callback_handler", None)
+        if handler is None or not hasattr(trainer, "train_dataset"):
+            raise ConfigError(
+                f"`attach` takes a transformers Trainer (or a TRL trainer), got {type(trainer).__name__}."
+            )
+        if not any(cb is self for cb in handler.callbacks):
+            trainer.add_callback(self)
+        self._trainer = trainer
+        if not self._initialised:
+            self._setup(trainer.args, trainer.model, trainer.processing_class, getattr(trainer, "optimizer", None))
+        return self
+
+    def _needs_trainer(self) -> bool:
+        wants_rows = isinstance(self.calibration_data, str) and self.calibration_data == TRAIN_DATASET
+        return wants_rows and self._trainer is None and self.plan is None and self.plan_path is None
+
+    def _setup(self, args: Any, model: Any, processing_class: Any, optimizer: Any) -> None:
+        """Plan (or take the given or saved plan) and apply it to ``model``: what on_init_end, or attach, does."""
         if model is None:
             raise ConfigError(f"LoraPlanCallback got no model at on_init_end; use it as {_CALLBACK_ARGS}.")
         if optimizer is not None:
@@ -217,17 +237,14 @@ class LoraPlanCallback(TrainerCallback):
         if args.should_save:
             plan.save(output_dir / PLAN_FILE)
         self._initialised = True
-        return control
+        self._waiting_for_trainer = False
 
     def _calibrate(self, model: Any, processing_class: Any, args: Any) -> LoraPlan:
         data = self.calibration_data
         if isinstance(data, str) and data == TRAIN_DATASET:
-            trainer = _calling_trainer(self)
-            if trainer is None:
-                raise ConfigError(
-                    f"`calibration_data`: {TRAIN_DATASET!r} takes the trainer's training dataset, but no Trainer is "
-                    f"constructing this callback. Use it as {_CALLBACK_ARGS}."
-                )
+            trainer = self._trainer
+            if trainer is None:  # pragma: no cover - _needs_trainer deferred the plan until attach
+                raise ConfigError(_ATTACH_MESSAGE)
             if trainer.train_dataset is None:
                 raise ConfigError(
                     f"`calibration_data`: {TRAIN_DATASET!r} asks for the trainer's training dataset, but the Trainer "
@@ -270,11 +287,14 @@ class LoraPlanCallback(TrainerCallback):
 
     # -- on_train_begin -----------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self._waiting_for_trainer:
+            raise ConfigError(_ATTACH_MESSAGE)
         if not self._initialised:
             raise ConfigError(
                 "LoraPlanCallback was added after the Trainer was constructed (trainer.add_callback), so it never "
                 "saw on_init_end, the last point before the optimizer and the DeepSpeed/DDP wrappers take the "
-                f"parameters; training now would ignore the plan. Pass it to the constructor: {_CALLBACK_ARGS}."
+                f"parameters; training now would ignore the plan. Pass it to the constructor ({_CALLBACK_ARGS}), "
+                "or call callback.attach(trainer) before train()."
             )
         plan = self.plan
         assert plan is not None  # on_init_end made or loaded it
@@ -293,7 +313,9 @@ class LoraPlanCallback(TrainerCallback):
         truncation = truncation_of(model)
         if truncation is not None:
             logger.info("loraplan: %s", truncation.note())
-        report_plan(plan, args, state, callback=self, truncate_backward=self.truncate_backward)
+        handler = getattr(self._trainer, "callback_handler", None)  # known after attach(trainer)
+        callbacks = list(handler.callbacks) if handler is not None else None
+        report_plan(plan, args, state, callbacks=callbacks, truncate_backward=self.truncate_backward)
         return control
 
     def _check_resume(self, args: Any, state: Any, plan: LoraPlan) -> None:
@@ -356,3 +378,20 @@ class LoraPlanCallback(TrainerCallback):
         if self.plan is not None and args.should_save:
             self.plan.save(Path(args.output_dir) / PLAN_FILE)
         return control
+
+
+def plan_trainer(
+    trainer: Any, config: PlanConfig | dict | None = None, calibration_data: Any = TRAIN_DATASET, **kwargs: Any
+) -> LoraPlanCallback:
+    """Plan LoRA for ``trainer`` (a transformers ``Trainer`` or a TRL trainer, built with a LoRA-wrapped model or a
+    ``peft_config``) on the first ``calibration_samples`` of its own formatted training rows, apply the plan, and
+    keep a :class:`LoraPlanCallback` in its callbacks for the rest (resume checks, saving the plan, trackers)::
+
+        trainer = SFTTrainer(model=..., peft_config=LoraConfig(...), train_dataset=...)
+        plan_trainer(trainer, {"selector": "cka", "ratio": 0.5, "share": "angular"})
+        trainer.train()
+
+    ``calibration_data`` and the other keyword arguments are :class:`LoraPlanCallback`'s. Returns the callback
+    (``.plan`` is the plan).
+    """
+    return LoraPlanCallback(config, calibration_data, **kwargs).attach(trainer)

@@ -10,7 +10,6 @@ skipped with a log line, never an error, and no run is started here. Only the ma
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import math
@@ -140,22 +139,6 @@ class _Files:
 
 
 # -- the trackers -------------------------------------------------------------------------------------------------
-def _trainer_callbacks(callback: Any) -> list[Any]:
-    """The callbacks of the ``Trainer`` that is calling ``callback`` (callbacks are not given their siblings)."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            handler = frame.f_locals.get("self")
-            callbacks = getattr(handler, "callbacks", None)
-            if type(handler).__name__ == "CallbackHandler" and isinstance(callbacks, list):
-                if callback is None or any(cb is callback for cb in callbacks):
-                    return list(callbacks)
-            frame = frame.f_back
-    finally:
-        del frame
-    return []
-
-
 def _wandb(plan: LoraPlan, summary: dict[str, Any], files: _Files, args: Any, callbacks: list[Any]) -> bool:
     import wandb
 
@@ -251,14 +234,16 @@ def report_plan(
     args: Any,
     state: Any = None,
     *,
-    callback: Any = None,
+    callbacks: list[Any] | None = None,
     truncate_backward: bool = True,
 ) -> list[str]:
     """Write ``plan`` to the trackers ``args.report_to`` names (of ``wandb``, ``tensorboard``, ``mlflow``) and return
     the names written to. Called by :class:`~loraplan.integrations.hf.LoraPlanCallback` at ``on_train_begin``, after
-    the trainer's own tracker callbacks have started their runs; ``callback`` is the calling callback (to find the
-    trainer's TensorBoard writer). Nothing happens off the main process, and a tracker whose package is missing or
-    whose run is not active is skipped with a log line; a tracker's error is logged as a warning, never raised.
+    the trainer's own tracker callbacks have started their runs; ``callbacks`` are the trainer's callbacks when the
+    caller knows them (``LoraPlanCallback.attach``: the plan then goes into the TensorBoardCallback's own event file;
+    a callback is not told its siblings, so without them TensorBoard gets a writer of loraplan's own). Nothing happens
+    off the main process, and a tracker whose package is missing or whose run is not active is skipped with a log
+    line; a tracker's error is logged as a warning, never raised.
     """
     main = state.is_world_process_zero if state is not None else getattr(args, "process_index", 0) == 0
     report_to = getattr(args, "report_to", None) or []
@@ -280,7 +265,7 @@ def report_plan(
     if not available:
         return []
     summary = plan_summary(plan, checkpointing=_checkpointing(args), truncate_backward=truncate_backward)
-    callbacks = _trainer_callbacks(callback)
+    callbacks = list(callbacks or [])
     written = []
     with tempfile.TemporaryDirectory(prefix="loraplan-") as folder:
         files = _Files(plan, Path(folder))

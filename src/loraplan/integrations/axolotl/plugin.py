@@ -212,3 +212,12 @@ class LoraPlanPlugin(BasePlugin):
         if self.plan is None:
             return []
         return [LoraPlanCallback(plan=self.plan, progress=False, truncate_backward=self.truncate_backward)]
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        """Hand the trainer to the plugin's LoraPlanCallback (a callback is not told it): its trackers then write
+        into the trainer's own TensorBoard event file."""
+        from ..hf import LoraPlanCallback
+
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, LoraPlanCallback):
+                callback.attach(trainer)
