@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .plan import LoraPlan
 from .truncate import NOTE_PREFIX
 
-__all__ = ["ParameterCount", "format_plan", "parameter_count"]
+__all__ = ["ParameterCount", "format_plan", "parameter_count", "score_columns"]
 
 
 @dataclass
@@ -48,9 +48,14 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
+def score_columns(plan: LoraPlan) -> list[str]:
+    """The plan's score names in table order: the selector's and sharer's own scores, then ``importance``."""
+    return [n for n in plan.scores if n != "importance"] + (["importance"] if "importance" in plan.scores else [])
+
+
 def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
     """The per-layer table (scores, selected, group), the parameter comparison, stability and warnings."""
-    names = [n for n in plan.scores if n != "importance"] + (["importance"] if "importance" in plan.scores else [])
+    names = score_columns(plan)
     header = ["layer", *names, "selected", "group"]
     rows = []
     for layer in range(plan.num_layers):

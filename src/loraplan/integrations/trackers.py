@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plan import PLAN_FILE, LoraPlan
-from ..report import format_plan, parameter_count
+from ..report import format_plan, parameter_count, score_columns
 
 logger = logging.getLogger("loraplan")
 
@@ -78,7 +78,7 @@ def plan_summary(plan: LoraPlan, *, checkpointing: bool = False, truncate_backwa
 def plan_rows(plan: LoraPlan) -> tuple[list[str], list[list[Any]]]:
     """The per-layer table: ``layer``, one column per score, ``selected``, ``flagged``, ``group`` (``G<n>`` or
     ``None``); a score that could not be computed is ``None``."""
-    names = [n for n in plan.scores if n != "importance"] + (["importance"] if "importance" in plan.scores else [])
+    names = score_columns(plan)
     columns = ["layer", *names, "selected", "flagged", "group"]
     rows = []
     for layer in range(plan.num_layers):
