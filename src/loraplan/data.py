@@ -73,6 +73,8 @@ def _no_tokenizer() -> ConfigError:
 
 
 def _encode(text: Any, index: int, tokenizer: Any, config: PlanConfig, special_tokens: bool = True) -> Sample:
+    if tokenizer is None:
+        raise _no_tokenizer()
     if not isinstance(text, str):
         raise CalibrationError(
             f"calibration sample {index} is {type(text).__name__}, not text: {str(text)[:80]!r}. "
@@ -89,7 +91,7 @@ def _encode(text: Any, index: int, tokenizer: Any, config: PlanConfig, special_t
 
 
 def _tokenize(texts: list[Any], tokenizer: Any, config: PlanConfig) -> list[Sample]:
-    if tokenizer is None:
+    if tokenizer is None:  # also for an empty text column: the data needs a tokenizer before it needs samples
         raise _no_tokenizer()
     return [_encode(text, index, tokenizer, config) for index, text in enumerate(texts)]
 
@@ -145,12 +147,8 @@ def _records(records: list[Any], tokenizer: Any, config: PlanConfig) -> list[Sam
     samples = []
     for index, record in enumerate(records):
         if isinstance(record, str):
-            if tokenizer is None:
-                raise _no_tokenizer()
             samples.append(_encode(record, index, tokenizer, config))
         elif isinstance(record, Mapping) and field in record:
-            if tokenizer is None:
-                raise _no_tokenizer()
             samples.append(_encode(record[field], index, tokenizer, config))
         elif isinstance(record, Mapping) and MESSAGES in record:
             text = chat_text(record[MESSAGES], tokenizer, where=f"calibration record {index}")
