@@ -158,6 +158,42 @@ def losses(trainer) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
 
 
+def tokenised(texts, tokenizer, max_length=32):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": texts}).map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+    )
+
+
+def make_trainer(model, out, tokenizer, dataset, callback, **overrides):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    settings = dict(
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        save_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=dataset,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+        callbacks=[callback] if callback is not None else None,
+    )
+
+
 @pytest.fixture
 def checks():
     """The independent checks above, for the test modules (conftest is not importable under importlib mode)."""
@@ -172,6 +208,8 @@ def checks():
         losses=losses,
         lora_model=lora_model,
         recipe=load_recipe_module,
+        tokenised=tokenised,
+        make_trainer=make_trainer,
     )
 
 

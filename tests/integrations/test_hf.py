@@ -13,53 +13,17 @@ from loraplan import ConfigError, LoraPlan, PlanConfig, PlanMismatchError, make_
 from loraplan.integrations.hf import TRAIN_DATASET, LoraPlanCallback
 
 
-def tokenised(texts, tokenizer, max_length=32):
-    from datasets import Dataset
-
-    return Dataset.from_dict({"text": texts}).map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-        batched=True,
-        remove_columns=["text"],
-    )
-
-
-def make_trainer(model, out, tokenizer, dataset, callback, **overrides):
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
-
-    settings = dict(
-        output_dir=str(out),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        save_steps=1,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    settings.update(overrides)
-    return Trainer(
-        model=model,
-        args=TrainingArguments(**settings),
-        train_dataset=dataset,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        processing_class=tokenizer,
-        callbacks=[callback] if callback is not None else None,
-    )
-
-
 def test_two_steps_plan_ties_checkpoints_and_stock_reload(
     tmp_path, model_dir, tokenizer, texts, checks, shared, caplog
 ):
     model = checks.lora_model(model_dir)
     callback = LoraPlanCallback(shared, calibration_data=texts)
     with caplog.at_level(logging.WARNING, logger="loraplan"):
-        trainer = make_trainer(
+        trainer = checks.make_trainer(
             model,
             tmp_path,
             tokenizer,
-            tokenised(texts, tokenizer),
+            checks.tokenised(texts, tokenizer),
             callback,
             activation_checkpointing=True,
             activation_checkpointing_kwargs={"use_reentrant": True},
@@ -86,8 +50,8 @@ def test_two_steps_plan_ties_checkpoints_and_stock_reload(
 
 
 def test_resume_reuses_plan_and_ties(tmp_path, model_dir, tokenizer, texts, checks, shared, caplog):
-    dataset = tokenised(texts, tokenizer)
-    first = make_trainer(
+    dataset = checks.tokenised(texts, tokenizer)
+    first = checks.make_trainer(
         checks.lora_model(model_dir), tmp_path, tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts)
     )
     first.train()
@@ -98,7 +62,7 @@ def test_resume_reuses_plan_and_ties(tmp_path, model_dir, tokenizer, texts, chec
     callback = LoraPlanCallback(shared)
     model = checks.lora_model(model_dir)
     with caplog.at_level(logging.INFO, logger="loraplan"):
-        second = make_trainer(model, tmp_path, tokenizer, dataset, callback, max_steps=4)
+        second = checks.make_trainer(model, tmp_path, tokenizer, dataset, callback, max_steps=4)
         second.train(resume_from_checkpoint=True)
     assert (tmp_path / "loraplan.json").read_bytes() == saved
     messages = [r.getMessage() for r in caplog.records]
@@ -113,8 +77,8 @@ def test_resume_reuses_plan_and_ties(tmp_path, model_dir, tokenizer, texts, chec
 
 
 def test_resume_from_checkpoint_of_another_plan_is_an_error(tmp_path, model_dir, tokenizer, texts, checks, shared):
-    dataset = tokenised(texts, tokenizer)
-    make_trainer(
+    dataset = checks.tokenised(texts, tokenizer)
+    checks.make_trainer(
         checks.lora_model(model_dir),
         tmp_path / "a",
         tokenizer,
@@ -123,7 +87,7 @@ def test_resume_from_checkpoint_of_another_plan_is_an_error(tmp_path, model_dir,
     ).train()
     other = make_plan(checks.lora_model(model_dir), texts, {**shared, "ratio": 0.75}, tokenizer, progress=False)
     other.save(tmp_path / "other.json")
-    trainer = make_trainer(
+    trainer = checks.make_trainer(
         checks.lora_model(model_dir),
         tmp_path / "b",
         tokenizer,
@@ -136,7 +100,9 @@ def test_resume_from_checkpoint_of_another_plan_is_an_error(tmp_path, model_dir,
 
 
 def test_callback_added_after_construction_fails_at_train(tmp_path, model_dir, tokenizer, texts, checks, shared):
-    trainer = make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), None)
+    trainer = checks.make_trainer(
+        checks.lora_model(model_dir), tmp_path, tokenizer, checks.tokenised(texts, tokenizer), None
+    )
     trainer.add_callback(LoraPlanCallback(shared, calibration_data=texts))
     with pytest.raises(ConfigError, match=r"added after the Trainer was constructed.*callbacks=\[LoraPlanCallback"):
         trainer.train()
@@ -145,8 +111,12 @@ def test_callback_added_after_construction_fails_at_train(tmp_path, model_dir, t
 
 def test_neither_data_nor_plan_explains_both(tmp_path, model_dir, tokenizer, texts, checks, shared):
     with pytest.raises(ConfigError, match=r"`calibration_data`.*calibration_data=.*TRAIN_DATASET.*plan_path="):
-        make_trainer(
-            checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared)
+        checks.make_trainer(
+            checks.lora_model(model_dir),
+            tmp_path,
+            tokenizer,
+            checks.tokenised(texts, tokenizer),
+            LoraPlanCallback(shared),
         )
 
 
@@ -159,22 +129,22 @@ def test_plan_for_another_model_is_an_error(tmp_path, model_dir, tokenizer, text
     bigger = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules=["q_proj"]))
     make_plan(bigger, texts, shared, tokenizer, progress=False).save(tmp_path / "six.json")
     with pytest.raises(PlanMismatchError, match="num_layers: plan 6, model 4"):
-        make_trainer(
+        checks.make_trainer(
             checks.lora_model(model_dir),
             tmp_path / "out",
             tokenizer,
-            tokenised(texts, tokenizer),
+            checks.tokenised(texts, tokenizer),
             LoraPlanCallback(plan_path=tmp_path / "six.json"),
         )
 
 
 def test_changed_settings_with_a_saved_plan_is_an_error(tmp_path, model_dir, tokenizer, texts, checks, shared):
-    dataset = tokenised(texts, tokenizer)
-    make_trainer(
+    dataset = checks.tokenised(texts, tokenizer)
+    checks.make_trainer(
         checks.lora_model(model_dir), tmp_path, tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts)
     )
     with pytest.raises(ConfigError, match=r"ratio: plan 0\.5, now 0\.25.*delete that file or use a fresh output"):
-        make_trainer(
+        checks.make_trainer(
             checks.lora_model(model_dir),
             tmp_path,
             tokenizer,
@@ -192,21 +162,21 @@ def test_user_optimizer_is_refused(tmp_path, model_dir, tokenizer, texts, checks
         Trainer(
             model=model,
             args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
-            train_dataset=tokenised(texts, tokenizer),
+            train_dataset=checks.tokenised(texts, tokenizer),
             optimizers=(optimizer, None),
             callbacks=[LoraPlanCallback(shared, calibration_data=texts)],
         )
 
 
-def test_unwrapped_model_is_refused(tmp_path, model_dir, tokenizer, texts, shared):
+def test_unwrapped_model_is_refused(tmp_path, model_dir, tokenizer, texts, checks, shared):
     from transformers import AutoModelForCausalLM
 
     with pytest.raises(ConfigError, match="needs a LoRA-wrapped model.*get_peft_model"):
-        make_trainer(
+        checks.make_trainer(
             AutoModelForCausalLM.from_pretrained(model_dir),
             tmp_path,
             tokenizer,
-            tokenised(texts, tokenizer),
+            checks.tokenised(texts, tokenizer),
             LoraPlanCallback(shared, calibration_data=texts),
         )
 
@@ -214,9 +184,9 @@ def test_unwrapped_model_is_refused(tmp_path, model_dir, tokenizer, texts, share
 def test_train_dataset_calibration_uses_the_trainers_rows(tmp_path, model_dir, tokenizer, texts, checks, shared):
     from loraplan.data import prepare_batches
 
-    dataset = tokenised(texts, tokenizer)
+    dataset = checks.tokenised(texts, tokenizer)
     callback = LoraPlanCallback(shared, calibration_data=TRAIN_DATASET)
-    callback.attach(make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, dataset, callback))
+    callback.attach(checks.make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, dataset, callback))
     config = PlanConfig.from_dict(shared)
     expected = prepare_batches(dataset.select(range(config.calibration_samples)), config, tokenizer)
     assert callback.plan.calibration["num_samples"] == config.calibration_samples
@@ -226,8 +196,8 @@ def test_train_dataset_calibration_uses_the_trainers_rows(tmp_path, model_dir, t
 def test_model_already_checkpointing_reentrantly_is_switched(tmp_path, model_dir, tokenizer, texts, checks, shared):
     model = checks.lora_model(model_dir)
     model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    make_trainer(
-        model, tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts)
+    checks.make_trainer(
+        model, tmp_path, tokenizer, checks.tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts)
     )
     funcs = [m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert funcs and all(isinstance(f, functools.partial) and f.keywords["use_reentrant"] is False for f in funcs)
@@ -244,8 +214,12 @@ def test_custom_checkpointing_with_sharing_is_refused(tmp_path, model_dir, token
         if getattr(module, "gradient_checkpointing", False):
             module._gradient_checkpointing_func = offloaded_checkpoint
     with pytest.raises(ConfigError, match="offloaded_checkpoint, not torch's checkpoint.*share: null"):
-        make_trainer(
-            model, tmp_path, tokenizer, tokenised(texts, tokenizer), LoraPlanCallback(shared, calibration_data=texts)
+        checks.make_trainer(
+            model,
+            tmp_path,
+            tokenizer,
+            checks.tokenised(texts, tokenizer),
+            LoraPlanCallback(shared, calibration_data=texts),
         )
 
 
@@ -255,7 +229,7 @@ def test_model_init_is_refused_at_train(tmp_path, model_dir, tokenizer, texts, c
     trainer = Trainer(
         model_init=lambda: checks.lora_model(model_dir),
         args=TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
-        train_dataset=tokenised(texts, tokenizer),
+        train_dataset=checks.tokenised(texts, tokenizer),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
         callbacks=[LoraPlanCallback(shared, calibration_data=texts)],
@@ -267,10 +241,10 @@ def test_model_init_is_refused_at_train(tmp_path, model_dir, tokenizer, texts, c
 def test_calibration_progress_follows_the_trainers_disable_tqdm(
     tmp_path, model_dir, tokenizer, texts, checks, shared, capfd
 ):
-    dataset = tokenised(texts, tokenizer)
+    dataset = checks.tokenised(texts, tokenizer)
     for disable in (False, True):
         callback = LoraPlanCallback(shared, calibration_data=texts)
-        make_trainer(
+        checks.make_trainer(
             checks.lora_model(model_dir), tmp_path / str(disable), tokenizer, dataset, callback, disable_tqdm=disable
         )
         assert callback.plan is not None
@@ -285,8 +259,8 @@ def test_trainer_checkpoints_carry_the_plan_and_the_model_card_section(
     from loraplan.card import BEGIN
 
     callback = LoraPlanCallback(shared, calibration_data=texts)
-    make_trainer(
-        checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), callback, max_steps=1
+    checks.make_trainer(
+        checks.lora_model(model_dir), tmp_path, tokenizer, checks.tokenised(texts, tokenizer), callback, max_steps=1
     ).train()
     checkpoint = tmp_path / "checkpoint-1"
     card = ModelCard.load(checkpoint / "README.md")
@@ -300,15 +274,15 @@ def test_resume_from_a_checkpoint_outside_output_dir_is_checked_where_it_was_loa
 ):
     import shutil
 
-    dataset = tokenised(texts, tokenizer)
+    dataset = checks.tokenised(texts, tokenizer)
     first = LoraPlanCallback(shared, calibration_data=texts)
-    make_trainer(checks.lora_model(model_dir), tmp_path / "a", tokenizer, dataset, first).train()
+    checks.make_trainer(checks.lora_model(model_dir), tmp_path / "a", tokenizer, dataset, first).train()
     moved = tmp_path / "kept" / "step-2"
     shutil.copytree(tmp_path / "a" / "checkpoint-2", moved)
     callback = LoraPlanCallback(plan=first.plan)
     model = checks.lora_model(model_dir)
     with caplog.at_level(logging.INFO, logger="loraplan"):
-        make_trainer(model, tmp_path / "b", tokenizer, dataset, callback, max_steps=3).train(
+        checks.make_trainer(model, tmp_path / "b", tokenizer, dataset, callback, max_steps=3).train(
             resume_from_checkpoint=str(moved)
         )
     assert any(f"resumed from {moved}" in r.getMessage() for r in caplog.records)
@@ -319,7 +293,9 @@ def test_train_dataset_without_the_trainer_is_refused_before_training(
     tmp_path, model_dir, tokenizer, texts, checks, shared
 ):
     callback = LoraPlanCallback(shared, calibration_data=TRAIN_DATASET)
-    trainer = make_trainer(checks.lora_model(model_dir), tmp_path, tokenizer, tokenised(texts, tokenizer), callback)
+    trainer = checks.make_trainer(
+        checks.lora_model(model_dir), tmp_path, tokenizer, checks.tokenised(texts, tokenizer), callback
+    )
     assert callback.plan is None  # a callback is not told the trainer's dataset: nothing planned, nothing applied
     with pytest.raises(ConfigError, match=r"'train_dataset'.*plan_trainer\(trainer, settings\).*attach\(trainer\)"):
         trainer.train()
@@ -331,9 +307,9 @@ def test_plan_trainer_plans_on_the_trainers_rows_and_stays_for_the_run(
     from loraplan.data import prepare_batches
     from loraplan.integrations.hf import plan_trainer
 
-    dataset = tokenised(texts, tokenizer)
+    dataset = checks.tokenised(texts, tokenizer)
     model = checks.lora_model(model_dir)
-    trainer = make_trainer(model, tmp_path, tokenizer, dataset, None)
+    trainer = checks.make_trainer(model, tmp_path, tokenizer, dataset, None)
     callback = plan_trainer(trainer, shared)
     assert any(cb is callback for cb in trainer.callback_handler.callbacks)
     config = PlanConfig.from_dict(shared)
@@ -349,7 +325,7 @@ def test_plan_trainer_plans_on_the_trainers_rows_and_stays_for_the_run(
 
 def test_attach_plans_a_callback_added_after_construction(tmp_path, model_dir, tokenizer, texts, checks, shared):
     model = checks.lora_model(model_dir)
-    trainer = make_trainer(model, tmp_path, tokenizer, tokenised(texts, tokenizer), None)
+    trainer = checks.make_trainer(model, tmp_path, tokenizer, checks.tokenised(texts, tokenizer), None)
     callback = LoraPlanCallback(shared, calibration_data=texts)
     trainer.add_callback(callback)
     callback.attach(trainer)

@@ -20,43 +20,6 @@ from loraplan.report import format_plan, parameter_count
 TRACKER_MODULES = ("wandb", "mlflow", "torch.utils.tensorboard", "tensorboard")
 
 
-def tokenised(texts, tokenizer, max_length=32):
-    from datasets import Dataset
-
-    return Dataset.from_dict({"text": texts}).map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-        batched=True,
-        remove_columns=["text"],
-    )
-
-
-def make_trainer(model, out, tokenizer, dataset, callback, **overrides):
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
-
-    settings = dict(
-        output_dir=str(out),
-        max_steps=1,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        save_strategy="no",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return Trainer(
-        model=model,
-        args=TrainingArguments(**settings),
-        train_dataset=dataset,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        processing_class=tokenizer,
-        callbacks=[callback],
-    )
-
-
 @pytest.fixture
 def reports(monkeypatch):
     """What each ``report_plan`` call inside the callback returned (the trackers written to)."""
@@ -88,12 +51,15 @@ def stray(home) -> list[str]:
 
 def train(tmp_path, model_dir, tokenizer, texts, checks, shared, report_to, attach=True):
     callback = LoraPlanCallback(shared, calibration_data=texts, progress=False)
-    trainer = make_trainer(
+    trainer = checks.make_trainer(
         checks.lora_model(model_dir),
         tmp_path / "out",
         tokenizer,
-        tokenised(texts, tokenizer),
+        checks.tokenised(texts, tokenizer),
         callback,
+        max_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
         report_to=report_to,
     )
     if attach:  # the callback then knows the trainer's TensorBoardCallback (a callback is not told its siblings)
