@@ -17,7 +17,7 @@ __all__ = ["TRUNCATE_BACKWARD_HELP", "PlanConfig", "Setting", "setting", "settin
 
 POOLINGS = ("auto", "last", "first")
 LAST_TOKEN_MODES = ("mask", "reference")
-RANK_POLICIES = ("keep", "budget")
+RANK_POLICIES = ("keep", "budget", "importance")
 COST_MODELS = ("flops", "timed")
 
 #: the switch every integration takes beside the plan settings (``apply_plan(truncate_backward=...)``), described once
@@ -113,7 +113,21 @@ class PlanConfig:
             'Rank of the planned LoRA modules: `"keep"` the LoRA config\'s `r`; `"budget"` ShareLoRA\'s budget '
             "rule `r' = floor(L r / (L - sum|S| + |S|))`; or an explicit positive integer."
         ),
-        metavar="keep|budget|R",
+        metavar="keep|budget|importance|R",
+    )
+    min_rank: int = setting(
+        default=1,
+        help=(
+            'With `rank_policy="importance"`: the smallest rank a layer gets. A layer whose share of the budget '
+            "rounds below it is left out, and its share goes to the others."
+        ),
+    )
+    rank_multiple: int = setting(
+        default=1,
+        help=(
+            'With `rank_policy="importance"`: every allocated rank is a multiple of this (e.g. 4 or 8, which suits '
+            "GPU kernels)."
+        ),
     )
     calibration_samples: int = setting(
         default=128,
@@ -143,6 +157,13 @@ class PlanConfig:
     text_field: str = setting(
         default="text",
         help=("Column or JSON key that holds the calibration text."),
+    )
+    image_field: str = setting(
+        default="image",
+        help=(
+            "Column or key that holds the image of a multimodal calibration row, read with a `processor` "
+            "(LLaVA-style models)."
+        ),
     )
     pooling: str = setting(
         default="auto",
@@ -184,6 +205,13 @@ class PlanConfig:
         help=(
             "Trainable-parameter budget as a fraction of LoRA on every layer, in (0, 1], counted at the plan's "
             "rank before sharing (sharing only lowers it). Overrides `ratio`; with `time_budget` both must hold."
+        ),
+    )
+    lora_drop_steps: int | None = setting(
+        default=None,
+        help=(
+            'With `selector="lora_drop"`: optimizer steps of the all-layer LoRA warm-up whose outputs score the '
+            "layers. Default: one epoch over the calibration batches. The warm-up weights are discarded."
         ),
     )
     cost_model: str = setting(
@@ -241,9 +269,14 @@ class PlanConfig:
             self.rank_policy in RANK_POLICIES or (isinstance(self.rank_policy, int) and self.rank_policy >= 1)
         ):
             raise ConfigError(
-                f"`rank_policy` must be 'keep', 'budget' or a positive integer, got {self.rank_policy!r}. "
-                "Use 'keep' for the LoRA config's r, 'budget' for ShareLoRA's budget rule, or e.g. rank_policy=16."
+                f"`rank_policy` must be 'keep', 'budget', 'importance' or a positive integer, got "
+                f"{self.rank_policy!r}. Use 'keep' for the LoRA config's r, 'budget' for ShareLoRA's budget rule, "
+                "'importance' for per-layer ranks in proportion to the selector's scores, or e.g. rank_policy=16."
             )
+        _check_int("min_rank", self.min_rank, 1, "the smallest rank a layer gets, e.g. 4")
+        _check_int("rank_multiple", self.rank_multiple, 1, "the multiple every allocated rank is rounded to, e.g. 4")
+        if self.lora_drop_steps is not None:
+            _check_int("lora_drop_steps", self.lora_drop_steps, 1, "the warm-up steps of selector='lora_drop'")
         _check_int("calibration_samples", self.calibration_samples, 1, "the number of calibration samples, e.g. 128")
         _check_int("max_length", self.max_length, 1, "tokens per calibration sample, e.g. 512")
         _check_int("batch_size", self.batch_size, 1, "samples per calibration batch, e.g. 8")
@@ -260,6 +293,7 @@ class PlanConfig:
                 )
             self.target_modules = list(self.target_modules)
         _check_str("text_field", self.text_field, "the name of the text column, e.g. 'text'")
+        _check_str("image_field", self.image_field, "the name of the image column, e.g. 'image'")
         _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("last_token", self.last_token, LAST_TOKEN_MODES)
         for name in ("debiased", "stability", "cost_checkpointing"):

@@ -260,7 +260,7 @@ def _collect(data: Any, tokenizer: Any, config: PlanConfig) -> list[Sample]:
 
 
 def prepare_batches(
-    data: Any, config: PlanConfig, tokenizer: Any = None, model_config: Any = None
+    data: Any, config: PlanConfig, tokenizer: Any = None, model_config: Any = None, processor: Any = None
 ) -> CalibrationBatches:
     """The first ``config.calibration_samples`` samples of ``data``, tokenised and right-padded in batches."""
     samples = _collect(data, tokenizer, config)

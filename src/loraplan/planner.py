@@ -178,6 +178,7 @@ def make_plan(
     plugin_manager: pluggy.PluginManager | None = None,
     lora_rank: int | None = None,
     progress: bool = True,
+    processor: Any = None,
 ) -> LoraPlan:
     """Calibrate ``model`` on ``calibration_data`` and decide which layers get LoRA and which share it.
 
@@ -190,6 +191,8 @@ def make_plan(
         plugin_manager: the manager to take strategies from (default: :func:`get_plugin_manager`).
         lora_rank: the LoRA config's ``r``, to resolve ``plan.rank`` now (else it is resolved when applied).
         progress: show a progress bar.
+        processor: a multimodal processor (LLaVA-style): turns rows with an image (``config.image_field``) and text
+            into ``pixel_values`` and tokens.
     """
     config = _config(config)
     pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
@@ -200,7 +203,7 @@ def make_plan(
     targets = resolve_targets(model, config)
     other_stacks = other_stacks_reached(base, stack, targets)
     warnings: list[str] = []
-    batches = _calibration_batches(calibration_data, config, tokenizer, base, chosen, warnings)
+    batches = _calibration_batches(calibration_data, config, tokenizer, base, chosen, warnings, processor)
     stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
     scoring = _score(chosen.selector, stats, config, stack.num_layers, k, warnings)
     base_rank = _base_rank(model, lora_rank)
@@ -239,11 +242,17 @@ def make_plan(
 
 
 def _calibration_batches(
-    data: Any, config: PlanConfig, tokenizer: Any, base: nn.Module, chosen: Strategies, warnings: list[str]
+    data: Any,
+    config: PlanConfig,
+    tokenizer: Any,
+    base: nn.Module,
+    chosen: Strategies,
+    warnings: list[str],
+    processor: Any = None,
 ) -> CalibrationBatches:
     """The calibration data as batches, refused when the strategies need more samples than it has."""
     needed = chosen.minimum_samples(config)
-    batches = prepare_batches(data, config, tokenizer, getattr(base, "config", None))
+    batches = prepare_batches(data, config, tokenizer, getattr(base, "config", None), processor=processor)
     if batches.num_samples < needed:
         raise CalibrationError(
             f"`calibration_samples`: {batches.num_samples} calibration sample(s) given, but selector "
