@@ -17,6 +17,7 @@ from .inputs import (
     adapters_disabled,
     eval_mode,
     first_tensor,
+    forward_runner,
     input_device,
     layer_name,
     model_inputs,
@@ -46,7 +47,6 @@ def forward_pass(
     collectors: list[_HiddenStates | _ActivationNorms] = [c for c in (hidden, activations) if c is not None]
     handles = [handle for collector in collectors for handle in collector.install()]
     device = input_device(base)
-    runner = stack.backbone
     bar = progress_bar(data.num_samples, "loraplan calibration", progress)
     try:
         with torch.no_grad(), eval_mode(model), adapters_disabled(model):
@@ -58,6 +58,7 @@ def forward_pass(
                 state.mask = batch["attention_mask"].to(device=device, dtype=torch.float32)
                 for collector in collectors:
                     collector.start_batch()
+                runner = forward_runner(base, stack, batch)  # the backbone, or what around it reads the images
                 runner(**model_inputs(runner, batch, device))
                 for collector in collectors:
                     collector.end_batch(number)

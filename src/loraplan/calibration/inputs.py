@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import PIXELS, TOKEN_KEYS, image_token_id
 from ..errors import CalibrationError
 from ..layers import LayerStack
 
@@ -18,7 +19,9 @@ __all__ = [
     "BatchState",
     "adapters_disabled",
     "eval_mode",
+    "extra_inputs",
     "first_tensor",
+    "forward_runner",
     "input_device",
     "layer_name",
     "loss_labels",
@@ -73,21 +76,71 @@ def positions(batch: dict[str, torch.Tensor], pooling: str, last_token: str, pad
     return width - 1 - real.flip(dims=[1]).int().argmax(dim=1)
 
 
+def extra_inputs(batch: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of ``batch`` beside its tokens (``pixel_values``, ``image_sizes``, ...): a multimodal batch's."""
+    return sorted(k for k in batch if k not in TOKEN_KEYS)
+
+
+def _named_parameters(module: nn.Module) -> dict[str, Any]:
+    try:
+        return dict(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        return {}
+
+
 def model_inputs(module: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """The keyword arguments of one forward pass of ``module`` over ``batch``: the tokens and mask on ``device``, and
+    """The keyword arguments of one forward pass of ``module`` over ``batch``: the tokens and mask on ``device``, a
+    multimodal batch's other inputs (``pixel_values``, ...; floating ones in the module's dtype), and
     ``use_cache=False`` where the forward takes it (a pass that only reads representations builds no cache)."""
     inputs: dict[str, Any] = {
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": batch["attention_mask"].to(device),
     }
-    params: Any
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        params = {}
+    params = _named_parameters(module)
+    extras = extra_inputs(batch)
+    if extras:
+        missing = [k for k in extras if k not in params]
+        if missing:
+            raise CalibrationError(
+                f"the calibration batches carry {missing}, but {type(module).__name__}.forward does not take "
+                f"{'it' if len(missing) == 1 else 'them'}: this model cannot read images. Calibrate the "
+                "multimodal model itself (e.g. LlavaForConditionalGeneration), or give text-only calibration data."
+            )
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+        for key in extras:
+            value = batch[key]
+            floating = dtype is not None and value.is_floating_point()
+            inputs[key] = value.to(device=device, dtype=dtype) if floating else value.to(device)
     if "use_cache" in params:
         inputs["use_cache"] = False
     return inputs
+
+
+def forward_runner(base: nn.Module, stack: LayerStack, batch: dict[str, torch.Tensor]) -> nn.Module:
+    """The module a forward pass over ``batch`` runs: the stack's backbone, or, for a batch with other inputs than
+    tokens (``pixel_values``, ...), the innermost module between ``base`` and the backbone whose forward takes them
+    all (LLaVA: the ``LlavaModel`` around the language model, which puts the image features at the image tokens);
+    the backbone runs inside it, so its hooks see the same pass."""
+    extras = extra_inputs(batch)
+    if not extras:
+        return stack.backbone
+    chain = [base]
+    current: Any = base
+    for part in stack.path.split(".")[:-1]:
+        if current is stack.backbone:
+            break
+        try:
+            current = current[int(part)] if part.isdigit() else getattr(current, part)
+        except (AttributeError, IndexError, TypeError):
+            break
+        chain.append(current)
+    if stack.backbone not in chain:
+        chain = [base]
+    for module in reversed(chain):
+        params = _named_parameters(module)
+        if all(k in params for k in extras):
+            return module
+    return base  # model_inputs says what it does not take
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -137,5 +190,8 @@ def loss_labels(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = -100
+        token = image_token_id(None, getattr(model, "config", None)) if PIXELS in batch else None
+        if token is not None:  # an image's placeholder tokens stand for its features: nothing to predict there
+            labels[batch["input_ids"] == token] = -100
         return labels
     return None
