@@ -132,7 +132,9 @@ def run_task(
                     record_plan(method, plan_seed, plan, seconds)
             result["wall_seconds"] = time.perf_counter() - started
             result["plan_matches"] = (
-                result["lora_layers"] == plan.selected_layers and result["tied_groups"] == plan.share_groups
+                result["lora_layers"] == plan.adapted_layers
+                and result["tied_groups"] == [g for g in plan.share_groups if len(g) > 1]
+                and all(r in result["lora_ranks"] for r in plan.rank_pattern.values())
             )
             results.add(
                 {

@@ -18,6 +18,8 @@ def plan_summary(plan: Any) -> dict[str, Any]:
         "selected_layers": plan.selected_layers,
         "share_groups": plan.share_groups,
         "rank": plan.rank,
+        **({"rank_pattern": {str(k): v for k, v in plan.rank_pattern.items()}} if plan.rank_pattern else {}),
+        **({"shared_rest": plan.shared_rest} if plan.shared_rest else {}),
         "num_modules": plan.num_modules(),
         "stability": plan.stability,
         "warnings": plan.warnings,

@@ -16,8 +16,18 @@ from loraplan.strategies import Selector, Sharer, SharingResult
 
 
 def test_builtins_are_registered_as_plugins(pm):
-    assert set(selectors(pm)) == {"cka", "activation", "gradient", "random", "top", "bottom", "every_other", "all"}
-    assert set(sharers(pm)) == {"angular", "odd_even"}
+    assert set(selectors(pm)) == {
+        "cka",
+        "activation",
+        "gradient",
+        "lora_drop",
+        "random",
+        "top",
+        "bottom",
+        "every_other",
+        "all",
+    }
+    assert set(sharers(pm)) == {"angular", "lora_drop", "odd_even"}
     assert selectors(pm)["cka"].plugin == "loraplan.plugins.cka"
 
 
@@ -43,7 +53,9 @@ def test_an_unknown_name_lists_what_is_installed_and_suggests_the_closest(pm):
     with pytest.raises(ConfigError) as exc:
         lookup(sharers(pm), "angualr", "share")
     message = str(exc.value)
-    assert "`share` is 'angualr', which no installed plugin provides. Installed: angular, odd_even." in message
+    assert (
+        "`share` is 'angualr', which no installed plugin provides. Installed: angular, lora_drop, odd_even." in message
+    )
     assert "Did you mean 'angular'?" in message and "'loraplan' entry-point group" in message
     with pytest.raises(ConfigError) as exc:
         lookup(selectors(pm), "zzz", "selector")

@@ -116,13 +116,24 @@ def test_from_dict_names_what_is_missing_or_malformed():
         ({"selected_layers": []}, "selects no layer"),
         ({"selected_layers": [2, 1]}, "sorted and unique, got \\[2, 1\\]"),
         ({"selected_layers": [1, 1, 2]}, "sorted and unique"),
-        ({"share_groups": [[2]]}, "share group \\[2\\] has fewer than two layers"),
-        ({"share_groups": [[2, 2]]}, "share group \\[2, 2\\] has fewer than two layers"),
+        ({"share_groups": [[2]]}, "share group \\[2\\] has one selected layer and nothing to share with"),
+        ({"share_groups": [[2, 2]]}, "share group \\[2, 2\\] lists a layer twice"),
+        ({"share_groups": [[]]}, "a share group is empty"),
         ({"share_groups": [[1, 2, 2]]}, "share group \\[1, 2, 2\\] lists a layer twice"),
         ({"share_groups": [[1, 2], [2, 3]]}, "layer\\(s\\) \\[2\\] appear in more than one share group"),
         ({"flagged_layers": {1: "constant"}}, "flagged \\(unscorable\\) layers \\[1\\] must not be selected"),
     ],
-    ids=["empty", "unsorted", "duplicate", "group-of-one", "one-layer-twice", "repeated-layer", "overlap", "flagged"],
+    ids=[
+        "empty",
+        "unsorted",
+        "duplicate",
+        "group-of-one",
+        "one-layer-twice",
+        "empty-group",
+        "repeated-layer",
+        "overlap",
+        "flagged",
+    ],
 )
 def test_validate_names_what_is_wrong(changes, message):
     plan = LoraPlan(num_layers=4, selected_layers=[1, 2, 3])
@@ -204,7 +215,12 @@ def test_malformed_plan_files(tmp_path):
     bad.write_text(
         json.dumps({"format": "loraplan.plan/1", "num_layers": 4, "selected_layers": [1, 2], "share_groups": [[1, 3]]})
     )
-    with pytest.raises(PlanMismatchError, match="not selected"):
+    rest = LoraPlan.load(bad)  # a group may hold an unselected layer, which then carries LoRA through it
+    assert (rest.adapted_layers, rest.shared_rest, rest.num_modules()) == ([1, 2, 3], [3], 2)
+    bad.write_text(
+        json.dumps({"format": "loraplan.plan/1", "num_layers": 4, "selected_layers": [1, 2], "share_groups": [[1, 7]]})
+    )
+    with pytest.raises(PlanMismatchError, match=r"share group \[1, 7\] must hold layer indices 0..3"):
         LoraPlan.load(bad)
 
 

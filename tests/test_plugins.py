@@ -83,7 +83,7 @@ def test_unknown_selector_lists_what_is_installed(pm, make_llama, make_batches):
 def test_unknown_sharer_lists_what_is_installed(pm, make_llama, make_batches):
     with pytest.raises(ConfigError) as exc:
         make_plan(make_llama(), make_batches(), PlanConfig(share="cosine"), plugin_manager=pm, progress=False)
-    assert "`share` is 'cosine'" in str(exc.value) and "angular, odd_even" in str(exc.value)
+    assert "`share` is 'cosine'" in str(exc.value) and "angular, lora_drop, odd_even" in str(exc.value)
 
 
 def test_an_exception_inside_a_plugin_names_the_plugin(pm, make_llama, make_batches):

@@ -175,4 +175,5 @@ def test_the_statistic_names_have_one_home():
     assert loraplan.strategies.GRADIENTS is loraplan.calibration.GRADIENTS
     assert loraplan.strategies.STATISTICS is loraplan.calibration.STATISTICS
     assert loraplan.strategies.CalibrationStats is loraplan.calibration.CalibrationStats
-    assert loraplan.strategies.STATISTICS == ("hidden", "activations", "gradients")
+    assert loraplan.strategies.LORA_OUTPUTS is loraplan.calibration.LORA_OUTPUTS
+    assert loraplan.strategies.STATISTICS == ("hidden", "activations", "gradients", "lora_outputs")

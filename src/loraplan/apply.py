@@ -143,7 +143,7 @@ def _wrapper_chain(module: nn.Module) -> list[nn.Module]:
 def _narrow(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: str) -> int:
     """Remove ``adapter`` from the layers the plan does not select. Returns the number of sites removed."""
     removed = 0
-    selected = set(plan.selected_layers)
+    selected = set(plan.adapted_layers)
     for index, modules in lora_modules_by_layer(peft_model, stack, adapter).items():
         if index in selected:
             continue
@@ -277,7 +277,7 @@ def _record_outside(plan: LoraPlan, sites: set[Site], path: str) -> list[str]:
 def _truncate_for_plan(model: nn.Module, plan: LoraPlan, enabled: bool, stack: LayerStack | None = None) -> Truncation:
     """Install (or, with ``enabled=False``, remove) truncation below ``plan``'s lowest layer, and record what was done
     in ``plan.notes`` (one line, replaced when the plan is applied again)."""
-    lowest = min(plan.selected_layers)
+    lowest = min(plan.adapted_layers)
     result = install_truncation(model, lowest, stack) if enabled else disable_truncation(model, lowest, stack)
     plan.notes = [n for n in plan.notes if not n.startswith(NOTE_PREFIX)] + [result.note()]
     return result
@@ -311,10 +311,10 @@ def apply_plan(
     current = peft_model.peft_config[adapter]
     check_layout(peft_model, adapter, current, "before the plan was applied")
     carried = layers_carrying(peft_model, adapter, stack.path)
-    missing = [i for i in plan.selected_layers if i not in carried]
+    missing = [i for i in plan.adapted_layers if i not in carried]
     if missing:
         raise PlanMismatchError(
-            f"the plan selects layers {missing}, but the model has no LoRA module there for adapter {adapter!r}. "
+            f"the plan adapts layers {missing}, but the model has no LoRA module there for adapter {adapter!r}. "
             "Wrap the model with LoRA on every layer (or at least the planned ones) before apply_plan."
         )
     config, wanted = planned_config(plan, current, model=peft_model)  # refuses a second text stack
@@ -331,7 +331,7 @@ def apply_plan(
     attach_card(peft_model)
     logger.info(
         "loraplan: LoRA kept on layers %s (%d modules removed%s), %d modules tied in %d share groups%s; %s",
-        plan.selected_layers,
+        plan.adapted_layers,
         removed,
         f", {reranked} re-created at the planned rank" if reranked else "",
         tied,
@@ -371,10 +371,10 @@ def load_adapter(
     plan.check_model(model, stack)
     peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, **kwargs)
     carried = layers_carrying(peft_model, adapter_name, stack.path)
-    if carried != list(plan.selected_layers):
+    if carried != plan.adapted_layers:
         raise PlanMismatchError(
-            f"the adapter at {path} has LoRA in layers {carried}, but the plan beside it selects "
-            f"{plan.selected_layers}: the two do not belong together. Load it with stock PEFT, or put the plan it "
+            f"the adapter at {path} has LoRA in layers {carried}, but the plan beside it adapts "
+            f"{plan.adapted_layers}: the two do not belong together. Load it with stock PEFT, or put the plan it "
             "was trained with beside it."
         )
     tie_share_groups(peft_model, plan, adapter_name, verify_equal=True, stack=stack)

@@ -53,6 +53,9 @@ def card_section(plan: LoraPlan, adapter_parameters: int | None = None) -> str:
     groups = "; ".join(fold_ranges(group) for group in plan.share_groups) or "none"
     count = parameter_count(plan)
     rank = f"r={plan.rank}" if plan.rank is not None else "the LoRA config's r"
+    if plan.rank_pattern:
+        rank += ", per layer " + ", ".join(f"{i}: {r}" for i, r in sorted(plan.rank_pattern.items()))
+    rest = plan.shared_rest
     lines = [
         BEGIN,
         "## loraplan",
@@ -62,8 +65,9 @@ def card_section(plan: LoraPlan, adapter_parameters: int | None = None) -> str:
         f"(the whole plan: `{PLAN_FILE}` beside this file).",
         "",
         f"- **Method**: {method}",
-        f"- **Layers with LoRA**: {len(plan.selected_layers)} of {plan.num_layers} "
-        f"(`{plan.stack_path}.{{{fold_ranges(plan.selected_layers)}}}`)",
+        f"- **Layers with LoRA**: {len(plan.adapted_layers)} of {plan.num_layers} "
+        f"(`{plan.stack_path}.{{{fold_ranges(plan.adapted_layers)}}}`)"
+        + (f", of which {fold_ranges(rest)} through one shared module set (the shared rest)" if rest else ""),
         f"- **Share groups** (one LoRA module per target module for each group): {groups}",
         f"- **Rank**: {rank} (rank policy `{config.get('rank_policy', 'keep')}`)",
         f"- **LoRA parameters**: {count.plan:,} planned against {count.all_layers:,} for LoRA on every layer at "

@@ -21,7 +21,7 @@ from .hooks.manager import get_plugin_manager
 from .plan import LoraPlan
 from .planner import make_plan, strategies_for
 from .processes import from_main, gathered_parameters, is_main_process, is_partitioned, rank, world_size
-from .strategies import GRADIENTS
+from .strategies import GRADIENTS, LORA_OUTPUTS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,10 +41,11 @@ __all__ = [
 
 
 def _needs_whole_model(config: Any, plugin_manager: Any) -> bool:
-    """Gradient scores run a backward pass, which needs the weights again after each module's forward."""
+    """Gradient scores and LoRA-drop's warm-up run a backward pass, which needs the weights again after each module's
+    forward."""
     cfg = config if isinstance(config, PlanConfig) else PlanConfig.from_dict(dict(config or {}))
     pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
-    return GRADIENTS in strategies_for(cfg, pm).requires
+    return bool({GRADIENTS, LORA_OUTPUTS} & strategies_for(cfg, pm).requires)
 
 
 def make_plan_everywhere(

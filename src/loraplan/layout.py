@@ -57,7 +57,7 @@ def stack_exclusion(plan: LoraPlan) -> str:
     """The ``exclude_modules`` regex (PEFT full-matches it) of everything in the stack but the planned layers: the
     stack's own container and all of its unplanned layers. It is always present in a planned config, so it also tells
     a config that was already made for this plan (:func:`plan_lora_config` is idempotent)."""
-    selected = set(plan.selected_layers)
+    selected = set(plan.adapted_layers)
     others = "|".join(str(i) for i in range(plan.num_layers) if i not in selected)
     path = re.escape(_stack_path(plan))
     return rf"{path}(?:\.(?:{others})(?:\..*)?)?" if others else path
@@ -81,6 +81,9 @@ def _ranks(plan: LoraPlan, base: LoraConfig, config: LoraConfig) -> None:
     policy = plan.config.get("rank_policy", "keep")
     config.r = plan.resolve_rank(base.r)
     pattern = dict(base.rank_pattern or {})
+    if plan.rank_pattern:
+        _layer_ranks(plan, base, config)
+        return
     if not pattern or policy == "keep":
         return
     if policy == "budget":
@@ -94,16 +97,54 @@ def _ranks(plan: LoraPlan, base: LoraConfig, config: LoraConfig) -> None:
     )
 
 
+def _layer_ranks(plan: LoraPlan, base: LoraConfig, config: LoraConfig) -> None:
+    """PEFT ``rank_pattern``/``alpha_pattern`` entries for the plan's per-layer ranks: layer ``i`` at rank ``r_i``
+    scales every rank the LoraConfig gives its modules by ``r_i / r`` (so a per-module ``rank_pattern`` keeps its
+    proportions), and its alphas by the same factor, which keeps ``alpha / r`` (not with ``use_rslora``, whose
+    ``alpha / sqrt(r)`` is meant to stay put). Entries for a layer come first, so PEFT's first-match rule picks them;
+    the user's own entries follow for everything else (outside the stack, the shared rest)."""
+    made_for = plan.calibration.get("base_rank")
+    if made_for is not None and int(made_for) != base.r:
+        raise ConfigError(
+            f"`r`: the plan's per-layer ranks (rank_policy='importance') were allocated for a LoRA rank of "
+            f"{made_for}, but the LoraConfig has r={base.r}. Use LoraConfig(r={made_for}), or make the plan again "
+            f"with lora_rank={base.r} (CLI: --rank {base.r})."
+        )
+    user_ranks = dict(base.rank_pattern or {})
+    user_alphas = dict(base.alpha_pattern or {})
+    path = re.escape(_stack_path(plan))
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for layer, r in sorted(plan.rank_pattern.items()):
+        factor = r / base.r
+        prefix = rf"{path}\.{layer}\."
+        for key, value in user_ranks.items():
+            ranks[rf"{prefix}(?:.*\.)?(?:{key})"] = max(1, round(int(value) * factor))
+        ranks[rf"{prefix}.*"] = r
+        if base.use_rslora:
+            continue
+        for key, value in user_alphas.items():
+            alphas[rf"{prefix}(?:.*\.)?(?:{key})"] = _number(value * factor)
+        if factor != 1:
+            alphas[rf"{prefix}.*"] = _number(base.lora_alpha * factor)
+    config.rank_pattern = {**ranks, **user_ranks}
+    config.alpha_pattern = {**alphas, **user_alphas}
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def _check_layers_to_transform(plan: LoraPlan, base: LoraConfig) -> None:
     given = base.layers_to_transform
     if given is None or (isinstance(given, list) and not given):
         return
     allowed = {given} if isinstance(given, int) else set(given)
-    missing = [i for i in plan.selected_layers if i not in allowed]
+    missing = [i for i in plan.adapted_layers if i not in allowed]
     if missing:
         raise ConfigError(
             f"`layers_to_transform` is {given!r}, which leaves out planned layers {missing}: LoRA would not reach "
-            f"every layer the plan selects ({plan.selected_layers}). loraplan decides the layers: remove "
+            f"every layer the plan adapts ({plan.adapted_layers}). loraplan decides the layers: remove "
             "layers_to_transform (and layers_pattern) from the LoraConfig."
         )
 
@@ -175,7 +216,7 @@ def _planned_parameters(plan: LoraPlan, base: LoraConfig, model: nn.Module | Non
             "loraplan.apply_plan(peft_model, plan)."
         )
     path = _stack_path(plan)
-    selected = set(plan.selected_layers)
+    selected = set(plan.adapted_layers)
     keys = []
     for kind, name in reached_sites(model, base):
         if kind == PARAMETER:
@@ -273,5 +314,5 @@ def expected_sites(model: nn.Module, plan: LoraPlan, base: LoraConfig) -> set[Si
             if site[1].startswith(other + "."):
                 others[other].append(site[1])
     refuse_other_stacks(others, path, type(unwrap(model)).__name__)
-    selected = set(plan.selected_layers)
+    selected = set(plan.adapted_layers)
     return {s for s in reached if (i := layer_index(s[1], path)) is None or i in selected}

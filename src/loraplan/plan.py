@@ -99,8 +99,12 @@ class LoraPlan:
 
     num_layers: int
     selected_layers: list[int]
+    #: layers that use one LoRA module set; a group may hold layers outside ``selected_layers``, which then carry
+    #: LoRA through it only (LoRA-drop's shared rest)
     share_groups: list[list[int]] = field(default_factory=list)
     rank: int | None = None
+    #: per-layer ranks (``rank_policy="importance"``): layer -> rank; layers not listed use :meth:`resolve_rank`
+    rank_pattern: dict[int, int] = field(default_factory=dict)
     scores: dict[str, list[float]] = field(default_factory=dict)
     similarity: list[list[float]] | None = None
     #: every PlanConfig setting
@@ -162,6 +166,21 @@ class LoraPlan:
         _renamed("layers", "stack")
         self.stack = value
 
+    @property
+    def adapted_layers(self) -> list[int]:
+        """Every layer that carries LoRA: the selected ones and the members of share groups outside them."""
+        return sorted(set(self.selected_layers).union(*map(set, self.share_groups)))
+
+    @property
+    def shared_rest(self) -> list[int]:
+        """The layers that carry LoRA only through a share group (not selected): LoRA-drop's shared rest."""
+        selected = set(self.selected_layers)
+        return [i for i in self.adapted_layers if i not in selected]
+
+    def layer_rank(self, layer: int, base_rank: int) -> int:
+        """The rank of ``layer``'s LoRA modules, given the LoRA config's ``r``."""
+        return self.rank_pattern.get(layer, self.resolve_rank(base_rank))
+
     def group_of(self, layer: int) -> int | None:
         """Index of the share group that holds ``layer``, or ``None``."""
         for number, group in enumerate(self.share_groups):
@@ -174,13 +193,25 @@ class LoraPlan:
         policy = self.config.get("rank_policy", "keep")
         if isinstance(policy, int):
             return policy
-        if policy == "budget":
-            return expanded_rank(len(self.selected_layers), self.share_groups, base_rank)
+        if policy == "budget":  # the selected layers' parameters; a shared rest adds its module set at that rank
+            selected = set(self.selected_layers)
+            among = [g for g in self.share_groups if set(g) <= selected]
+            return expanded_rank(len(self.selected_layers), among, base_rank)
         return base_rank
 
     def num_modules(self) -> int:
         """Distinct LoRA module sets after sharing: adapted layers minus the layers that reuse a group's."""
-        return len(self.selected_layers) - sum(len(g) - 1 for g in self.share_groups)
+        return len(self.adapted_layers) - sum(len(g) - 1 for g in self.share_groups)
+
+    def module_ranks(self, base_rank: int) -> list[int]:
+        """The rank of every distinct LoRA module set (a share group counts once), in layer order of its first
+        layer: what the LoRA parameters are proportional to."""
+        ranks = []
+        for layer in self.adapted_layers:
+            group = self.group_of(layer)
+            if group is None or self.share_groups[group][0] == layer:
+                ranks.append(self.layer_rank(layer, base_rank))
+        return ranks
 
     # -- checks -------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -194,22 +225,38 @@ class LoraPlan:
             raise PlanMismatchError(f"`selected_layers` must be layer indices 0..{L - 1}, got {self.selected_layers}.")
         seen: set[int] = set()
         for group in self.share_groups:
-            if len(set(group)) < 2:
-                raise PlanMismatchError(f"share group {group} has fewer than two layers.")
+            if not group:
+                raise PlanMismatchError("a share group is empty; a group lists the layers that share one module set.")
             if len(set(group)) < len(group):
                 raise PlanMismatchError(f"share group {group} lists a layer twice.")
-            outside = [i for i in group if i not in self.selected_layers]
-            if outside:
+            if any(not isinstance(i, int) or i < 0 or i >= L for i in group):
+                raise PlanMismatchError(f"share group {group} must hold layer indices 0..{L - 1}.")
+            if len(group) < 2 and group[0] in self.selected_layers:
                 raise PlanMismatchError(
-                    f"share group {group} contains layers {outside} that are not selected; share only among "
-                    "selected layers."
+                    f"share group {group} has one selected layer and nothing to share with; a group of selected "
+                    "layers needs two or more."
                 )
             if seen & set(group):
                 raise PlanMismatchError(f"layer(s) {sorted(seen & set(group))} appear in more than one share group.")
             seen |= set(group)
+            ranks = {self.rank_pattern.get(i) for i in group}
+            if len(ranks) > 1:
+                raise PlanMismatchError(
+                    f"share group {group} gives its layers different ranks in `rank_pattern` "
+                    f"({ {i: self.rank_pattern.get(i) for i in group} }); layers that share one module share its rank."
+                )
         flagged = [i for i in self.selected_layers if i in self.flagged_layers]
         if flagged:
             raise PlanMismatchError(f"flagged (unscorable) layers {flagged} must not be selected.")
+        adapted = set(self.adapted_layers)
+        for layer, r in self.rank_pattern.items():
+            if layer not in adapted:
+                raise PlanMismatchError(
+                    f"`rank_pattern` gives layer {layer} rank {r}, but the layer carries no LoRA in this plan "
+                    f"(adapted layers: {sorted(adapted)})."
+                )
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise PlanMismatchError(f"`rank_pattern` gives layer {layer} rank {r!r}; ranks are integers >= 1.")
 
     def check_model(self, model: nn.Module, stack: Any = None) -> None:
         """Raise :class:`PlanMismatchError` if this plan does not fit ``model`` (layer count, hidden size, layer
@@ -256,6 +303,8 @@ class LoraPlan:
         for f in dataclasses.fields(self):
             key, write, _ = _JSON.get(f.name, (f.name, None, None))
             value = getattr(self, f.name)
+            if f.name in _OMITTED_WHEN_EMPTY and not value:
+                continue
             data[key] = write(value) if write is not None else value
         return _clean(data)
 
@@ -335,6 +384,11 @@ _JSON: dict[str, tuple[str, Any, Any]] = {
         lambda groups: [list(g) for g in groups],
         lambda groups: [_ints(g) for g in groups],
     ),
+    "rank_pattern": (
+        "rank_pattern",
+        lambda ranks: {str(k): int(v) for k, v in sorted(ranks.items())},
+        lambda ranks: {int(k): int(v) for k, v in ranks.items()},
+    ),
     "scores": ("scores", None, lambda scores: {k: _nan(v) for k, v in scores.items()}),
     "similarity": ("similarity", None, lambda rows: [_nan(row) for row in rows] or None),
     "model_fingerprint": ("model", None, None),
@@ -348,5 +402,8 @@ _JSON: dict[str, tuple[str, Any, Any]] = {
     "warnings": ("warnings", None, list),
     "notes": ("notes", None, list),
 }
+#: fields added after format 1 was first written: left out of the file when empty, so that a plan without them
+#: writes the same file as before
+_OMITTED_WHEN_EMPTY = frozenset({"rank_pattern"})
 #: fields a plan file must have
 _REQUIRED = frozenset({"num_layers", "selected_layers"})

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .calibration import CalibrationStats, calibrate
 from .config import PlanConfig
 from .cost import LayerCosts, costs_for, predictions, select_within_budget
+from .cost.budget import Completion
 from .data import CalibrationBatches, prepare_batches
 from .diagnostics import calibration_diagnostics, flag_reasons, stability
 from .errors import CalibrationError, ConfigError, PluginError
@@ -185,7 +186,9 @@ def make_plan(
     Args:
         model: a transformers model, unwrapped (a PEFT-wrapped model is calibrated as its base model).
         calibration_data: texts (with ``tokenizer``), a ``datasets.Dataset`` with a text column, records with
-            ``config.text_field``, or an iterable of tokenised batches (``input_ids``, ``attention_mask``).
+            ``config.text_field``, or an iterable of tokenised batches (``input_ids``, ``attention_mask``, and
+            ``pixel_values`` for images); rows with an image (``config.image_field``) and a text need ``processor``
+            (docs/methods.md, "Multimodal (images)").
         config: a :class:`PlanConfig` or a dict of its settings.
         tokenizer: tokenises text data.
         plugin_manager: the manager to take strategies from (default: :func:`get_plugin_manager`).
@@ -208,8 +211,16 @@ def make_plan(
     scoring = _score(chosen.selector, stats, config, stack.num_layers, k, warnings)
     base_rank = _base_rank(model, lora_rank)
     costs, cost_problem = _costs(model, stack, config, targets, base_rank)
-    selected, budget = _select(chosen.selector, scoring, config, costs, cost_problem)
+    complete = _completion(chosen.sharer, stats, config, stack.num_layers, costs.rank if costs else base_rank)
+    selected, budget = _select(chosen.selector, scoring, config, costs, cost_problem, base_rank, complete)
     sharing = _share(chosen.sharer, stats, config, stack.num_layers, selected, warnings)
+    ranks = _Ranks({}, [])
+    if config.rank_policy == "importance":
+        selected, sharing, ranks = _importance_ranks(
+            chosen.sharer, stats, config, stack.num_layers, selected, sharing, scoring, base_rank, warnings
+        )
+        if budget is not None:
+            budget["ranks"] = ranks.record
     diagnostics, degenerate = calibration_diagnostics(stats)
     warnings += degenerate
     rho = stability(chosen.selector, stats, config, stack.num_layers, scoring.ctx.k)
@@ -218,6 +229,7 @@ def make_plan(
         selected_layers=selected,
         share_groups=sharing.groups,
         rank=None,
+        rank_pattern=ranks.pattern,
         scores={**{name: [float(v) for v in values] for name, values in scoring.scores.items()}, **sharing.scores},
         similarity=sharing.similarity,
         config=config.to_dict(),
@@ -236,6 +248,7 @@ def make_plan(
         diagnostics=diagnostics,
         stability={config.selector: rho} if rho is not None else {},
         warnings=warnings,
+        notes=ranks.notes + _rest_notes(selected, sharing.groups),
         versions=versions(),
     )
     return _finish(plan, pm, base, stats, base_rank, costs, cost_problem, budget)
@@ -288,11 +301,19 @@ def _score(
 
 
 def _select(
-    selector: Registered, scoring: _Scoring, config: PlanConfig, costs: LayerCosts | None, cost_problem: str | None
+    selector: Registered,
+    scoring: _Scoring,
+    config: PlanConfig,
+    costs: LayerCosts | None,
+    cost_problem: str | None,
+    base_rank: int | None = None,
+    complete: Completion | None = None,
 ) -> tuple[list[int], dict[str, Any] | None]:
     """The selected layers (by the selector, or within the budget with the cost model) and the budget's record."""
     budget = None
-    if config.time_budget is not None or config.param_budget is not None:
+    if config.rank_policy == "importance" and config.param_budget is not None and config.time_budget is None:
+        selected, budget = _ranked_selection(scoring, config, _importance_base(base_rank, config))
+    elif config.time_budget is not None or config.param_budget is not None:
         if costs is None:
             raise ConfigError(f"`time_budget`/`param_budget` need the cost model, which failed: {cost_problem}")
         scored = [math.nan if i in scoring.flagged else v for i, v in enumerate(scoring.importance)]
@@ -305,6 +326,7 @@ def _select(
             base_rank=costs.rank,
             plan_rank=config.rank_policy if isinstance(config.rank_policy, int) else costs.rank,
             max_count=config.count,
+            complete=complete,
         )
     else:
         selected = _selection(selector, scoring.ctx, scoring.importance, config)
@@ -312,6 +334,163 @@ def _select(
     if not selected:
         raise CalibrationError(f"selector {config.selector!r} selected no scorable layer.")
     return selected, budget
+
+
+def _completion(
+    sharer: Registered | None, stats: CalibrationStats, config: PlanConfig, num_layers: int, rank: int | None
+) -> Completion | None:
+    """What a budget prices for a candidate selection when sharing or ranks change what trains: the layers the
+    sharer adds (a shared rest), the module sets after sharing and their ranks (per-layer ranks spend the selected
+    layers' ``r``, or the parameter budget). ``None`` where the selection trains as it is (the search's own rule:
+    sharing among the selected layers only lowers the parameters)."""
+    wider = sharer is not None and getattr(sharer.strategy, "shares_unselected", False)
+    if rank is None or not (wider or config.rank_policy == "importance"):
+        return None
+    r = rank
+
+    def complete(selected: list[int]) -> tuple[list[int], int, int]:
+        groups: list[list[int]] = []
+        if sharer is not None:
+            ctx = SharingContext(stats, config, num_layers, list(selected))
+            groups = check_groups(sharer, sharer.call("share", ctx), selected, num_layers).groups
+        draft = LoraPlan(
+            num_layers=num_layers, selected_layers=list(selected), share_groups=groups, config=config.to_dict()
+        )
+        if config.rank_policy != "importance":
+            return draft.adapted_layers, draft.num_modules(), sum(draft.module_ranks(r))
+        rest = [g for g in groups if not set(g) & set(selected)]
+        units = _rank_total(config, num_layers, len(selected), r, len(rest)) + len(rest) * r
+        return draft.adapted_layers, draft.num_modules(), units
+
+    return complete
+
+
+@dataclass
+class _Ranks:
+    """Per-layer ranks (``rank_policy="importance"``) and how they were allocated."""
+
+    pattern: dict[int, int]
+    notes: list[str]
+    record: dict[str, Any] | None = None
+
+
+def _importance_base(base_rank: int | None, config: PlanConfig) -> int:
+    if base_rank is None:
+        raise ConfigError(
+            f"`rank_policy` 'importance' allocates per-layer ranks from the LoRA rank `r`, which is not known here. "
+            "Pass lora_rank=... to make_plan (CLI: --rank), or plan the model wrapped with your LoraConfig "
+            f"(settings: {config.rank_policy!r}, param_budget {config.param_budget})."
+        )
+    return base_rank
+
+
+def _rank_total(config: PlanConfig, num_layers: int, selected: int, base_rank: int, rest_sets: int) -> int:
+    """The rank units to share out: a ``param_budget`` of LoRA on every layer at ``r`` (less the shared rest's module
+    sets at ``r``), else the selected layers' ``r`` each, redistributed."""
+    if config.param_budget is None:
+        return selected * base_rank
+    return math.floor(config.param_budget * num_layers * base_rank + 1e-9) - rest_sets * base_rank
+
+
+def _ranked_selection(scoring: _Scoring, config: PlanConfig, base_rank: int) -> tuple[list[int], dict[str, Any]]:
+    """With ``param_budget`` and per-layer ranks: every scorable layer is a candidate (the ``count`` most important
+    ones with ``count``), the budget is shared out by importance, and the layers left with a rank are selected."""
+    from .ranks import allocate_ranks
+    from .strategies import top_k
+
+    n = len(scoring.importance)
+    usable = [i for i in range(n) if i not in scoring.flagged and not math.isnan(scoring.importance[i])]
+    if config.count is not None:
+        usable = top_k([scoring.importance[i] if i in usable else math.nan for i in range(n)], config.count)
+    total = _rank_total(config, n, 0, base_rank, 0)
+    weights = [scoring.importance[i] if i in usable else math.nan for i in range(n)]
+    ranks = allocate_ranks(weights, total, min_rank=config.min_rank, rank_multiple=config.rank_multiple)
+    selected = [i for i, r in enumerate(ranks) if r > 0]
+    if not selected:
+        raise ConfigError(
+            f"`param_budget` {config.param_budget}: {total} rank units (of {n} layers at r={base_rank}) cannot give "
+            f"any layer min_rank={config.min_rank} in multiples of {config.rank_multiple}. Lower min_rank or "
+            "rank_multiple, or raise param_budget."
+        )
+    record = {
+        "param_budget": config.param_budget,
+        "rank_policy": "importance",
+        "rank_units": total,
+        "summary": (
+            f"param_budget {config.param_budget}: {total} rank units ({config.param_budget} of {n} layers at "
+            f"r={base_rank}) shared out by importance; {len(selected)} layers got a rank"
+        ),
+    }
+    return selected, record
+
+
+def _importance_ranks(
+    sharer: Registered | None,
+    stats: CalibrationStats,
+    config: PlanConfig,
+    num_layers: int,
+    selected: list[int],
+    sharing: _Sharing,
+    scoring: _Scoring,
+    base_rank: int | None,
+    warnings: list[str],
+) -> tuple[list[int], _Sharing, _Ranks]:
+    """Ranks in proportion to importance over the module sets left after sharing (a group counts once, weighted by
+    its selected layers' importance; a shared rest keeps ``r``). A set whose rank rounds below ``min_rank`` is left
+    out and the sharer asked again, until every set keeps a rank."""
+    from .ranks import allocate_ranks
+
+    r = _importance_base(base_rank, config)
+    original = list(selected)
+    while True:
+        chosen = set(selected)
+        rest = [g for g in sharing.groups if not chosen & set(g)]
+        units = [[i] for i in selected if not any(i in g for g in sharing.groups)]
+        units += [g for g in sharing.groups if chosen & set(g)]
+        units.sort()
+        total = _rank_total(config, num_layers, len(selected), r, len(rest))
+        if total < 1:
+            raise ConfigError(
+                f"`param_budget` {config.param_budget} leaves no rank for the selected layers once the shared rest "
+                f"takes its r={r} per module set. Raise param_budget, or plan without share='{config.share}'."
+            )
+        weights = [sum(scoring.importance[i] for i in unit if i in chosen) for unit in units]
+        got = allocate_ranks(weights, total, min_rank=config.min_rank, rank_multiple=config.rank_multiple)
+        dropped = [i for unit, rank in zip(units, got) for i in unit if rank == 0 and i in chosen]
+        if not dropped:
+            break
+        selected = [i for i in selected if i not in dropped]
+        if not selected:
+            raise ConfigError(
+                f"`rank_policy` 'importance': {total} rank units cannot give any layer min_rank={config.min_rank} "
+                f"in multiples of {config.rank_multiple}. Lower min_rank or rank_multiple, or raise the budget."
+            )
+        sharing = _share(sharer, stats, config, num_layers, selected, warnings)
+    pattern = {i: rank for unit, rank in zip(units, got) for i in unit}
+    left_out = [i for i in original if i not in selected]
+    note = (
+        f"rank_policy 'importance': {total} rank units over {len(units)} module sets in proportion to importance "
+        f"(r={r}, min_rank {config.min_rank}, multiple {config.rank_multiple}): ranks "
+        + ", ".join(f"{i}:{pattern[i]}" for i in sorted(pattern))
+        + (f"; left out (rounded below min_rank): {left_out}" if left_out else "")
+        + (f"; the shared rest keeps r={r}" if rest else "")
+    )
+    record = {"rank_units": total, "module_sets": len(units), "left_out": left_out, "ranks": dict(pattern)}
+    return selected, sharing, _Ranks(pattern, [note], record)
+
+
+def _rest_notes(selected: list[int], groups: list[list[int]]) -> list[str]:
+    chosen = set(selected)
+    rest = sorted(i for g in groups for i in g if i not in chosen)
+    if not rest:
+        return []
+    lowest = min(chosen | set(rest))
+    return [
+        f"shared rest: layers {rest} are not selected and carry LoRA through one shared module set per target "
+        f"module; the lowest adapted layer is {lowest}, so the truncated backward "
+        + ("has nothing to skip" if lowest == 0 else f"skips only layers 0..{lowest - 1}")
+        + " (LoRA-drop trains every layer)"
+    ]
 
 
 def _share(
@@ -326,9 +505,9 @@ def _share(
     if sharer is None:
         return _Sharing([], None, {})
     result = check_groups(
-        sharer, sharer.call("share", SharingContext(stats, config, num_layers, list(selected))), selected
+        sharer, sharer.call("share", SharingContext(stats, config, num_layers, list(selected))), selected, num_layers
     )
-    if not result.groups:
+    if not result.groups and not getattr(sharer.strategy, "shares_unselected", False):
         best = None
         if result.similarity is not None and len(selected) > 1:
             best = max(result.similarity[i][j] for i in selected for j in selected if j > i)
@@ -357,6 +536,7 @@ def _calibration_record(
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "device": device.type if device is not None else None,
         "statistics": sorted(requires),
+        **({"lora_drop": dict(stats.meta["lora_drop"])} if "lora_drop" in stats.meta else {}),
     }
 
 
@@ -379,7 +559,9 @@ def _finish(
         plan.calibration["base_rank"] = base_rank
     if costs is not None:
         rank = plan.resolve_rank(costs.rank)
-        plan.cost = {**costs.to_dict(), "predicted": predictions(costs, plan.selected_layers, plan.num_modules(), rank)}
+        units = sum(plan.module_ranks(costs.rank)) if plan.rank_pattern else None
+        predicted = predictions(costs, plan.adapted_layers, plan.num_modules(), rank, rank_units=units)
+        plan.cost = {**costs.to_dict(), "predicted": predicted}
         if budget is not None:
             plan.cost["budget"] = budget
         if base_rank is None:

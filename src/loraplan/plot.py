@@ -27,8 +27,11 @@ def plot_plan(plan: LoraPlan, path: str | Path) -> Path:
     ax = axes[0][0]
     primary = next((n for n in plan.scores if n != "importance"), "importance")
     values = plan.scores.get(primary) or [0.0] * plan.num_layers
+    rest = set(plan.shared_rest)
     colours = [
-        "tab:orange" if i in plan.selected_layers else ("tab:red" if i in plan.flagged_layers else "tab:gray")
+        "tab:orange"
+        if i in plan.selected_layers
+        else ("tab:blue" if i in rest else ("tab:red" if i in plan.flagged_layers else "tab:gray"))
         for i in range(plan.num_layers)
     ]
     ax.bar(range(plan.num_layers), [0.0 if math.isnan(v) else v for v in values], color=colours)
@@ -36,7 +39,7 @@ def plot_plan(plan: LoraPlan, path: str | Path) -> Path:
     ax.set_ylabel(primary)
     ax.set_title(
         f"{plan.model_fingerprint.get('class')}: {plan.selector} selects "
-        f"{len(plan.selected_layers)}/{plan.num_layers} (orange)"
+        f"{len(plan.selected_layers)}/{plan.num_layers} (orange)" + ("; shared rest in blue" if rest else "")
     )
     finite = [v for v in values if not math.isnan(v)]
     if finite and primary == "cka":

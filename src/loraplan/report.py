@@ -28,7 +28,10 @@ class ParameterCount:
 def parameter_count(plan: LoraPlan, rank: int | None = None) -> ParameterCount:
     """LoRA parameters ``r (in + out)`` per target module, all layers at ``rank`` versus the plan's distinct modules
     at the plan's rank. ``rank`` defaults to the rank the plan was made for, else 8."""
-    base = rank if rank is not None else plan.calibration.get("base_rank") or plan.rank or 8
+    made_for = plan.calibration.get("base_rank")
+    if plan.rank_pattern and made_for:  # per-layer ranks hold for the rank they were allocated at
+        rank = int(made_for)
+    base = rank if rank is not None else made_for or plan.rank or 8
     plan_rank = plan.resolve_rank(base)
     shapes = plan.stack.get("module_shapes") or {}
     per_layer = sum(i + o for i, o in shapes.values())
@@ -36,7 +39,7 @@ def parameter_count(plan: LoraPlan, rank: int | None = None) -> ParameterCount:
         rank=base,
         plan_rank=plan_rank,
         all_layers=plan.num_layers * per_layer * base,
-        plan=plan.num_modules() * per_layer * plan_rank,
+        plan=sum(plan.module_ranks(base)) * per_layer,
     )
 
 
@@ -56,14 +59,19 @@ def score_columns(plan: LoraPlan) -> list[str]:
 def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
     """The per-layer table (scores, selected, group), the parameter comparison, stability and warnings."""
     names = score_columns(plan)
-    header = ["layer", *names, "selected", "group"]
+    rest = set(plan.shared_rest)
+    show_ranks = bool(plan.rank_pattern or rest)
+    base = parameter_count(plan, rank).rank
+    header = ["layer", *names, "selected", "group", *(["rank"] if show_ranks else [])]
     rows = []
     for layer in range(plan.num_layers):
         group = plan.group_of(layer)
-        mark = "yes" if layer in plan.selected_layers else ("FLAGGED" if layer in plan.flagged_layers else "")
-        rows.append(
-            [str(layer), *(_fmt(plan.scores[n][layer]) for n in names), mark, "" if group is None else f"G{group}"]
-        )
+        mark = "yes" if layer in plan.selected_layers else ("rest" if layer in rest else "")
+        mark = "FLAGGED" if not mark and layer in plan.flagged_layers else mark
+        row = [str(layer), *(_fmt(plan.scores[n][layer]) for n in names), mark, "" if group is None else f"G{group}"]
+        if show_ranks:
+            row.append(str(plan.layer_rank(layer, base)) if layer in plan.adapted_layers else "")
+        rows.append(row)
     widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(header)]
     lines = [
         f"loraplan plan: {plan.model_fingerprint.get('class')} ({plan.num_layers} layers at {plan.stack.get('path')}), "
@@ -76,6 +84,8 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     lines.append("")
     lines.append(f"selected layers ({len(plan.selected_layers)}/{plan.num_layers}): {plan.selected_layers}")
+    if rest:
+        lines.append(f"shared rest (LoRA through one shared module set per target module): {sorted(rest)}")
     if plan.share_groups:
         lines.append(
             "share groups: "
@@ -87,7 +97,8 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
         targets = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in plan.stack.get("module_shapes", {})}))
         lines.append(
             f"trainable LoRA parameters ({targets}): all layers at r={count.rank}: {count.all_layers:,}; "
-            f"plan at r={count.plan_rank}: {count.plan:,} ({count.ratio:.1%}, saving {1 - count.ratio:.1%})"
+            f"plan at {'per-layer ranks' if plan.rank_pattern else f'r={count.plan_rank}'}: {count.plan:,} "
+            f"({count.ratio:.1%}, saving {1 - count.ratio:.1%})"
         )
     lines += format_cost(plan)
     for name, rho in plan.stability.items():

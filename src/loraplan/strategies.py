@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 # the statistics a strategy can ask for are CalibrationStats fields: named where they are collected
-from .calibration.stats import ACTIVATIONS, GRADIENTS, HIDDEN, STATISTICS, CalibrationStats
+from .calibration.stats import ACTIVATIONS, GRADIENTS, HIDDEN, LORA_OUTPUTS, STATISTICS, CalibrationStats
 from .errors import PluginError
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ __all__ = [
     "ACTIVATIONS",
     "GRADIENTS",
     "HIDDEN",
+    "LORA_OUTPUTS",
     "STATISTICS",
     "CalibrationStats",
     "SelectionContext",
@@ -100,10 +101,17 @@ class Selector:
 
 
 class Sharer:
-    """Base class of layer sharers (subclassing is optional)."""
+    """Base class of layer sharers (subclassing is optional).
+
+    ``share`` returns groups of layers that use one LoRA module set. Groups hold selected layers (two or more), unless
+    the sharer sets ``shares_unselected``: then a group may also hold layers the selector left out, which carry LoRA
+    only through their group (LoRA-drop's shared rest); such a group may be a single unselected layer.
+    """
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: may groups hold layers outside the selection (which then get LoRA through the group)
+    shares_unselected: ClassVar[bool] = False
 
     def minimum_samples(self, config: PlanConfig) -> int:
         return 1
@@ -164,21 +172,33 @@ def check_scores(strategy: Registered, scores: Any, num_layers: int) -> list[flo
     return [float(v) if v is not None else math.nan for v in scores["importance"]]
 
 
-def check_groups(strategy: Registered, result: Any, selected: list[int]) -> SharingResult:
-    """A sharer's result checked: disjoint groups of two or more selected layers (sorted)."""
+def check_groups(
+    strategy: Registered, result: Any, selected: list[int], num_layers: int | None = None
+) -> SharingResult:
+    """A sharer's result checked: disjoint groups of two or more selected layers (sorted); with the sharer's
+    ``shares_unselected``, groups may also hold other layers of ``0..num_layers-1`` (a group of one such layer too)."""
     if not isinstance(result, SharingResult):
         raise PluginError(
             f"plugin {strategy.plugin!r}: sharer {strategy.name!r} must return a loraplan.strategies.SharingResult, "
             f"got {type(result).__name__}."
         )
+    wider = bool(getattr(strategy.strategy, "shares_unselected", False))
+    allowed = set(range(num_layers)) if wider and num_layers is not None else set(selected)
     groups = [sorted(int(i) for i in g) for g in result.groups]
     used: set[int] = set()
     for group in groups:
-        bad = [i for i in group if i not in selected]
-        if bad or len(set(group)) < 2 or len(set(group)) < len(group) or used & set(group):
+        bad = [i for i in group if i not in allowed]
+        alone = len(set(group)) < 2 and not (wider and group and group[0] not in selected)
+        if bad or not group or alone or len(set(group)) < len(group) or used & set(group):
+            rule = (
+                f"layers 0..{num_layers - 1} (two or more if they are all selected)"
+                if wider and num_layers is not None
+                else f"two or more distinct selected layers ({selected})"
+            )
             raise PluginError(
-                f"plugin {strategy.plugin!r}: sharer {strategy.name!r} returned group {group}; groups must hold two "
-                f"or more distinct selected layers ({selected}) and not overlap."
+                f"plugin {strategy.plugin!r}: sharer {strategy.name!r} returned group {group}; groups must hold {rule} "
+                "and not overlap."
+                + ("" if wider else " A sharer that gives unselected layers LoRA sets `shares_unselected = True`.")
             )
         used |= set(group)
     result.groups = sorted(groups)

@@ -6,7 +6,8 @@ first token for encoders) and reduce the inputs of the LoRA target modules to pe
 model's dtype.
 
 The pieces: :mod:`.stats` (what is measured), :mod:`.inputs` (what the passes share), :mod:`.forward` (hidden
-states and activation norms) and :mod:`.gradients` (gradient norms).
+states and activation norms), :mod:`.gradients` (gradient norms) and :mod:`.warmup` (LoRA-drop's outputs of a
+temporary, briefly trained LoRA).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from ..layers import LayerStack, target_modules_of, unwrap
 from .forward import forward_pass
 from .gradients import gradient_pass
 from .inputs import layer_name, loss_labels, model_inputs
-from .stats import ACTIVATIONS, GRADIENTS, HIDDEN, STATISTICS, CalibrationStats
+from .stats import ACTIVATIONS, GRADIENTS, HIDDEN, LORA_OUTPUTS, STATISTICS, CalibrationStats
+from .warmup import lora_drop_pass
 
 __all__ = [
     "ACTIVATIONS",
     "GRADIENTS",
     "HIDDEN",
+    "LORA_OUTPUTS",
     "STATISTICS",
     "CalibrationStats",
     "calibrate",
@@ -52,7 +55,7 @@ def calibrate(
     pooling = stack.pooling if config.pooling == "auto" else config.pooling
     layer_targets = [target_modules_of(layer, targets) for layer in stack.layers]
     empty = [i for i, t in enumerate(layer_targets) if not t]
-    if (ACTIVATIONS in requires or GRADIENTS in requires) and empty:
+    if empty and any(name in requires for name in (ACTIVATIONS, GRADIENTS, LORA_OUTPUTS)):
         raise CalibrationError(
             f"no LoRA target module found in {layer_name(stack, empty[0])}"
             + (f" for target_modules={targets}" if targets else "")
@@ -74,5 +77,7 @@ def calibrate(
         forward_pass(model, base, stack, data, requires, pooling, config, layer_targets, stats, progress)
     if GRADIENTS in requires:
         gradient_pass(model, base, stack, data, layer_targets, stats, progress)
+    if LORA_OUTPUTS in requires:  # last: the passes above read the model as it is, before any warm-up
+        lora_drop_pass(model, base, stack, data, layer_targets, stats, config, progress)
     stats.meta["seconds"] = round(time.perf_counter() - started, 3)
     return stats

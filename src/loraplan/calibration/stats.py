@@ -7,13 +7,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["ACTIVATIONS", "GRADIENTS", "HIDDEN", "STATISTICS", "CalibrationStats"]
+__all__ = ["ACTIVATIONS", "GRADIENTS", "HIDDEN", "LORA_OUTPUTS", "STATISTICS", "CalibrationStats"]
 
 #: The statistics a strategy can ask the calibration pass for (its ``requires``): the fields of CalibrationStats.
 HIDDEN = "hidden"  # pooled residual-stream vectors h_0..h_L, one per sample
 ACTIVATIONS = "activations"  # input norms of the LoRA target modules, per sample and layer
 GRADIENTS = "gradients"  # Frobenius norms of dLoss/dW of the target modules, per batch and layer
-STATISTICS = (HIDDEN, ACTIVATIONS, GRADIENTS)
+LORA_OUTPUTS = "lora_outputs"  # squared norms of a warmed-up LoRA's outputs (LoRA-drop), per sample and layer
+STATISTICS = (HIDDEN, ACTIVATIONS, GRADIENTS, LORA_OUTPUTS)
 
 
 @dataclass
@@ -29,6 +30,10 @@ class CalibrationStats:
         tokens: (N,) float64 non-pad token counts.
         gradients: (B, L) float64: per calibration batch, the sum over the layer's target modules of
             ``||dLoss/dW||_F``. ``None`` unless asked for.
+        lora_outputs: (N, L) float64: per sample, the sum over the layer's target modules and the sample's non-pad
+            tokens of ``||ΔW x||²``, the squared norm of the output of a temporary LoRA (on every layer) after a short
+            warm-up on the calibration batches (LoRA-drop); the warm-up is described by ``meta["lora_drop"]``
+            (``steps``, ``rank``, ``alpha``, ``lr``, ``loss_first``, ``loss_last``). ``None`` unless asked for.
         batch_index: (N,) batch number of each sample.
         target_names: the target module names (relative to the block) of each layer.
     """
@@ -40,6 +45,7 @@ class CalibrationStats:
     hidden: list[torch.Tensor] | None = None
     activation_sums: torch.Tensor | None = None
     gradients: torch.Tensor | None = None
+    lora_outputs: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -63,6 +69,7 @@ class CalibrationStats:
             hidden=[h[rows] for h in self.hidden] if self.hidden is not None else None,
             activation_sums=self.activation_sums[rows] if self.activation_sums is not None else None,
             gradients=self.gradients[chosen] if self.gradients is not None else None,
+            lora_outputs=self.lora_outputs[rows] if self.lora_outputs is not None else None,
             meta=dict(self.meta),
         )
 

@@ -4,7 +4,7 @@ candidate."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ConfigError
@@ -13,8 +13,12 @@ from .prediction import LayerCosts, predict, relative
 __all__ = ["select_within_budget"]
 
 
-def _time_ratio(costs: LayerCosts, selected: Sequence[int], checkpointing: bool, reference: float, rank: int) -> float:
-    return predict(costs, selected, checkpointing=checkpointing, rank=rank).time / reference
+#: what a selection becomes once shared and ranked: (adapted layers, distinct module sets, sum of their ranks)
+Completion = Callable[[list[int]], tuple[list[int], int, int]]
+
+
+def _plain(rank: int) -> Completion:
+    return lambda layers: (sorted(layers), len(layers), len(layers) * rank)
 
 
 def select_within_budget(
@@ -27,6 +31,7 @@ def select_within_budget(
     base_rank: int,
     plan_rank: int,
     max_count: int | None = None,
+    complete: Completion | None = None,
 ) -> tuple[list[int], dict[str, Any]]:
     """The layers to adapt under a step-time and/or parameter budget, and the record of the trade-off.
 
@@ -35,7 +40,12 @@ def select_within_budget(
     below it without autograd) is tried: ``m`` plus the most important layers above it, as many as the predicted
     step time allows (each added layer costs the same, so this is the best set for that cut); the cut with the
     highest summed importance wins (ties: lower predicted time). Unscorable (nan) layers are never chosen.
+
+    ``complete`` turns a selection into what trains (the layers a sharer adds, such as LoRA-drop's shared rest, the
+    module sets after sharing and the sum of their ranks, per-layer ranks included); every candidate is priced, and
+    held to the parameter budget, as completed. Without it a selection trains as it is, at ``plan_rank``.
     """
+    finish = complete or _plain(plan_rank)
     n = costs.num_layers
     usable = [i for i in range(n) if importance[i] is not None and not math.isnan(importance[i])]
     floor = min(importance[i] for i in usable)
@@ -48,22 +58,46 @@ def select_within_budget(
         "checkpointing": checkpointing,
         "objective": "sum of importance, shifted so that the least important layer counts 0",
     }
+    units_allowed = math.inf
     if param_budget is not None:
         record["param_layers"] = _param_layers(param_budget, n, base_rank, plan_rank)
-        cap = min(cap, record["param_layers"])
+        if complete is None:
+            cap = min(cap, record["param_layers"])
+        else:
+            units_allowed = math.floor(param_budget * n * base_rank + 1e-9)
+            record["rank_units"] = units_allowed
 
     def entry(layers: list[int]) -> dict[str, Any]:
-        time_ratio, memory_ratio = relative(costs, layers, checkpointing=checkpointing, rank=plan_rank)
-        return {
-            "lowest": min(layers),
+        adapted, modules, units = finish(sorted(layers))
+        time_ratio, memory_ratio = relative(
+            costs, adapted, checkpointing=checkpointing, num_modules=modules, rank_units=units
+        )
+        item = {
+            "lowest": min(adapted),
             "count": len(layers),
             "layers": sorted(layers),
             "importance": sum(worth[i] for i in layers),
             "time": time_ratio,
             "memory": memory_ratio,
         }
+        if complete is not None:
+            item.update(adapted=len(adapted), rank_units=units)
+        return item
+
+    def fits_params(layers: list[int]) -> bool:
+        return units_allowed == math.inf or finish(sorted(layers))[2] <= units_allowed
 
     if time_budget is None:
+        count = cap
+        while count > 1 and not fits_params(order[:count]):
+            count -= 1
+        if not fits_params(order[:count]):
+            raise ConfigError(
+                f"`param_budget` {param_budget}: even the most important layer alone, with what the sharer adds to "
+                f"it, needs more than {units_allowed} rank units ({param_budget} of {n} layers at r={base_rank}). "
+                "Raise param_budget, or plan without the sharer."
+            )
+        cap = count
         record["chosen"] = top = entry(sorted(order[:cap]))
         record["summary"] = (
             f"param_budget {param_budget}: the {cap} most important layers (LoRA parameters "
@@ -71,6 +105,12 @@ def select_within_budget(
         )
         return top["layers"], record
     reference = predict(costs, range(n), checkpointing=checkpointing, truncate=False).time
+
+    def time_ratio(layers: list[int]) -> float:
+        adapted, modules, units = finish(sorted(layers))
+        priced = predict(costs, adapted, checkpointing=checkpointing, num_modules=modules, rank_units=units)
+        return priced.time / reference
+
     candidates = []
     for cut in usable:
         chosen = [cut]
@@ -79,19 +119,18 @@ def select_within_budget(
                 break
             if i <= cut:
                 continue
-            if _time_ratio(costs, chosen + [i], checkpointing, reference, plan_rank) > time_budget + 1e-12:
+            if time_ratio(chosen + [i]) > time_budget + 1e-12 or not fits_params(chosen + [i]):
                 break  # every layer above the cut adds the same cost: the next one would not fit either
             chosen.append(i)
         item = entry(chosen)
-        item["fits"] = item["time"] <= time_budget + 1e-12
+        item["fits"] = item["time"] <= time_budget + 1e-12 and fits_params(chosen)
         candidates.append(item)
     best = _best_fit(candidates, time_budget, checkpointing)
     top = entry(sorted(order[: best["count"]]))
     record["chosen"] = {k: v for k, v in best.items() if k != "fits"}
     record["top_by_importance"] = top
-    record["candidates"] = [
-        {k: c[k] for k in ("lowest", "count", "layers", "importance", "time", "fits")} for c in candidates
-    ]
+    keys = ("lowest", "count", "layers", "importance", "time", "fits") + (("adapted",) if complete else ())
+    record["candidates"] = [{k: c[k] for k in keys} for c in candidates]
     record["summary"] = (
         f"time_budget {time_budget} ({'with' if checkpointing else 'without'} checkpointing): {best['count']} layers "
         f"from layer {best['lowest']} up, predicted {best['time']:.2f}x the step time and {best['memory']:.2f}x the "
@@ -119,9 +158,16 @@ def _best_fit(candidates: list[dict[str, Any]], time_budget: float, checkpointin
     fitting = [c for c in candidates if c["fits"]]
     if not fitting:
         cheapest = min(candidates, key=lambda c: c["time"])
+        alone = f"layer {cheapest['layers'][0]} alone"
+        if cheapest.get("adapted", cheapest["count"]) > cheapest["count"]:
+            alone += (
+                f", with the {cheapest['adapted'] - cheapest['count']} layers the sharer adds from layer "
+                f"{cheapest['lowest']} up (a shared rest gives the layers below the selection LoRA, so there is "
+                "nothing left to skip)"
+            )
         raise ConfigError(
             f"`time_budget` {time_budget} is below the cheapest plan the cost model predicts: "
-            f"{cheapest['time']:.3f}x of LoRA on every layer (layer {cheapest['lowest']} alone, "
+            f"{cheapest['time']:.3f}x of LoRA on every layer ({alone}, "
             f"{'with' if checkpointing else 'without'} checkpointing; the head, embeddings and the layers below still "
             f"run). Raise time_budget to at least {math.ceil(cheapest['time'] * 1000) / 1000:.3f}."
         )

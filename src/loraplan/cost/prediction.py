@@ -81,15 +81,19 @@ def predict(
     input_grads: bool | None = None,
     num_modules: int | None = None,
     rank: int | None = None,
+    rank_units: int | None = None,
 ) -> Prediction:
     """Step cost and peak memory of LoRA on ``selected`` (``num_modules`` distinct layer-module sets after sharing, at
-    ``rank``). ``input_grads`` defaults to ``checkpointing`` (what HF ``Trainer`` and TRL do)."""
+    ``rank``; or, with per-layer ranks, ``rank_units``: the sum of every module set's rank). ``input_grads`` defaults
+    to ``checkpointing`` (what HF ``Trainer`` and TRL do). A layer's LoRA compute is priced at ``costs.rank``: the
+    rank changes the optimizer's work and the memory of the LoRA parameters, next to nothing of a layer's FLOPs."""
     input_grads = checkpointing if input_grads is None else input_grads
     per_layer = regimes(
         costs.num_layers, selected, checkpointing=checkpointing, truncate=truncate, input_grads=input_grads
     )
     modules = len(selected) if num_modules is None else num_modules
-    params = modules * costs.lora_params_per_layer * (rank or costs.rank) / costs.rank
+    units = rank_units if rank_units is not None else modules * (rank or costs.rank)
+    params = units * costs.lora_params_per_layer / costs.rank
     step = sum(costs.layer[r] for r in per_layer) + costs.head + costs.optimizer_per_param * params
     mem = costs.memory
     saved = mem.get("saved", {})
@@ -121,7 +125,9 @@ def fmt_ratio(value: float) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}x"
 
 
-def predictions(costs: LayerCosts, selected: Sequence[int], num_modules: int, rank: int) -> dict[str, Any]:
+def predictions(
+    costs: LayerCosts, selected: Sequence[int], num_modules: int, rank: int, rank_units: int | None = None
+) -> dict[str, Any]:
     """What the plan records: step-time and peak-memory ratios versus LoRA on every layer, with and without
     checkpointing, with loraplan's truncation and with stock PEFT."""
     out: dict[str, Any] = {}
@@ -132,7 +138,13 @@ def predictions(costs: LayerCosts, selected: Sequence[int], num_modules: int, ra
         out[label] = {}
         for name, kwargs in rows.items():
             time_ratio, memory_ratio = relative(
-                costs, selected, checkpointing=checkpointing, num_modules=num_modules, rank=rank, **kwargs
+                costs,
+                selected,
+                checkpointing=checkpointing,
+                num_modules=num_modules,
+                rank=rank,
+                rank_units=rank_units,
+                **kwargs,
             )
             out[label][name] = {"time": time_ratio, "memory": memory_ratio}
     return out

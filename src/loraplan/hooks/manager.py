@@ -22,8 +22,10 @@ DEFAULT_PLUGINS = (
     "loraplan.plugins.activation",
     "loraplan.plugins.gradient",
     "loraplan.plugins.baselines",
+    "loraplan.plugins.lora_drop",
     "loraplan.plugins.angular",
     "loraplan.plugins.odd_even",
+    "loraplan.plugins.shared_rest",
 )
 
 #: Set this environment variable (to anything but "" or "0") to stop entry-point plugins from loading.

@@ -107,9 +107,9 @@ def check_applied(model: Any, plan: LoraPlan, adapter_name: str | None = None) -
     adapter = adapter_of(model, adapter_name)
     stack = plan_stack(model, plan)
     with_lora = layers_carrying(model, adapter, stack.path)
-    if with_lora != list(plan.selected_layers):
+    if with_lora != plan.adapted_layers:
         raise PlanMismatchError(
-            f"the model has LoRA in layers {with_lora}, but the plan selects {plan.selected_layers}. Something "
+            f"the model has LoRA in layers {with_lora}, but the plan adapts {plan.adapted_layers}. Something "
             "re-wrapped or re-created the model after loraplan applied the plan (e.g. `model_init`); apply the plan "
             "to the model that trains."
         )
@@ -157,7 +157,7 @@ def check_checkpoint(checkpoint: str | Path, plan: LoraPlan) -> None:
             "in a fresh output directory."
         )
     saved = LoraPlan.load(plan_file)
-    for what in ("selected_layers", "share_groups", "rank", "num_layers"):
+    for what in ("selected_layers", "share_groups", "rank", "rank_pattern", "num_layers"):
         if getattr(saved, what) != getattr(plan, what):
             raise PlanMismatchError(
                 f"`{what}`: the checkpoint {directory} was trained with {getattr(saved, what)!r}, this run's plan "
@@ -177,10 +177,10 @@ def check_checkpoint(checkpoint: str | Path, plan: LoraPlan) -> None:
         if match is None:
             continue
         layer = int(match.group(1))
-        if layer not in plan.selected_layers:
+        if layer not in plan.adapted_layers:
             raise PlanMismatchError(
                 f"the checkpoint {directory} has LoRA weights in layer {layer} ({key}), which the plan does not "
-                f"select ({plan.selected_layers}). It was trained with another plan."
+                f"adapt ({plan.adapted_layers}). It was trained with another plan."
             )
         by_layer.setdefault(layer, {})[key[: match.start(1)] + "{}" + key[match.end(1) :]] = tensor
     for group in plan.share_groups:

@@ -62,6 +62,8 @@ def plan_summary(plan: LoraPlan, *, checkpointing: bool = False, truncate_backwa
         "num_layers": plan.num_layers,
         "selected_layers": list(plan.selected_layers),
         "share_groups": [list(g) for g in plan.share_groups],
+        "shared_rest": plan.shared_rest,
+        "rank_pattern": {str(layer): rank for layer, rank in sorted(plan.rank_pattern.items())},
         "num_modules": plan.num_modules(),
         "rank": count.plan_rank,
         "lora_parameters": count.plan,

@@ -1,0 +1,334 @@
+"""LoRA-drop's calibration pass (Zhou et al., COLING 2025): a temporary LoRA on every layer, trained briefly on the
+calibration batches, then one no-grad pass measuring per sample and layer ``Σ ||ΔW x||²`` (the squared norm of the
+LoRA branch's output, summed over the layer's target modules and the sample's non-pad tokens). The temporary adapter
+is removed afterwards and the model is left exactly as it was: its modules, parameter values, ``requires_grad``
+flags, train/eval modes, ``peft_config`` and, for a model that already carries adapters, their active adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PlanConfig
+from ..data import CalibrationBatches
+from ..errors import CalibrationError
+from ..layers import LayerStack
+from .inputs import (
+    BatchState,
+    eval_mode,
+    forward_runner,
+    input_device,
+    layer_name,
+    loss_labels,
+    model_inputs,
+    progress_bar,
+)
+from .stats import CalibrationStats
+
+__all__ = ["ADAPTER_NAME", "WARMUP_ALPHA", "WARMUP_LR", "WARMUP_RANK", "lora_drop_pass"]
+
+#: the temporary adapter's name (beside a PEFT model's own adapters)
+ADAPTER_NAME = "loraplan_lora_drop"
+WARMUP_RANK = 8
+WARMUP_ALPHA = 16
+#: AdamW's learning rate for the warm-up. The paper trains the all-layer LoRA with the task's ordinary LoRA setting
+#: and states no rate of its own for this stage (we found none); 1e-4 is PEFT's and the common LoRA default.
+WARMUP_LR = 1e-4
+
+_MISSING = object()
+
+
+def lora_drop_pass(
+    model: nn.Module,
+    base: nn.Module,
+    stack: LayerStack,
+    data: CalibrationBatches,
+    layer_targets: list[dict[str, nn.Module]],
+    stats: CalibrationStats,
+    config: PlanConfig,
+    progress: bool,
+) -> None:
+    """Fill ``stats.lora_outputs`` (N, L) and ``stats.meta["lora_drop"]``; the model is unchanged afterwards."""
+    steps = config.lora_drop_steps if config.lora_drop_steps is not None else len(data.batches)
+    if any(loss_labels(base, batch) is None for batch in data.batches):
+        raise _no_loss(base)  # before anything is injected
+    device = input_device(base)
+    with _temporary_adapter(model, base, stack, layer_targets, config.seed) as adapted:
+        with eval_mode(model):  # dropout off, as in the gradient pass: the same data gives the same plan
+            losses = _warm_up(base, stack, data, adapted, steps, device, progress)
+            outputs = _measure(base, stack, data, adapted, device, progress)
+    stats.lora_outputs = outputs
+    stats.meta["lora_drop"] = {
+        "steps": steps,
+        "rank": WARMUP_RANK,
+        "alpha": WARMUP_ALPHA,
+        "lr": WARMUP_LR,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+
+
+def _no_loss(base: nn.Module) -> CalibrationError:
+    return CalibrationError(
+        f"the `lora_drop` selector trains a temporary LoRA and needs a loss, but {type(base).__name__} has no "
+        "language-modelling head and the calibration batches carry no `labels`. Pass tokenised batches with `labels`, "
+        "or calibrate a *ForCausalLM / *ForMaskedLM model."
+    )
+
+
+# -- the temporary adapter ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _temporary_adapter(
+    model: nn.Module, base: nn.Module, stack: LayerStack, layer_targets: list[dict[str, nn.Module]], seed: int
+) -> Iterator[list[list[nn.Module]]]:
+    """Inject a LoRA adapter named :data:`ADAPTER_NAME` on the target modules of every layer, the only active and
+    the only trainable adapter; yield, per layer, the LoRA layers carrying it; then remove it and restore the model."""
+    from peft import LoraConfig
+    from peft.functional import cast_adapter_dtype, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    names = {id(m): n for n, m in base.named_modules()}
+    sites: list[tuple[int, nn.Module, str, nn.Module]] = []  # (layer, parent, attribute, module there now)
+    for layer_number, modules in enumerate(layer_targets):
+        for module in modules.values():
+            full = names.get(id(module))
+            if full is None:  # pragma: no cover - the targets come from the stack inside `base`
+                raise CalibrationError(f"a target module of {layer_name(stack, layer_number)} is not inside the model")
+            parent_name, _, attribute = full.rpartition(".")
+            sites.append((layer_number, base.get_submodule(parent_name) if parent_name else base, attribute, module))
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and module.merged:
+            raise CalibrationError(
+                "selector='lora_drop' adds a temporary adapter beside the model's own, which cannot be done while an "
+                "adapter is merged into the weights. Unmerge it first (`model.unmerge_adapter()`)."
+            )
+        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {}):
+            raise CalibrationError(f"the model already has an adapter named {ADAPTER_NAME!r}; remove it first.")
+
+    # what has to be as it was afterwards
+    structure = [(n, id(m)) for n, m in model.named_modules(remove_duplicate=False)]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    adapter_states = [
+        (m, list(m.active_adapters), bool(m.disable_adapters))
+        for m in model.modules()
+        if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+    ]
+    # PEFT's injection adds its config to a `peft_config` the model already has (a PEFT model's), else sets one
+    peft_config = base.__dict__.get("peft_config", _MISSING)
+    peft_entries = list(peft_config.items()) if isinstance(peft_config, dict) else None
+    if peft_entries is not None and ADAPTER_NAME in dict(peft_entries):
+        raise CalibrationError(f"the model already has an adapter named {ADAPTER_NAME!r}; remove it first.")
+
+    lora_config = LoraConfig(
+        r=WARMUP_RANK,
+        lora_alpha=WARMUP_ALPHA,
+        lora_dropout=0.0,
+        bias="none",
+        # full names: exactly the modules the scores read, nothing else with the same leaf name
+        target_modules=sorted({names[id(module)] for _, _, _, module in sites}),
+    )
+    try:
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")  # PEFT's notes on the temporary config (e.g. Conv1D's fan_in_fan_out)
+            # the LoRA A matrices are drawn on the CPU generator (then moved): seeded, and the caller's RNG kept
+            torch.random.default_generator.manual_seed(seed)
+            inject_adapter_in_model(lora_config, base, adapter_name=ADAPTER_NAME)
+            cast_adapter_dtype(base, adapter_name=ADAPTER_NAME)  # fp16/bf16 weights train a float32 LoRA, as PEFT's
+        adapted: list[list[nn.Module]] = [[] for _ in layer_targets]
+        for layer_number, parent, attribute, _ in sites:
+            wrapper = getattr(parent, attribute)
+            if not isinstance(wrapper, BaseTunerLayer) or ADAPTER_NAME not in getattr(wrapper, "lora_A", {}):
+                raise CalibrationError(  # pragma: no cover - PEFT matched the full names given
+                    f"PEFT did not put the temporary LoRA on {names[id(parent)]}.{attribute} in "
+                    f"{layer_name(stack, layer_number)}; selector='lora_drop' cannot score this model."
+                )
+            adapted[layer_number].append(wrapper)
+        # only the temporary adapter runs and trains. PEFT's injection made it the only active one on every LoRA
+        # layer and switched modules_to_save off; the layers of another adapter type it does not know are switched off
+        for module, _, _ in adapter_states:
+            if isinstance(module, BaseTunerLayer) and not hasattr(module, "lora_A"):
+                module.enable_adapters(False)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for wrappers in adapted:
+            for wrapper in wrappers:
+                for p in (*wrapper.lora_A[ADAPTER_NAME].parameters(), *wrapper.lora_B[ADAPTER_NAME].parameters()):
+                    p.requires_grad_(True)
+        yield adapted
+    finally:
+        # the model's own adapters active again (the temporary one then is nowhere active), then the temporary one gone
+        for module, active, disabled in adapter_states:
+            module.set_adapter(active)
+            module.enable_adapters(not disabled)
+        for _, parent, attribute, original in sites:
+            current = getattr(parent, attribute)
+            if current is original:
+                if isinstance(current, BaseTunerLayer) and ADAPTER_NAME in getattr(current, "lora_A", {}):
+                    current.delete_adapter(ADAPTER_NAME)  # a layer of the model's own adapter
+            elif isinstance(current, BaseTunerLayer) and getattr(current, "base_layer", None) is original:
+                setattr(parent, attribute, original)  # the wrapper PEFT put around a plain module
+        if peft_config is _MISSING:
+            base.__dict__.pop("peft_config", None)
+        else:
+            base.__dict__["peft_config"] = peft_config
+            if isinstance(peft_config, dict) and peft_entries is not None:
+                peft_config.clear()
+                peft_config.update(peft_entries)
+        for module, training in modes:
+            module.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    if [(n, id(m)) for n, m in model.named_modules(remove_duplicate=False)] != structure:
+        raise CalibrationError(  # pragma: no cover - a PEFT release that injects differently
+            "the temporary LoRA-drop adapter could not be removed completely; the model's modules changed. Please "
+            "report this with your PEFT version."
+        )
+    for module, active, disabled in adapter_states:
+        if list(module.active_adapters) != active or bool(module.disable_adapters) != disabled:
+            raise CalibrationError(  # pragma: no cover - idem
+                "the model's active adapters could not be restored after the LoRA-drop warm-up. Please report this "
+                "with your PEFT version."
+            )
+
+
+# -- the warm-up and the measurement ------------------------------------------------------------------------------
+
+
+def _warm_up(
+    base: nn.Module,
+    stack: LayerStack,
+    data: CalibrationBatches,
+    adapted: list[list[nn.Module]],
+    steps: int,
+    device: torch.device,
+    progress: bool,
+) -> list[float]:
+    """``steps`` AdamW steps on the temporary adapter, one calibration batch each (cycling); the losses."""
+    params = [p for wrappers in adapted for w in wrappers for p in w.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=WARMUP_LR)
+    batches = data.batches
+    losses: list[float] = []
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+
+    def require_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        # keeps reentrant activation checkpointing from dropping parameter gradients (as the gradient pass does)
+        output.requires_grad_(True)
+
+    handle = embeddings.register_forward_hook(require_grad) if embeddings is not None else None
+    samples = sum(batches[step % len(batches)]["input_ids"].shape[0] for step in range(steps))
+    bar = progress_bar(samples, "loraplan LoRA-drop warm-up", progress)
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                number = step % len(batches)
+                batch = batches[number]
+                labels = loss_labels(base, batch)
+                if labels is None:
+                    raise _no_loss(base)
+                inputs = model_inputs(base, batch, device)
+                inputs["labels"] = labels.to(device)
+                loss = getattr(base(**inputs), "loss", None)
+                if loss is None:
+                    raise CalibrationError(
+                        f"{type(base).__name__} returned no loss for labelled calibration batches; the `lora_drop` "
+                        "selector cannot train its temporary LoRA on it."
+                    )
+                if not bool(torch.isfinite(loss)):
+                    raise CalibrationError(
+                        f"the LoRA-drop warm-up loss is not finite at step {step} (calibration batch {number}): "
+                        f"{float(loss.detach())}. Check the weights, or calibrate in float32."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                bar.update(batch["input_ids"].shape[0])
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        if handle is not None:
+            handle.remove()
+    return losses
+
+
+def _measure(
+    base: nn.Module,
+    stack: LayerStack,
+    data: CalibrationBatches,
+    adapted: list[list[nn.Module]],
+    device: torch.device,
+    progress: bool,
+) -> torch.Tensor:
+    """Per sample and layer, ``Σ ||ΔW x||²`` over the layer's adapted modules and the sample's non-pad tokens."""
+    state = BatchState()
+    current: list[torch.Tensor | None] = [None] * len(adapted)
+    handles = []
+    for layer_number, wrappers in enumerate(adapted):
+        for wrapper in wrappers:
+            scaling = float(wrapper.scaling[ADAPTER_NAME])
+
+            # lora_B's output is B A x (dropout is 0); times PEFT's scaling it is the branch's output ΔW x
+            def post(module: nn.Module, args: tuple, output: Any, _l: int = layer_number, _s: float = scaling) -> None:
+                _add(current, state, stack, _l, output, _s)
+
+            handles.append(wrapper.lora_B[ADAPTER_NAME].register_forward_hook(post))
+    rows: list[torch.Tensor] = []
+    bar = progress_bar(data.num_samples, "loraplan LoRA-drop outputs", progress)
+    try:
+        with torch.no_grad():
+            for number, batch in enumerate(data.batches):
+                state.batch_number = number
+                state.mask = batch["attention_mask"].to(device=device, dtype=torch.float64)
+                current[:] = [None] * len(adapted)
+                runner = forward_runner(base, stack, batch)  # the backbone, or what around it reads the images
+                runner(**model_inputs(runner, batch, device))
+                row = []
+                for i, value in enumerate(current):
+                    if value is None:
+                        raise CalibrationError(
+                            f"the target modules of {layer_name(stack, i)} were never called in the forward pass; "
+                            "is the layer skipped for these inputs?"
+                        )
+                    row.append(value.cpu())
+                block = torch.stack(row, dim=1)
+                if not bool(torch.isfinite(block).all()):
+                    bad = int((~torch.isfinite(block)).any(dim=0).nonzero()[0])
+                    raise CalibrationError(
+                        f"non-finite LoRA outputs (nan/inf) in {layer_name(stack, bad)} on calibration batch {number} "
+                        "after the LoRA-drop warm-up. Check the weights, or calibrate in float32."
+                    )
+                rows.append(block)
+                bar.update(batch["input_ids"].shape[0])
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+    return torch.cat(rows)
+
+
+def _add(
+    current: list[torch.Tensor | None], state: BatchState, stack: LayerStack, layer: int, output: Any, scaling: float
+) -> None:
+    """Add one module's ``Σ_tokens ||ΔW x||²`` (per sample) to its layer's sums for the batch."""
+    mask = state.mask
+    out = output if isinstance(output, torch.Tensor) else None
+    if out is not None and out.dim() == 2 and mask is not None and out.shape[0] == mask.numel():
+        out = out.reshape(mask.shape[0], mask.shape[1], -1)
+    if out is None or mask is None or out.dim() != 3 or tuple(out.shape[:2]) != tuple(mask.shape):
+        raise CalibrationError(
+            f"cannot read the LoRA output of a target module in {layer_name(stack, layer)}: expected (batch, tokens, "
+            f"features), got {tuple(out.shape) if out is not None else type(output).__name__}."
+        )
+    squares = out.detach().to(torch.float64).square().sum(dim=-1) * (scaling * scaling)
+    sums = (squares * mask).sum(dim=1)
+    previous = current[layer]
+    current[layer] = sums if previous is None else previous + sums
