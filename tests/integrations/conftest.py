@@ -109,10 +109,14 @@ def lora_pairs(model, layer: int) -> dict[str, tuple]:
     return pairs
 
 
-def assert_plan_realised(model, plan) -> None:
-    """LoRA exactly in the planned layers; each share group is one set of modules, one tensor each."""
-    assert lora_layers(model) == plan.selected_layers
-    assert plan.share_groups, "the test settings are meant to form a share group"
+def assert_plan_realised(model, plan, *, sharing: bool = True) -> None:
+    """LoRA exactly in the planned layers (a shared rest included), at the plan's per-layer ranks; each share group
+    is one set of modules, one tensor each."""
+    assert lora_layers(model) == plan.adapted_layers
+    if sharing:
+        assert plan.share_groups, "the test settings are meant to form a share group"
+    for layer, rank in plan.rank_pattern.items():
+        assert {a.weight.shape[0] for a, _ in lora_pairs(model, layer).values()} == {rank}, f"rank of layer {layer}"
     for group in plan.share_groups:
         lead = lora_pairs(model, group[0])
         assert lead
@@ -123,9 +127,9 @@ def assert_plan_realised(model, plan) -> None:
                 assert a is lead[name][0] and b is lead[name][1], f"{name} of layer {member} is not tied"
                 assert a.weight.data_ptr() == lead[name][0].weight.data_ptr()
                 assert b.weight.data_ptr() == lead[name][1].weight.data_ptr()
-    ungrouped = [i for i in plan.selected_layers if not any(i in g for g in plan.share_groups)]
+    ungrouped = [i for i in plan.adapted_layers if not any(i in g for g in plan.share_groups)]
     for i in ungrouped:
-        for j in plan.selected_layers:
+        for j in plan.adapted_layers:
             if j != i:
                 for name, (a, _) in lora_pairs(model, i).items():
                     assert a is not lora_pairs(model, j)[name][0]

@@ -77,7 +77,7 @@ def train(python: str, config: Path, work: Path) -> tuple[dict, str]:
 
 
 def assert_ties(report: dict, plan: LoraPlan) -> None:
-    assert sorted(int(i) for i in report["layers"]) == plan.selected_layers
+    assert sorted(int(i) for i in report["layers"]) == plan.adapted_layers
     assert plan.share_groups
     for group in plan.share_groups:
         lead = report["layers"][str(group[0])]
@@ -200,6 +200,42 @@ def test_all_linear_with_per_module_ranks_and_the_budget_rank(axolotl_python, ti
     assert report["sites"] == {
         f"model.layers.{i}.{m}": 16 if m.endswith("v_proj") else 8 for i in plan.selected_layers for m in names
     }
+    assert report["config_sites"] == report["sites"]
+    assert report["stock_reload_max_abs_diff"] < 1e-5
+    assert_ties(report, plan)
+
+
+def test_shared_rest_and_per_layer_ranks(axolotl_python, tiny_dir, tmp_path):
+    # LoRA-drop's shared rest beside ranks from CKA importance: the selected layers at their planned ranks, every
+    # other layer through one shared module set at lora_r
+    config = tiny_config(
+        tiny_dir,
+        tmp_path,
+        loraplan={
+            "selector": "cka",
+            "ratio": 0.5,
+            "share": "lora_drop",
+            "rank_policy": "importance",
+            "rank_multiple": 2,
+            "calibration_samples": 16,
+            "max_length": 64,
+            "last_token": "reference",
+        },
+    )
+    report, _ = train(axolotl_python, config, tmp_path)
+    plan = LoraPlan.load(tmp_path / "out" / "loraplan.json")
+    r = yaml.safe_load(config.read_text())["lora_r"]
+    assert plan.shared_rest and plan.adapted_layers == list(range(plan.num_layers))
+    assert sum(plan.rank_pattern.values()) <= len(plan.selected_layers) * r and set(plan.rank_pattern) == set(
+        plan.selected_layers
+    )
+    targets = yaml.safe_load(config.read_text())["lora_target_modules"]
+    expected = {}
+    for name in report["sites"]:
+        layer = int(name.split(".")[2])
+        assert name.rsplit(".", 1)[-1] in targets
+        expected[name] = plan.rank_pattern.get(layer, r)
+    assert report["sites"] == expected and {int(n.split(".")[2]) for n in expected} == set(plan.adapted_layers)
     assert report["config_sites"] == report["sites"]
     assert report["stock_reload_max_abs_diff"] < 1e-5
     assert_ties(report, plan)

@@ -49,7 +49,16 @@ def test_two_steps_plan_ties_checkpoints_and_stock_reload(
     checks.stock_reload(model, model_dir, tmp_path, tokenizer)
 
 
-def test_resume_reuses_plan_and_ties(tmp_path, model_dir, tokenizer, texts, checks, shared, caplog):
+RESUMED = {
+    "shared": {},
+    "shared_rest": {"share": "lora_drop"},
+    "importance_ranks": {"share": None, "rank_policy": "importance", "param_budget": 0.75},
+}
+
+
+@pytest.mark.parametrize("variant", list(RESUMED))
+def test_resume_reuses_plan_and_ties(variant, tmp_path, model_dir, tokenizer, texts, checks, shared, caplog):
+    shared = {**shared, **RESUMED[variant]}
     dataset = checks.tokenised(texts, tokenizer)
     first = checks.make_trainer(
         checks.lora_model(model_dir), tmp_path, tokenizer, dataset, LoraPlanCallback(shared, calibration_data=texts)
@@ -72,7 +81,9 @@ def test_resume_reuses_plan_and_ties(tmp_path, model_dir, tokenizer, texts, chec
     after = checks.losses(second)
     assert [s for s, _ in after] == [1, 2, 3, 4] and after[:2] == before
     assert all(math.isfinite(loss) for _, loss in after)
-    checks.plan_realised(model, callback.plan)
+    checks.plan_realised(model, callback.plan, sharing=variant != "importance_ranks")
+    assert bool(callback.plan.shared_rest) == (variant == "shared_rest")
+    assert bool(callback.plan.rank_pattern) == (variant == "importance_ranks")
     assert LoraPlan.load(tmp_path / "checkpoint-4" / "loraplan.json") == callback.plan
 
 

@@ -30,7 +30,20 @@ CASES = [
     ("trainer", "mixtral", MOE, "keep"),
     ("sft", "llama", dict(LLAMA_ALL_LINEAR, modules_to_save=["lm_head"]), "budget"),
     ("sft", "mixtral", MOE, "budget"),
+    # per-layer ranks from CKA importance (the user's per-module v_proj rank scaled in each layer)
+    ("trainer", "llama", LLAMA_ALL_LINEAR, "importance"),
+    ("sft", "llama", LLAMA_ALL_LINEAR, "importance"),
+    # LoRA-drop's shared rest: the unselected layers carry one shared module set
+    ("trainer", "llama", LLAMA_ALL_LINEAR, "rest"),
+    ("sft", "mixtral", MOE, "rest"),
 ]
+#: the plan settings of each policy beside the shared ones
+POLICIES = {
+    "keep": {"rank_policy": "keep"},
+    "budget": {"rank_policy": "budget"},
+    "importance": {"rank_policy": "importance", "param_budget": 0.75, "share": None, "rank_multiple": 2},
+    "rest": {"rank_policy": "keep", "share": "lora_drop"},
+}
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +89,14 @@ def _expected(path, settings, plan, read_sites, policy) -> dict[str, int]:
     from peft import LoraConfig, get_peft_model
 
     stock = read_sites(get_peft_model(_load(path), LoraConfig(**copy.deepcopy(settings))))
-    kept = {s: r for s, r in stock.items() if _layer(s) is None or _layer(s) in plan.selected_layers}
+    adapted = set(plan.selected_layers) | {i for g in plan.share_groups for i in g}
+    kept = {s: r for s, r in stock.items() if _layer(s) is None or _layer(s) in adapted}
+    if policy == "importance":  # layer i at rank r_i scales each of its modules' ranks by r_i / r
+        base = settings["r"]
+        kept = {
+            s: (r if _layer(s) is None else max(1, round(r * plan.rank_pattern[_layer(s)] / base)))
+            for s, r in kept.items()
+        }
     if policy == "budget":
         layers, groups = len(plan.selected_layers), plan.share_groups
         modules = layers - sum(len(g) for g in groups) + len(groups)
@@ -133,13 +153,19 @@ def test_trainer_round_trip(
     from peft import LoraConfig, PeftModel, get_peft_model
 
     path = model_dir if arch == "llama" else mixtral_dir
-    callback = LoraPlanCallback({**shared, "rank_policy": policy}, calibration_data=TRAIN_DATASET)
+    callback = LoraPlanCallback({**shared, **POLICIES[policy]}, calibration_data=TRAIN_DATASET)
     trainer = _trainer(kind, path, tmp_path / "out", settings, callback, tokenizer, texts)
     callback.attach(trainer)  # plans on the trainer's own rows (TRAIN_DATASET)
     plan = callback.plan
-    assert plan.share_groups, "the shared settings form a group on the tiny model"
+    if policy == "importance":
+        assert not plan.share_groups and len(set(plan.rank_pattern.values())) > 1, "ranks differ between layers"
+        assert sum(plan.rank_pattern.values()) == 0.75 * plan.num_layers * settings["r"]
+    else:
+        assert plan.share_groups, "the shared settings form a group on the tiny model"
+    if policy == "rest":
+        assert plan.shared_rest and plan.adapted_layers == list(range(plan.num_layers))
     want = _expected(path, settings, plan, read_sites, policy)
-    assert {_layer(s) for s in want} - {None} == set(plan.selected_layers)
+    assert {_layer(s) for s in want} - {None} == set(plan.adapted_layers)
     if arch == "mixtral":
         assert any(".experts" in s for s in want)
     if policy == "budget":
