@@ -289,3 +289,32 @@ def test_a_third_party_sharer_gives_unselected_layers_lora_only_when_it_says_so(
     pm.register(_Plugin(Declared()))
     plan = _plan(make_llama, make_batches, pm, rank_policy="keep", share="declared_rest")
     assert plan.adapted_layers == list(range(LAYERS)) and plan.shared_rest
+
+
+# -- one budget: candidates priced as they train --------------------------------------------------------------------
+
+
+def test_a_param_budget_pays_for_the_shared_rest(pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm, rank_policy="keep", share="lora_drop", param_budget=0.5)
+    # 0.5 of six layers at r=4 is 12 rank units: the rest's module set takes 4, so two selected layers fit
+    assert len(plan.selected_layers) == 2 and plan.num_modules() == 3
+    assert plan.cost["budget"]["rank_units"] == 12
+    assert plan.cost["budget"]["chosen"]["rank_units"] == 12
+
+
+def test_a_time_budget_prices_the_shared_rest_and_refuses_what_cannot_fit(pm, make_llama, make_batches):
+    with pytest.raises(ConfigError, match="shared rest gives the layers below the selection LoRA"):
+        _plan(make_llama, make_batches, pm, rank_policy="keep", share="lora_drop", time_budget=0.6)
+    plan = _plan(make_llama, make_batches, pm, rank_policy="keep", share="lora_drop", time_budget=1.0)
+    candidates = plan.cost["budget"]["candidates"]
+    assert all(c["adapted"] == LAYERS and c["lowest"] == 0 for c in candidates)  # the rest reaches layer 0
+    assert plan.cost["predicted"]["checkpointing"]["loraplan"]["time"] <= 1.0 + 1e-9
+
+
+def test_a_time_budget_with_importance_ranks_keeps_both(pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm, time_budget=0.6, param_budget=0.5)
+    assert plan.cost["budget"]["chosen"]["time"] <= 0.6 + 1e-12
+    assert plan.cost["predicted"]["checkpointing"]["loraplan"]["time"] <= 0.6 + 1e-9
+    assert sum(plan.rank_pattern.values()) == math.floor(0.5 * LAYERS * 4)
+    assert set(plan.rank_pattern) == set(plan.selected_layers)
+    assert plan.cost["budget"]["ranks"]["rank_units"] == 12
