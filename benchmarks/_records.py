@@ -27,10 +27,9 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def task_hash(config: dict[str, Any], task_name: str) -> str:
-    """Changes whenever anything that decides a task's numbers changes."""
-    return digest(
-        {"task": config["tasks"][task_name], "data": config.get("data"), "calibration": config.get("calibration")}
-    )
+    """Changes whenever anything that decides a task's numbers changes (not which methods the task runs)."""
+    task = {k: v for k, v in config["tasks"][task_name].items() if k != "methods"}
+    return digest({"task": task, "data": config.get("data"), "calibration": config.get("calibration")})
 
 
 # -- results file ---------------------------------------------------------------------------------------------------

@@ -44,9 +44,10 @@ def results_table(config: dict[str, Any], data: dict[str, Any], task: str) -> st
         f"{facts['train_examples']} training reviews; seeds {config['seeds']}.",
         "",
         "| configuration | layers | share groups | r | LoRA params | vs all | accuracy (mean ± std) | Δ vs all "
-        "(paired) | train s (wall) | train s (CPU) | n |",
-        "|---|---|---|---|---:|---:|---|---|---:|---:|---:|",
+        "(paired) | step, predicted | step, measured (CPU) | train s (wall) | train s (CPU) | n |",
+        "|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
+    all_cpu = next((statistics.fmean(_cpu(r)) for r in rows if r["method"] == "all" and _cpu(r)), None)
     for r in rows:
         layers = layers_text(r["layers"], total) if r["layers"] is not None else f"{r['num_layers']} (seed-dependent)"
         groups = groups_text(r["groups"]) if r["groups"] is not None else "(seed-dependent)"
@@ -56,14 +57,44 @@ def results_table(config: dict[str, Any], data: dict[str, Any], task: str) -> st
         if diff != "–" and not diff.startswith("-"):
             diff = "+" + diff
         mark = "" if r["plan_matches"] else " ⚠"
+        ranks = r["lora_ranks"]
+        rank = f"{min(ranks)}–{max(ranks)}" if len(ranks) > 1 else str(ranks[0] if ranks else r["rank"][0])
+        predicted = f"{statistics.fmean(r['predicted_time']):.2f}×" if r["predicted_time"] else "–"
+        measured = f"{statistics.fmean(_cpu(r)) / all_cpu:.2f}×" if all_cpu and _cpu(r) else "–"
         lines.append(
-            f"| {r['label']}{mark} | {layers} | {groups} | {'/'.join(map(str, r['rank']))} | {params:,.0f} | {ratio} | "
-            f"{pm(r['accuracy'])} | {diff} | {pm(r['train_seconds'], 0)} | {pm(r['train_cpu_seconds'], 0)} | {r['n']} |"
+            f"| {r['label']}{mark} | {layers} | {groups} | {rank} | {params:,.0f} | {ratio} | "
+            f"{pm(r['accuracy'])} | {diff} | {predicted} | {measured} | {pm(r['train_seconds'], 0)} | "
+            f"{pm(r['train_cpu_seconds'], 0)} | {r['n']} |"
         )
     if any(not r["plan_matches"] for r in rows):
         lines.append("")
         lines.append("⚠ LoRA was found in other layers (or other tied groups) than the plan named.")
+    lines += ["", frontier_line(rows, all_cpu)]
     return "\n".join(lines) + "\n"
+
+
+def _cpu(row: dict[str, Any]) -> list[float]:
+    """CPU seconds per training step of a row's runs (the measured step; CPU time, since the wall clock also counts
+    the waits of a machine shared with other work)."""
+    return [c / s for c, s in zip(row["train_cpu_seconds"], row["steps"]) if c and s]
+
+
+def frontier_line(rows: list[dict[str, Any]], all_cpu: float | None) -> str:
+    """The question users ask: the fastest configuration (measured CPU step) whose mean accuracy keeps at least 99 %
+    of all-layer LoRA's."""
+    reference = next((statistics.fmean(r["accuracy"]) for r in rows if r["method"] == "all"), None)
+    if reference is None or not all_cpu:
+        return "_Frontier: needs all-layer LoRA and measured steps._"
+    keep = [r for r in rows if _cpu(r) and statistics.fmean(r["accuracy"]) >= 0.99 * reference]
+    best = min(keep, key=lambda r: statistics.fmean(_cpu(r)))
+    complete = all(r["n"] == max(x["n"] for x in rows) for r in keep)
+    return (
+        f"**Frontier** (fastest measured step with mean accuracy ≥ 99 % of all-layer LoRA's {reference:.3f}): "
+        f"**{best['label']}**, {statistics.fmean(_cpu(best)) / all_cpu:.2f}× the CPU step of all layers, accuracy "
+        f"{statistics.fmean(best['accuracy']):.3f} over {best['n']} seed(s)"
+        + ("" if complete else "; some rows have fewer seeds than others, so this may change")
+        + "."
+    )
 
 
 def plans_table(config: dict[str, Any], data: dict[str, Any], task: str) -> str:
@@ -178,7 +209,7 @@ def pilots_table(path: Path) -> str:
 
 # -- figures --------------------------------------------------------------------------------------------------------
 
-MARKER_STYLE = ["o", "s", "D", "^", "v", "<", ">", "P", "X", "*", "h", "p"]
+MARKER_STYLE = ["o", "s", "D", "^", "v", "<", ">", "P", "X", "*", "h", "p", "d", "H", "8", "1", "2", "3"]
 COLOURS = [
     "#000000",
     "#1f77b4",
@@ -192,6 +223,12 @@ COLOURS = [
     "#bcbd22",
     "#17becf",
     "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
 ]
 
 

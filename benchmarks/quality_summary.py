@@ -94,6 +94,19 @@ def groups_text(groups: list[list[int]]) -> str:
 # -- summaries ---------------------------------------------------------------------------------------------------------
 
 
+def predicted_time(
+    config: dict[str, Any], data: dict[str, Any], task: str, method: dict[str, Any], run: dict[str, Any]
+) -> float | None:
+    """The cost model's step-time ratio to all-layer LoRA for the plan a run trained with, with the task's
+    checkpointing and loraplan's truncated backward (the plans record it; ``None`` for a plan without it)."""
+    plan = data["plans"].get((task, method["name"], run.get("plan_seed")))
+    predicted = ((plan or {}).get("plan") or {}).get("cost", {}).get("predicted")
+    if not predicted:
+        return None
+    checkpointing = bool((config["tasks"][task].get("training") or {}).get("gradient_checkpointing", False))
+    return predicted["checkpointing" if checkpointing else "no_checkpointing"]["loraplan"]["time"]
+
+
 def task_summary(config: dict[str, Any], data: dict[str, Any], task: str) -> list[dict[str, Any]]:
     """One row per method: accuracy over seeds, paired difference to all-layer LoRA, params, times, plan."""
     rows = []
@@ -126,6 +139,9 @@ def task_summary(config: dict[str, Any], data: dict[str, Any], task: str) -> lis
                 "groups": runs[0]["share_groups"] if len(groups) == 1 else None,
                 "num_modules": runs[0]["num_modules"],
                 "rank": sorted({r["rank"] for r in runs}),
+                "lora_ranks": sorted({k for r in runs for k in r.get("lora_ranks") or [r["rank"]]}),
+                "predicted_time": [t for t in (predicted_time(config, data, task, method, r) for r in runs) if t],
+                "steps": [r.get("steps") for r in runs],
                 "plan_matches": all(r.get("plan_matches") for r in runs),
                 "runs": runs,
             }
