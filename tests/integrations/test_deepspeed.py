@@ -62,7 +62,7 @@ def assert_same_plan_and_ties(ranks: list[dict]) -> LoraPlan:
     plan = LoraPlan.from_dict(ranks[0]["plan"])
     assert plan.share_groups
     for facts in ranks:
-        assert sorted(int(i) for i, mods in facts["layers"].items() if mods) == plan.selected_layers
+        assert sorted(int(i) for i, mods in facts["layers"].items() if mods) == plan.adapted_layers
         for group in plan.share_groups:
             lead = facts["layers"][str(group[0])]
             for member in group[1:]:
@@ -81,7 +81,7 @@ def assert_saved_adapter(out: Path, plan: LoraPlan) -> None:
     assert LoraPlan.load(out / "loraplan.json") == plan
     weights = load_file(out / "adapter_model.safetensors")
     layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in weights if "lora_" in k})
-    assert layers == plan.selected_layers
+    assert layers == plan.adapted_layers
     leader, member = plan.share_groups[0][:2]
     moved = False
     for key, tensor in weights.items():
@@ -104,6 +104,27 @@ def test_trl_recipe_on_two_cpu_ranks_under_deepspeed(tmp_path, stage):
     assert_saved_adapter(out, plan)
     for step in (1, 2):
         assert LoraPlan.load(out / f"checkpoint-{step}" / "loraplan.json") == plan
+
+
+def test_lora_drop_importance_ranks_and_the_shared_rest_under_zero3(tmp_path):
+    # the LoRA-drop warm-up on ZeRO-3 partitioned weights (gathered), per-layer ranks from its scores, and the shared
+    # rest tied on both ranks
+    out = tmp_path / "run"
+    ranks = launch(
+        out,
+        tmp_path / "report.json",
+        "training.deepspeed=recipes/deepspeed/zero3.json",
+        "loraplan.selector=lora_drop",
+        "loraplan.share=lora_drop",
+        "loraplan.rank_policy=importance",
+        "loraplan.lora_drop_steps=2",
+    )
+    assert all(facts["zero_stage"] == 3 and facts["global_step"] == 2 for facts in ranks)
+    plan = assert_same_plan_and_ties(ranks)
+    assert plan.shared_rest and plan.adapted_layers == list(range(plan.num_layers))
+    assert set(plan.rank_pattern) == set(plan.selected_layers) and plan.calibration["lora_drop"]["steps"] == 2
+    assert abs(sum(plan.scores["lora_drop"]) - 1) < 1e-6
+    assert_saved_adapter(out, plan)
 
 
 def test_trl_recipe_resumes_under_zero3(tmp_path):
