@@ -142,6 +142,27 @@ def make_batches():
     return random_batches
 
 
+def train_lm_steps(model, steps: int = 2, seed: int = 0, lr: float = 1e-2):
+    """A few real AdamW steps of a causal LM on random tokens (what every round-trip test trains with); the model is
+    left in eval mode. Returns the optimizer."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(3, 100, (4, 10), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return opt
+
+
+@pytest.fixture
+def train_steps():
+    """:func:`train_lm_steps`, for test modules."""
+    return train_lm_steps
+
+
 class _LastTwo(Selector):
     """A third-party selector: the last two layers."""
 

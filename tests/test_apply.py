@@ -32,20 +32,6 @@ def _lora_layers(model) -> set[int]:
     return found
 
 
-def _train_steps(model, steps=2, seed=0):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        ids = torch.randint(3, 100, (4, 10), generator=g)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return opt
-
-
 def test_to_lora_config_realises_the_selection(pm, make_llama, make_batches):
     plan = _plan(make_llama, make_batches, pm, share=None)
     base = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
@@ -125,7 +111,7 @@ def test_a_vision_tower_keeps_the_lora_its_config_gives_it(pm, make_batches, cap
     assert any("outside the stack" in r.getMessage() and "vision_tower" in r.getMessage() for r in caplog.records)
 
 
-def test_apply_plan_narrows_ties_and_trains_one_tensor(pm, make_llama, make_batches):
+def test_apply_plan_narrows_ties_and_trains_one_tensor(pm, make_llama, make_batches, train_steps):
     plan = _plan(make_llama, make_batches, pm)
     assert plan.share_groups, "the threshold must form groups for this test"
     model = get_peft_model(make_llama(layers=6), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
@@ -144,19 +130,21 @@ def test_apply_plan_narrows_ties_and_trains_one_tensor(pm, make_llama, make_batc
     assert after == plan.num_modules() * per_layer < before
     lead, member = plan.share_groups[0][0], plan.share_groups[0][1]
     weight_before = by_layer[lead]["self_attn.q_proj"].lora_B["default"].weight.detach().clone()
-    _train_steps(model)
+    train_steps(model)
     by_layer = lora_modules_by_layer(model)
     a = by_layer[lead]["self_attn.q_proj"].lora_B["default"].weight
     b = by_layer[member]["self_attn.q_proj"].lora_B["default"].weight
     assert a.data_ptr() == b.data_ptr() and not torch.equal(a.detach(), weight_before)
 
 
-def test_save_then_stock_peft_load_gives_the_same_logits_with_sharing(tmp_path, pm, make_llama, make_batches):
+def test_save_then_stock_peft_load_gives_the_same_logits_with_sharing(
+    tmp_path, pm, make_llama, make_batches, train_steps
+):
     plan = _plan(make_llama, make_batches, pm)
     assert plan.share_groups
     model = get_peft_model(make_llama(layers=6, seed=0), LoraConfig(r=4, target_modules=TARGETS))
     apply_plan(model, plan)
-    _train_steps(model)
+    train_steps(model)
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -186,10 +174,12 @@ def test_save_then_stock_peft_load_gives_the_same_logits_with_sharing(tmp_path, 
     assert ours.loraplan_plan == plan
 
 
-def test_loading_an_adapter_trained_untied_with_a_sharing_plan_is_refused(tmp_path, pm, make_llama, make_batches):
+def test_loading_an_adapter_trained_untied_with_a_sharing_plan_is_refused(
+    tmp_path, pm, make_llama, make_batches, train_steps
+):
     plan = _plan(make_llama, make_batches, pm)
     model = get_peft_model(make_llama(layers=6), plan.to_lora_config(LoraConfig(r=4, target_modules=TARGETS)))
-    _train_steps(model)  # trained with stock PEFT: the group's copies drift apart
+    train_steps(model)  # trained with stock PEFT: the group's copies drift apart
     save_adapter(model, tmp_path / "adapter", plan=plan)
     with pytest.raises(PlanMismatchError, match="was not trained with these groups tied"):
         load_adapter(make_llama(layers=6), tmp_path / "adapter")
@@ -213,7 +203,7 @@ def test_budget_rank_recreates_modules_at_the_raised_rank(pm, make_llama, make_b
     [dict(use_dora=True), dict(use_rslora=True), dict(init_lora_weights="pissa")],
     ids=["dora", "rslora", "pissa"],
 )
-def test_lora_variants_keep_the_function_and_the_ties(variant, tmp_path, pm, make_llama, make_batches):
+def test_lora_variants_keep_the_function_and_the_ties(variant, tmp_path, pm, make_llama, make_batches, train_steps):
     plan = _plan(make_llama, make_batches, pm)
     reference = make_llama(layers=6, seed=0)
     model = get_peft_model(make_llama(layers=6, seed=0), LoraConfig(r=4, target_modules=TARGETS, **variant))
@@ -224,7 +214,7 @@ def test_lora_variants_keep_the_function_and_the_ties(variant, tmp_path, pm, mak
     apply_plan(model, plan)
     with torch.no_grad():  # narrowing and tying (with the base-weight correction for PiSSA) keep the function
         torch.testing.assert_close(model(input_ids=ids).logits, untouched, rtol=1e-4, atol=1e-4)
-    _train_steps(model)
+    train_steps(model)
     by_layer = lora_modules_by_layer(model)
     lead, member = plan.share_groups[0][:2]
     assert by_layer[member]["mlp.down_proj"].lora_B["default"] is by_layer[lead]["mlp.down_proj"].lora_B["default"]

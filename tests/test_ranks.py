@@ -90,18 +90,6 @@ def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _train_steps(model, steps=2, seed=0):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        ids = torch.randint(3, 100, (4, 10), generator=g)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
 def test_param_budget_is_spent_exactly_in_proportion_to_importance(pm, make_llama, make_batches):
     plan = _plan(make_llama, make_batches, pm, param_budget=0.5)
     importance = plan.scores["importance"]
@@ -132,12 +120,14 @@ def test_ranks_redistribute_the_selected_layers_budget_without_param_budget(pm, 
         assert any(line.split()[:1] == [str(layer)] and f" {r} " in f" {line} " for line in table.splitlines())
 
 
-def test_save_then_stock_peft_reload_gives_the_same_outputs(tmp_path, pm, make_llama, make_batches, read_sites):
+def test_save_then_stock_peft_reload_gives_the_same_outputs(
+    tmp_path, pm, make_llama, make_batches, read_sites, train_steps
+):
     plan = _plan(make_llama, make_batches, pm, param_budget=0.5, min_rank=2)
     assert len(set(plan.rank_pattern.values())) > 1, "the test needs different ranks"
     model = get_peft_model(make_llama(layers=LAYERS), LoraConfig(r=4, target_modules=TARGETS))
     apply_plan(model, plan)
-    _train_steps(model)
+    train_steps(model)
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -209,7 +199,9 @@ def test_a_tampered_rank_pattern_is_refused(pm, make_llama, make_batches):
 # -- LoRA-drop's shared rest ------------------------------------------------------------------------------------
 
 
-def test_the_shared_rest_is_one_tensor_per_module_type_after_training(tmp_path, pm, make_llama, make_batches):
+def test_the_shared_rest_is_one_tensor_per_module_type_after_training(
+    tmp_path, pm, make_llama, make_batches, train_steps
+):
     plan = _plan(make_llama, make_batches, pm, rank_policy="keep", share="lora_drop", ratio=0.5)
     rest = [i for i in range(LAYERS) if i not in plan.selected_layers]
     assert plan.share_groups == [rest] and plan.shared_rest == rest and plan.adapted_layers == list(range(LAYERS))
@@ -221,7 +213,7 @@ def test_the_shared_rest_is_one_tensor_per_module_type_after_training(tmp_path, 
     assert _trainable(model) == (len(plan.selected_layers) + 1) * 4 * PER_RANK
     named = [n for n, _ in model.named_modules(remove_duplicate=False) if n.endswith("lora_A.default")]
     assert len(named) == LAYERS * len(TARGETS)  # every layer carries LoRA
-    _train_steps(model)
+    train_steps(model)
     by_layer = lora_modules_by_layer(model)
     for name in by_layer[rest[0]]:
         weights = {by_layer[i][name].lora_B["default"].weight.data_ptr() for i in rest}
