@@ -87,3 +87,26 @@ def test_the_section_of_a_plan_without_sharing_or_known_rank(pm, make_llama, mak
     assert section.startswith(BEGIN) and section.endswith(END)
     assert "selector `bottom` (ratio 0.5), no sharing" in section and "**Share groups** (" in section
     assert ": none" in section and "the LoRA config's r" in section and "In this adapter" not in section
+
+
+def test_the_section_names_the_shared_rest_and_the_per_layer_ranks(pm, make_llama, make_batches):
+    config = PlanConfig(
+        selector="top",
+        ratio=0.5,
+        share="lora_drop",
+        rank_policy="importance",
+        target_modules=TARGETS,
+        calibration_samples=8,
+    )
+    plan = make_plan(make_llama(layers=6), make_batches(), config, plugin_manager=pm, lora_rank=4, progress=False)
+    model = apply_plan(get_peft_model(make_llama(layers=6, seed=0), LoraConfig(r=4, target_modules=TARGETS)), plan)
+    section = card_section(plan, lora_parameters(model, "default"))
+    assert plan.shared_rest == [0, 1, 2] and plan.selected_layers == [3, 4, 5]
+    assert plan.rank_pattern == {3: 3, 4: 4, 5: 5}  # 12 rank units over importance 3:4:5 (the `top` baseline's)
+    assert "**Layers with LoRA**: 6 of 6 (`model.layers.{0-5}`), of which 0-2 through one shared module set" in section
+    assert "per layer " + ", ".join(f"{i}: {r}" for i, r in sorted(plan.rank_pattern.items())) in section
+    # four module sets: the three selected layers at their ranks, the rest at r=4, each counted once
+    attention = model.get_base_model().model.layers[0].self_attn
+    per_rank = sum(m.in_features + m.out_features for m in (attention.q_proj, attention.v_proj))
+    assert lora_parameters(model, "default") == (sum(plan.rank_pattern.values()) + 4) * per_rank
+    assert parameter_count(plan).plan == lora_parameters(model, "default")

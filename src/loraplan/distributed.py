@@ -57,6 +57,7 @@ def make_plan_everywhere(
     lora_rank: int | None = None,
     progress: bool = True,
     plugin_manager: Any = None,
+    processor: Any = None,
 ) -> LoraPlan:
     """:func:`loraplan.make_plan` for a possibly distributed run: every rank returns rank 0's plan.
 
@@ -77,6 +78,7 @@ def make_plan_everywhere(
                 lora_rank=lora_rank,
                 progress=progress and is_main_process(),
                 plugin_manager=plugin_manager,
+                processor=processor,
             )
 
     if partitioned and world_size() > 1:
