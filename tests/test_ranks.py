@@ -310,3 +310,25 @@ def test_a_time_budget_with_importance_ranks_keeps_both(pm, make_llama, make_bat
     assert sum(plan.rank_pattern.values()) == math.floor(0.5 * LAYERS * 4)
     assert set(plan.rank_pattern) == set(plan.selected_layers)
     assert plan.cost["budget"]["ranks"]["rank_units"] == 12
+
+
+def test_a_share_group_is_one_unit_with_one_rank(pm, make_llama, make_batches, train_steps):
+    plan = _plan(make_llama, make_batches, pm, ratio=1.0, share="angular", share_threshold=0.5)
+    assert plan.share_groups, "the threshold must form a group"
+    units = plan.module_ranks(4)
+    assert len(units) == plan.num_modules() and sum(units) == LAYERS * 4  # six layers' r, over fewer module sets
+    importance = plan.scores["importance"]
+    weights = []
+    for layer in plan.adapted_layers:
+        group = plan.group_of(layer)
+        if group is None:
+            weights.append(importance[layer])
+        elif plan.share_groups[group][0] == layer:
+            weights.append(sum(importance[i] for i in plan.share_groups[group]))
+    assert units == allocate_ranks(weights, LAYERS * 4)
+    for group in plan.share_groups:
+        assert len({plan.rank_pattern[i] for i in group}) == 1
+    model = get_peft_model(make_llama(layers=LAYERS), LoraConfig(r=4, target_modules=TARGETS))
+    apply_plan(model, plan)
+    train_steps(model)
+    assert _trainable(model) == sum(units) * PER_RANK
