@@ -80,19 +80,33 @@ def _cpu(row: dict[str, Any]) -> list[float]:
 
 
 def frontier_line(rows: list[dict[str, Any]], all_cpu: float | None) -> str:
-    """The question users ask: the fastest configuration (measured CPU step) whose mean accuracy keeps at least 99 %
-    of all-layer LoRA's."""
+    """The question users ask: the fastest configuration whose mean accuracy keeps at least 99 % of all-layer LoRA's,
+    by the cost model's predicted step (deterministic; all layers count 1.00) and by the measured CPU step."""
     reference = next((statistics.fmean(r["accuracy"]) for r in rows if r["method"] == "all"), None)
-    if reference is None or not all_cpu:
-        return "_Frontier: needs all-layer LoRA and measured steps._"
-    keep = [r for r in rows if _cpu(r) and statistics.fmean(r["accuracy"]) >= 0.99 * reference]
-    best = min(keep, key=lambda r: statistics.fmean(_cpu(r)))
+    if reference is None or len(rows) < 2:
+        return "_Frontier: needs all-layer LoRA and at least one plan beside it._"
+    keep = [r for r in rows if statistics.fmean(r["accuracy"]) >= 0.99 * reference]
+
+    def predicted(r: dict[str, Any]) -> float | None:
+        return 1.0 if r["method"] == "all" else (statistics.fmean(r["predicted_time"]) if r["predicted_time"] else None)
+
+    parts = []
+    priced = [r for r in keep if predicted(r) is not None]
+    if priced:
+        best = min(priced, key=lambda r: (predicted(r), -statistics.fmean(r["accuracy"])))
+        parts.append(f"by the predicted step, **{best['label']}** ({predicted(best):.2f}×)")
+    measured = [r for r in keep if _cpu(r)] if all_cpu else []
+    if measured:
+        best = min(measured, key=lambda r: statistics.fmean(_cpu(r)))
+        parts.append(f"by the measured CPU step, **{best['label']}** ({statistics.fmean(_cpu(best)) / all_cpu:.2f}×)")
+    unpriced = [r["label"] for r in keep if predicted(r) is None]
     complete = all(r["n"] == max(x["n"] for x in rows) for r in keep)
     return (
-        f"**Frontier** (fastest measured step with mean accuracy ≥ 99 % of all-layer LoRA's {reference:.3f}): "
-        f"**{best['label']}**, {statistics.fmean(_cpu(best)) / all_cpu:.2f}× the CPU step of all layers, accuracy "
-        f"{statistics.fmean(best['accuracy']):.3f} over {best['n']} seed(s)"
-        + ("" if complete else "; some rows have fewer seeds than others, so this may change")
+        f"**Frontier**, the fastest configuration with mean accuracy ≥ 99 % of all-layer LoRA's {reference:.3f} "
+        f"({len(keep)} of {len(rows)} configurations qualify): "
+        + ("; ".join(parts) if parts else "no step figures")
+        + (f". Without a predicted step (plans made before the cost model): {', '.join(unpriced)}" if unpriced else "")
+        + ("" if complete else ". Some rows have fewer seeds than others, so this may change")
         + "."
     )
 
