@@ -246,6 +246,10 @@ def test_the_shared_rest_keeps_r_beside_importance_ranks(pm, make_llama, make_ba
     # the budget pays the rest's module set at r=4 first
     assert sum(plan.rank_pattern.values()) == math.floor(0.5 * LAYERS * 4) - 4
     assert sum(plan.module_ranks(4)) == math.floor(0.5 * LAYERS * 4)
+    # three layers reach min_rank 3 of 12 units; once the rest takes 4, the least important of them falls below it
+    record = plan.cost["budget"]
+    assert len(record["ranks"]["left_out"]) == 1 and record["ranks"]["rank_units"] == 8
+    assert "1 of them left out again after sharing (8 units for the 2 selected layers)" in record["summary"]
     model = get_peft_model(make_llama(layers=LAYERS), LoraConfig(r=4, target_modules=TARGETS))
     apply_plan(model, plan)
     assert _trainable(model) == math.floor(0.5 * LAYERS * 4) * PER_RANK

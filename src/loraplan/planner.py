@@ -221,6 +221,11 @@ def make_plan(
         )
         if budget is not None:
             budget["ranks"] = ranks.record
+            if "rank_units" in budget and ranks.record and ranks.record["left_out"]:
+                budget["summary"] += (
+                    f"; {len(ranks.record['left_out'])} of them left out again after sharing "
+                    f"({ranks.record['rank_units']} units for the {len(selected)} selected layers)"
+                )
     diagnostics, degenerate = calibration_diagnostics(stats)
     warnings += degenerate
     rho = stability(chosen.selector, stats, config, stack.num_layers, scoring.ctx.k)
