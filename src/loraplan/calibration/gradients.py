@@ -10,7 +10,7 @@ from torch import nn
 from ..data import CalibrationBatches
 from ..errors import CalibrationError
 from ..layers import LayerStack, base_layer
-from .inputs import adapters_disabled, eval_mode, input_device, layer_name, loss_labels, model_inputs, progress_bar
+from .inputs import adapters_disabled, eval_mode, input_device, input_grads, labelled_loss, layer_name, progress_bar
 from .stats import CalibrationStats
 
 __all__ = ["gradient_pass"]
@@ -32,37 +32,21 @@ def gradient_pass(
     device = input_device(base)
     norms: list[torch.Tensor] = []
     bar = progress_bar(data.num_samples, "loraplan gradient scores", progress)
-    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-
-    def require_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        # keeps reentrant activation checkpointing from dropping parameter gradients
-        output.requires_grad_(True)
-
-    handle = embeddings.register_forward_hook(require_grad) if embeddings is not None else None
     try:
         for p in base.parameters():
             p.requires_grad_(False)
         for p in every:
             p.requires_grad_(True)
             p.grad = None
-        with torch.enable_grad(), eval_mode(model), adapters_disabled(model):
+        with torch.enable_grad(), eval_mode(model), adapters_disabled(model), input_grads(base):
             for number, batch in enumerate(data.batches):
-                labels = loss_labels(base, batch)
-                if labels is None:
-                    raise CalibrationError(
-                        f"the `gradient` selector needs a loss, but {type(base).__name__} has no language-modelling "
-                        "head and the calibration batches carry no `labels`. Pass tokenised batches with `labels`, "
-                        "or calibrate a *ForCausalLM / *ForMaskedLM model."
-                    )
-                inputs = model_inputs(base, batch, device)
-                inputs["labels"] = labels.to(device)
-                out = base(**inputs)
-                loss = getattr(out, "loss", None)
-                if loss is None:
-                    raise CalibrationError(
-                        f"{type(base).__name__} returned no loss for labelled calibration batches; the `gradient` "
-                        "selector cannot score it."
-                    )
+                loss = labelled_loss(
+                    base,
+                    batch,
+                    device,
+                    "the `gradient` selector needs a loss",
+                    "the `gradient` selector cannot score it",
+                )
                 if not bool(torch.isfinite(loss)):
                     raise CalibrationError(f"the calibration loss is not finite on batch {number}: {float(loss)}")
                 loss.backward()
@@ -70,8 +54,6 @@ def gradient_pass(
                 bar.update(batch["input_ids"].shape[0])
     finally:
         bar.close()
-        if handle is not None:
-            handle.remove()
         for p in base.parameters():
             p.requires_grad_(saved_flags.get(id(p), p.requires_grad))
         for p in every:

@@ -23,8 +23,11 @@ __all__ = [
     "first_tensor",
     "forward_runner",
     "input_device",
+    "input_grads",
+    "labelled_loss",
     "layer_name",
     "loss_labels",
+    "no_loss",
     "model_inputs",
     "positions",
     "progress_bar",
@@ -195,3 +198,45 @@ def loss_labels(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
             labels[batch["input_ids"] == token] = -100
         return labels
     return None
+
+
+def no_loss(model: nn.Module, needs: str) -> CalibrationError:
+    """The error for a pass that needs a loss (``needs``: who needs it and why) on a model without one."""
+    return CalibrationError(
+        f"{needs}, but {type(model).__name__} has no language-modelling head and the calibration batches carry no "
+        "`labels`. Pass tokenised batches with `labels`, or calibrate a *ForCausalLM / *ForMaskedLM model."
+    )
+
+
+def labelled_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, needs: str, cannot: str
+) -> torch.Tensor:
+    """The loss of one forward pass of ``model`` over ``batch`` with its labels (:func:`loss_labels`); a
+    :class:`CalibrationError` when there are none (``needs``) or the model returns no loss (``cannot``: what then
+    cannot be done). Whether the loss is finite is the caller's to say, where it knows the step."""
+    labels = loss_labels(model, batch)
+    if labels is None:
+        raise no_loss(model, needs)
+    inputs = model_inputs(model, batch, device)
+    inputs["labels"] = labels.to(device)
+    loss = getattr(model(**inputs), "loss", None)
+    if loss is None:
+        raise CalibrationError(f"{type(model).__name__} returned no loss for labelled calibration batches; {cannot}.")
+    return loss
+
+
+@contextlib.contextmanager
+def input_grads(model: nn.Module) -> Iterator[None]:
+    """The embedding output requires grad while the block runs: keeps reentrant activation checkpointing from
+    dropping the parameter gradients of a backward pass."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+
+    def require_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        output.requires_grad_(True)
+
+    handle = embeddings.register_forward_hook(require_grad) if embeddings is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -23,9 +23,12 @@ from .inputs import (
     eval_mode,
     forward_runner,
     input_device,
+    input_grads,
+    labelled_loss,
     layer_name,
     loss_labels,
     model_inputs,
+    no_loss,
     progress_bar,
 )
 from .stats import CalibrationStats
@@ -56,7 +59,7 @@ def lora_drop_pass(
     """Fill ``stats.lora_outputs`` (N, L) and ``stats.meta["lora_drop"]``; the model is unchanged afterwards."""
     steps = config.lora_drop_steps if config.lora_drop_steps is not None else len(data.batches)
     if any(loss_labels(base, batch) is None for batch in data.batches):
-        raise _no_loss(base)  # before anything is injected
+        raise no_loss(base, _NEEDS)  # before anything is injected
     device = input_device(base)
     with _temporary_adapter(model, base, stack, layer_targets, config.seed) as adapted:
         with eval_mode(model):  # dropout off, as in the gradient pass: the same data gives the same plan
@@ -73,12 +76,9 @@ def lora_drop_pass(
     }
 
 
-def _no_loss(base: nn.Module) -> CalibrationError:
-    return CalibrationError(
-        f"the `lora_drop` selector trains a temporary LoRA and needs a loss, but {type(base).__name__} has no "
-        "language-modelling head and the calibration batches carry no `labels`. Pass tokenised batches with `labels`, "
-        "or calibrate a *ForCausalLM / *ForMaskedLM model."
-    )
+#: who needs the loss, and what cannot be done without it (the messages of :func:`.inputs.labelled_loss`)
+_NEEDS = "the `lora_drop` selector trains a temporary LoRA and needs a loss"
+_CANNOT = "the `lora_drop` selector cannot train its temporary LoRA on it"
 
 
 # -- the temporary adapter ----------------------------------------------------------------------------------------
@@ -217,31 +217,14 @@ def _warm_up(
     optimizer = torch.optim.AdamW(params, lr=WARMUP_LR)
     batches = data.batches
     losses: list[float] = []
-    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-
-    def require_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        # keeps reentrant activation checkpointing from dropping parameter gradients (as the gradient pass does)
-        output.requires_grad_(True)
-
-    handle = embeddings.register_forward_hook(require_grad) if embeddings is not None else None
     samples = sum(batches[step % len(batches)]["input_ids"].shape[0] for step in range(steps))
     bar = progress_bar(samples, "loraplan LoRA-drop warm-up", progress)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), input_grads(base):
             for step in range(steps):
                 number = step % len(batches)
                 batch = batches[number]
-                labels = loss_labels(base, batch)
-                if labels is None:
-                    raise _no_loss(base)
-                inputs = model_inputs(base, batch, device)
-                inputs["labels"] = labels.to(device)
-                loss = getattr(base(**inputs), "loss", None)
-                if loss is None:
-                    raise CalibrationError(
-                        f"{type(base).__name__} returned no loss for labelled calibration batches; the `lora_drop` "
-                        "selector cannot train its temporary LoRA on it."
-                    )
+                loss = labelled_loss(base, batch, device, _NEEDS, _CANNOT)
                 if not bool(torch.isfinite(loss)):
                     raise CalibrationError(
                         f"the LoRA-drop warm-up loss is not finite at step {step} (calibration batch {number}): "
@@ -255,8 +238,6 @@ def _warm_up(
     finally:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
-        if handle is not None:
-            handle.remove()
     return losses
 
 
