@@ -18,7 +18,14 @@ from .hooks.manager import Registered, call_hook, get_plugin_manager, lookup, se
 from .layers import LayerStack, find_layers, parameter_device, parameter_dtype, target_shapes, unwrap
 from .layout import other_stacks_reached
 from .plan import LoraPlan, fingerprint
-from .strategies import SelectionContext, SharingContext, check_groups, check_scores, cumulative_pick
+from .strategies import (
+    SelectionContext,
+    SharingContext,
+    check_groups,
+    check_scores,
+    cumulative_pick,
+    shares_unselected,
+)
 
 if TYPE_CHECKING:
     import pluggy
@@ -217,15 +224,8 @@ def make_plan(
     ranks = _Ranks({}, [])
     if config.rank_policy == "importance":
         selected, sharing, ranks = _importance_ranks(
-            chosen.sharer, stats, config, stack.num_layers, selected, sharing, scoring, base_rank, warnings
+            chosen.sharer, stats, config, stack.num_layers, selected, sharing, scoring, base_rank, warnings, budget
         )
-        if budget is not None:
-            budget["ranks"] = ranks.record
-            if "rank_units" in budget and ranks.record and ranks.record["left_out"]:
-                budget["summary"] += (
-                    f"; {len(ranks.record['left_out'])} of them left out again after sharing "
-                    f"({ranks.record['rank_units']} units for the {len(selected)} selected layers)"
-                )
     diagnostics, degenerate = calibration_diagnostics(stats)
     warnings += degenerate
     rho = stability(chosen.selector, stats, config, stack.num_layers, scoring.ctx.k)
@@ -253,9 +253,10 @@ def make_plan(
         diagnostics=diagnostics,
         stability={config.selector: rho} if rho is not None else {},
         warnings=warnings,
-        notes=ranks.notes + _rest_notes(selected, sharing.groups),
+        notes=list(ranks.notes),
         versions=versions(),
     )
+    plan.notes += _rest_notes(plan)
     return _finish(plan, pm, base, stats, base_rank, costs, cost_problem, budget)
 
 
@@ -348,8 +349,7 @@ def _completion(
     sharer adds (a shared rest), the module sets after sharing and their ranks (per-layer ranks spend the selected
     layers' ``r``, or the parameter budget). ``None`` where the selection trains as it is (the search's own rule:
     sharing among the selected layers only lowers the parameters)."""
-    wider = sharer is not None and getattr(sharer.strategy, "shares_unselected", False)
-    if rank is None or not (wider or config.rank_policy == "importance"):
+    if rank is None or not (shares_unselected(sharer) or config.rank_policy == "importance"):
         return None
     r = rank
 
@@ -363,7 +363,7 @@ def _completion(
         )
         if config.rank_policy != "importance":
             return draft.adapted_layers, draft.num_modules(), sum(draft.module_ranks(r))
-        rest = [g for g in groups if not set(g) & set(selected)]
+        rest = _rest_groups(groups, selected)
         units = _rank_total(config, num_layers, len(selected), r, len(rest)) + len(rest) * r
         return draft.adapted_layers, draft.num_modules(), units
 
@@ -372,11 +372,11 @@ def _completion(
 
 @dataclass
 class _Ranks:
-    """Per-layer ranks (``rank_policy="importance"``) and how they were allocated."""
+    """Per-layer ranks (``rank_policy="importance"``) and the plan note on how they were allocated (the budget's
+    record, when there is a budget, has the numbers)."""
 
     pattern: dict[int, int]
     notes: list[str]
-    record: dict[str, Any] | None = None
 
 
 def _importance_base(base_rank: int | None, config: PlanConfig) -> int:
@@ -439,17 +439,19 @@ def _importance_ranks(
     scoring: _Scoring,
     base_rank: int | None,
     warnings: list[str],
+    budget: dict[str, Any] | None = None,
 ) -> tuple[list[int], _Sharing, _Ranks]:
     """Ranks in proportion to importance over the module sets left after sharing (a group counts once, weighted by
     its selected layers' importance; a shared rest keeps ``r``). A set whose rank rounds below ``min_rank`` is left
-    out and the sharer asked again, until every set keeps a rank."""
+    out and the sharer asked again, until every set keeps a rank. The allocation goes into ``budget``'s record
+    (``ranks``), whose summary also says when layers the budget chose were left out here."""
     from .ranks import allocate_ranks
 
     r = _importance_base(base_rank, config)
     original = list(selected)
     while True:
         chosen = set(selected)
-        rest = [g for g in sharing.groups if not chosen & set(g)]
+        rest = _rest_groups(sharing.groups, selected)
         units = [[i] for i in selected if not any(i in g for g in sharing.groups)]
         units += [g for g in sharing.groups if chosen & set(g)]
         units.sort()
@@ -481,15 +483,27 @@ def _importance_ranks(
         + (f"; the shared rest keeps r={r}" if rest else "")
     )
     record = {"rank_units": total, "module_sets": len(units), "left_out": left_out, "ranks": dict(pattern)}
-    return selected, sharing, _Ranks(pattern, [note], record)
+    if budget is not None:
+        budget["ranks"] = record
+        if "rank_units" in budget and left_out:
+            budget["summary"] += (
+                f"; {len(left_out)} of them left out again after sharing ({total} units for the {len(selected)} "
+                "selected layers)"
+            )
+    return selected, sharing, _Ranks(pattern, [note])
 
 
-def _rest_notes(selected: list[int], groups: list[list[int]]) -> list[str]:
+def _rest_groups(groups: list[list[int]], selected: list[int]) -> list[list[int]]:
+    """The groups that hold no selected layer: a shared rest's module sets (each paid at ``r``)."""
     chosen = set(selected)
-    rest = sorted(i for g in groups for i in g if i not in chosen)
+    return [g for g in groups if not chosen & set(g)]
+
+
+def _rest_notes(plan: LoraPlan) -> list[str]:
+    rest = plan.shared_rest
     if not rest:
         return []
-    lowest = min(chosen | set(rest))
+    lowest = min(plan.adapted_layers)
     return [
         f"shared rest: layers {rest} are not selected and carry LoRA through one shared module set per target "
         f"module; the lowest adapted layer is {lowest}, so the truncated backward "
@@ -512,7 +526,7 @@ def _share(
     result = check_groups(
         sharer, sharer.call("share", SharingContext(stats, config, num_layers, list(selected))), selected, num_layers
     )
-    if not result.groups and not getattr(sharer.strategy, "shares_unselected", False):
+    if not result.groups and not shares_unselected(sharer):
         best = None
         if result.similarity is not None and len(selected) > 1:
             best = max(result.similarity[i][j] for i in selected for j in selected if j > i)

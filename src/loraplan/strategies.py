@@ -34,6 +34,7 @@ __all__ = [
     "check_groups",
     "check_scores",
     "cumulative_pick",
+    "shares_unselected",
     "top_k",
 ]
 
@@ -172,6 +173,12 @@ def check_scores(strategy: Registered, scores: Any, num_layers: int) -> list[flo
     return [float(v) if v is not None else math.nan for v in scores["importance"]]
 
 
+def shares_unselected(strategy: Registered | None) -> bool:
+    """Whether a registered sharer may give LoRA to layers outside the selection (subclassing :class:`Sharer` is
+    optional, so a plugin without the attribute does not)."""
+    return strategy is not None and bool(getattr(strategy.strategy, "shares_unselected", False))
+
+
 def check_groups(
     strategy: Registered, result: Any, selected: list[int], num_layers: int | None = None
 ) -> SharingResult:
@@ -182,7 +189,7 @@ def check_groups(
             f"plugin {strategy.plugin!r}: sharer {strategy.name!r} must return a loraplan.strategies.SharingResult, "
             f"got {type(result).__name__}."
         )
-    wider = bool(getattr(strategy.strategy, "shares_unselected", False))
+    wider = shares_unselected(strategy)
     allowed = set(range(num_layers)) if wider and num_layers is not None else set(selected)
     groups = [sorted(int(i) for i in g) for g in result.groups]
     used: set[int] = set()
