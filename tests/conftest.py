@@ -157,6 +157,32 @@ def train_lm_steps(model, steps: int = 2, seed: int = 0, lr: float = 1e-2):
     return opt
 
 
+def reload_identically(model, directory, make_base, *, seed: int = 9, **load_kwargs):
+    """Save ``model`` with ``save_adapter`` to ``directory``, load it back into fresh base models (``make_base()``)
+    with stock ``PeftModel.from_pretrained`` and with ``loraplan.load_adapter`` (``load_kwargs``), and assert that
+    both give the saved model's logits on random tokens. Returns ``(stock, ours)``."""
+    from peft import PeftModel
+
+    from loraplan import load_adapter, save_adapter
+
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_adapter(model, directory)
+    stock = PeftModel.from_pretrained(make_base(), directory)
+    ours = load_adapter(make_base(), directory, **load_kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, expected)
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected)
+    return stock, ours
+
+
+@pytest.fixture
+def reloaded():
+    """:func:`reload_identically`, for test modules."""
+    return reload_identically
+
+
 @pytest.fixture
 def train_steps():
     """:func:`train_lm_steps`, for test modules."""

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from loraplan import LoraPlan, PlanConfig, apply_plan, hookimpl, load_adapter, make_plan, save_adapter
 from loraplan.apply import OUTSIDE_NOTE, lora_modules_by_layer
@@ -138,23 +138,17 @@ def test_apply_plan_narrows_ties_and_trains_one_tensor(pm, make_llama, make_batc
 
 
 def test_save_then_stock_peft_load_gives_the_same_logits_with_sharing(
-    tmp_path, pm, make_llama, make_batches, train_steps
+    tmp_path, pm, make_llama, make_batches, train_steps, reloaded
 ):
     plan = _plan(make_llama, make_batches, pm)
     assert plan.share_groups
     model = get_peft_model(make_llama(layers=6, seed=0), LoraConfig(r=4, target_modules=TARGETS))
     apply_plan(model, plan)
     train_steps(model)
-    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    save_adapter(model, tmp_path / "adapter")
+    stock, ours = reloaded(model, tmp_path / "adapter", lambda: make_llama(layers=6, seed=0), is_trainable=True)
     assert (tmp_path / "adapter" / "loraplan.json").is_file()
     assert LoraPlan.load(tmp_path / "adapter") == plan
 
-    stock = PeftModel.from_pretrained(make_llama(layers=6, seed=0), tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(stock(input_ids=ids).logits, expected)
     assert _lora_layers(stock) == set(plan.selected_layers)
     lead, member = plan.share_groups[0][:2]
     stock_layers = lora_modules_by_layer(stock)
@@ -163,9 +157,6 @@ def test_save_then_stock_peft_load_gives_the_same_logits_with_sharing(
         is not stock_layers[lead]["self_attn.q_proj"].lora_A["default"]
     )
 
-    ours = load_adapter(make_llama(layers=6, seed=0), tmp_path / "adapter", is_trainable=True)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids).logits, expected)
     our_layers = lora_modules_by_layer(ours)
     assert (
         our_layers[member]["self_attn.q_proj"].lora_A["default"]

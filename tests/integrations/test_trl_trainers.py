@@ -64,6 +64,18 @@ def assert_changed(before, model) -> None:
     assert any(".lora_B." in n for n in moved), "training left every lora_B at its initial value"
 
 
+def assert_trains_as_planned(trainer, plan, checks, *, finite_losses: bool = True) -> None:
+    """Two real steps on the planned model: LoRA where the plan says, tied, and moved by training (with
+    ``finite_losses``, every logged loss finite too)."""
+    before = lora_state(trainer.model)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    if finite_losses:
+        assert all(math.isfinite(loss) for _, loss in checks.losses(trainer))
+    checks.plan_realised(trainer.model, plan)
+    assert_changed(before, trainer.model)
+
+
 def assert_calibrated_on(plan, ids: list[list[int]], config: PlanConfig, tokenizer) -> None:
     """The plan's calibration is exactly the first ``calibration_samples`` of these token sequences."""
     head = ids[: config.calibration_samples]
@@ -102,12 +114,7 @@ def test_sft_on_conversations_calibrates_on_trls_tokenised_messages(
         assert ids[: len(templated)] == templated and len(ids) - len(templated) <= 1  # TRL may append EOS
     assert max(len(i) for i in trl_ids) < config.max_length
     assert_calibrated_on(plan, trl_ids, config, tokenizer)
-    before = lora_state(trainer.model)
-    trainer.train()
-    assert trainer.state.global_step == 2
-    assert all(math.isfinite(loss) for _, loss in checks.losses(trainer))
-    checks.plan_realised(trainer.model, plan)
-    assert_changed(before, trainer.model)
+    assert_trains_as_planned(trainer, plan, checks)
 
 
 # -- DPOTrainer ---------------------------------------------------------------------------------------------------
@@ -141,12 +148,7 @@ def test_dpo_calibrates_on_prompt_plus_chosen(tmp_path, model_dir, tokenizer, te
     for i in range(config.calibration_samples):
         assert tokenizer.decode(sequences[i]) == data["prompt"][i] + data["chosen"][i] + tokenizer.eos_token
     assert_calibrated_on(plan, sequences, config, tokenizer)
-    before = lora_state(trainer.model)
-    trainer.train()
-    assert trainer.state.global_step == 2
-    assert all(math.isfinite(loss) for _, loss in checks.losses(trainer))
-    checks.plan_realised(trainer.model, plan)
-    assert_changed(before, trainer.model)
+    assert_trains_as_planned(trainer, plan, checks)
 
 
 # -- GRPOTrainer --------------------------------------------------------------------------------------------------
@@ -194,11 +196,7 @@ def test_grpo_calibrates_on_the_prompts_through_the_chat_template(
     ]
     assert max(len(i) for i in ids) < config.max_length
     assert_calibrated_on(plan, ids, config, tokenizer)
-    before = lora_state(trainer.model)
-    trainer.train()
-    assert trainer.state.global_step == 2
-    checks.plan_realised(trainer.model, plan)
-    assert_changed(before, trainer.model)
+    assert_trains_as_planned(trainer, plan, checks, finite_losses=False)
 
 
 # -- conversational rows through make_plan and the CLI; load_dataset-backed --data --------------------------------
