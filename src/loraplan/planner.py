@@ -354,8 +354,11 @@ def _completion(
     r = rank
 
     def complete(selected: list[int]) -> tuple[list[int], int, int]:
+        # only a sharer that reaches beyond the selection changes what is priced: groups among the selected layers
+        # leave the adapted layers as they are, and per-layer ranks spend the same units over them (so the sharer,
+        # ShareLoRA's similarity for one, is not run again for every candidate)
         groups: list[list[int]] = []
-        if sharer is not None:
+        if sharer is not None and shares_unselected(sharer):
             ctx = SharingContext(stats, config, num_layers, list(selected))
             groups = check_groups(sharer, sharer.call("share", ctx), selected, num_layers).groups
         draft = LoraPlan(
