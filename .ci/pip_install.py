@@ -10,7 +10,7 @@ Run with the target venv's python: `VENV/bin/python .ci/pip_install.py [pip inst
    does not prefer a `--find-links` copy of a release over the registry's, so the resolved list is installed as is.
 
 Files already in the wheelhouse are not downloaded again, so the venvs one CI run builds (main, newest releases,
-Axolotl) download a shared release once. Steps 1 and 3 are tried 3 times, 30 s apart (a dropped index request).
+Axolotl) download a shared release once. Steps 1 and 3 run through `.ci/retry` (a dropped index request).
 Standard library only.
 """
 
@@ -30,22 +30,18 @@ from pathlib import Path
 
 PIP = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
 CHUNK = 1 << 20
+RETRY = Path(__file__).with_name("retry")
 
 
 class FetchError(RuntimeError):
     pass
 
 
-def _run(cmd: list[str], what: str, tries: int = 3, pause: float = 30.0) -> None:
-    for attempt in range(1, tries + 1):
-        status = subprocess.call(cmd)
-        if status == 0:
-            return
-        if attempt == tries:
-            raise FetchError(f"{what} failed {tries} times (last exit status {status}): {' '.join(cmd)}")
-        note = f"{what} failed (exit status {status}, attempt {attempt} of {tries}); again in {pause:.0f} s"
-        print(f"pip_install: {note}", file=sys.stderr, flush=True)
-        time.sleep(pause)
+def _run(cmd: list[str], what: str) -> None:
+    """Run cmd through .ci/retry (again when it fails, as the Makefile's other registry commands)."""
+    status = subprocess.call([str(RETRY), *cmd])
+    if status != 0:
+        raise FetchError(f"{what} failed (exit status {status}): {' '.join(cmd)}")
 
 
 def resolve(args: list[str]) -> list[dict]:
