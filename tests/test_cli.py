@@ -235,3 +235,125 @@ def test_real_minilm_plan_is_plausible(minilm_dir, reviews, tmp_path, capsys):
     assert 5 in plan.selected_layers  # encoders favour late layers (DESIGN §1)
     assert sum(1 for i in plan.selected_layers if i >= 3) >= 2
     assert "FLAGGED" in capsys.readouterr().out
+
+
+# -- bad input is refused before the model loads, in one line (issue 18) ------------------------------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the CLI gets as far as loading the model."""
+    import loraplan.cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although the input could be refused before")
+
+    monkeypatch.setattr(loraplan.cli, "_load_model", refuse)
+
+
+def _analyze(tiny_dir, data, *extra):
+    return main(["analyze", str(tiny_dir), "--data", str(data), "--text-field", "review", "--quiet", *extra])
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (lambda tmp: tmp / "a-file" / "plan.json", "is a file, not a directory"),
+        (lambda tmp: Path("/proc/loraplan-test/plan.json"), "no file can be created in '/proc'"),
+    ],
+    ids=["under-a-file", "proc"],
+)
+def test_an_unwritable_out_is_refused_before_the_model_loads(
+    where, message, tiny_dir, review_file, tmp_path, capsys, no_model_load
+):
+    (tmp_path / "a-file").write_text("x")
+    assert _analyze(tiny_dir, review_file, "--out", str(where(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert "`--out`" in err and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_plot_suffix_matplotlib_cannot_write_is_refused_before_the_model_loads(
+    tiny_dir, review_file, tmp_path, capsys, no_model_load
+):
+    args = ["--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "plan.docx")]
+    assert _analyze(tiny_dir, review_file, *args) == 2
+    err = capsys.readouterr().err
+    assert "`--plot`" in err and ".docx" in err and ".png" in err
+
+
+def test_a_selector_typo_is_refused_before_the_model_loads(tiny_dir, review_file, tmp_path, capsys, no_model_load):
+    assert _analyze(tiny_dir, review_file, "--out", str(tmp_path / "p.json"), "--selector", "ckaa") == 2
+    assert "Did you mean 'cka'?" in capsys.readouterr().err
+    assert _analyze(tiny_dir, review_file, "--out", str(tmp_path / "p.json"), "--share", "angualr") == 2
+    assert "`share` is 'angualr'" in capsys.readouterr().err
+
+
+def test_a_directory_without_config_json_is_named(review_file, tmp_path, capsys):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    assert main(["analyze", str(tmp_path), "--data", str(review_file), "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert "has no config.json" in err and "weights.bin" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_data_that_is_not_utf8_names_the_file_and_the_encoding(suffix, tiny_dir, tmp_path, capsys, no_model_load):
+    data = tmp_path / f"latin1{suffix}"
+    text = "café crème" if suffix == ".txt" else '{"review": "café crème"}'
+    data.write_bytes((text + "\n").encode("latin-1"))
+    assert _analyze(tiny_dir, data, "--out", str(tmp_path / "p.json")) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "not UTF-8" in err and f"0xe9 at offset {text.index('é')}" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_before_the_model_loads(
+    tiny_dir, review_file, tmp_path, capsys, no_model_load
+):
+    assert _analyze(tiny_dir, review_file, "--out", str(tmp_path / "p.json"), "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "`--device` 'cuda'" in err and "--device cpu" in err
+    assert _analyze(tiny_dir, review_file, "--out", str(tmp_path / "p.json"), "--device", "gpu0") == 2
+    assert "is not a device torch knows" in capsys.readouterr().err
+
+
+def test_quiet_silences_the_loading_bar_too(tiny_dir, review_file, tmp_path):
+    script = Path(sys.executable).with_name("loraplan")
+    command = [str(script), "analyze", str(tiny_dir), "--data", str(review_file), "--text-field", "review"]
+    command += ["--samples", "16", "--max-length", "32", "--out", str(tmp_path / "p.json")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    loud = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    quiet = subprocess.run([*command, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert loud.returncode == 0 and quiet.returncode == 0, loud.stderr + quiet.stderr
+    assert "Loading weights" in loud.stderr and "loraplan calibration" in loud.stderr  # what --quiet is to silence
+    assert "Loading weights" not in quiet.stderr and "%|" not in quiet.stderr
+
+
+def test_a_plan_that_cannot_be_saved_at_the_end_is_kept(tiny_dir, review_file, tmp_path, capsys, monkeypatch):
+    # --out was writable when the run began and is not when the plan is saved: the plan goes elsewhere, named
+    out = tmp_path / "out" / "plan.json"
+    import loraplan.cli
+
+    original = loraplan.cli._load_model
+
+    def load_then_block(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        (tmp_path / "out").write_text("now a file")  # the directory --out needs is gone
+        return loaded
+
+    monkeypatch.setattr(loraplan.cli, "_load_model", load_then_block)
+    assert _analyze(tiny_dir, review_file, "--samples", "8", "--max-length", "32", "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "could not be written" in err
+    kept = Path(err.split("the plan was saved to ")[1].split(" instead")[0])
+    try:
+        assert LoraPlan.load(kept).num_layers == 6
+    finally:
+        kept.unlink()
+
+
+def test_show_on_an_adapter_config_says_where_the_plan_is(tmp_path, capsys):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    assert main(["show", str(tmp_path / "adapter_config.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a PEFT adapter config, not a loraplan plan" in err and "loraplan.json beside a saved adapter" in err
+    assert "Recompute" not in err

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     analyze.add_argument("--out", default="plan.json", help="where to write the plan (default: plan.json)")
     analyze.add_argument("--plot", default=None, help="write the figure here (.png/.svg/.pdf)")
-    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
+    analyze.add_argument(
+        "--quiet", action="store_true", help="no progress bars (calibration, and transformers while the model loads)"
+    )
 
     show = sub.add_parser("show", help="print the table of a saved plan")
     show.add_argument("plan", help="plan.json (or a directory holding loraplan.json)")
@@ -119,43 +123,178 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_destination(path: str, flag: str) -> None:
+    """Refuse, before any work, a file that cannot be written (``flag`` names the option): the nearest existing
+    ancestor must be a directory in which a file can be created. A parent that is a regular file, or a place such as
+    ``/proc`` that takes no new files, fails here and not after the calibration."""
+    import tempfile
+
+    target = Path(path)
+    if target.is_dir():
+        target = target / "loraplan.json"
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ConfigError(f"`{flag}` {path!r} exists and cannot be written. Choose another path.")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(
+            f"`{flag}` {path!r} cannot be written: {str(ancestor)!r} is a file, not a directory. Choose a path in a "
+            "directory."
+        )
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"`{flag}` {path!r} cannot be written: no file can be created in {str(ancestor)!r} "
+            f"({exc.strerror or exc}). Choose a path in a writable directory."
+        ) from exc
+
+
+def _device(value: str) -> str:
+    """The device to load the model on: ``auto`` is CUDA when there is one; a device this torch or this machine does
+    not have is refused before the model loads."""
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"`--device` {value!r} is not a device torch knows. Use auto, cpu, cuda or cuda:N.") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"`--device` {value!r}: this torch sees no CUDA device (built with CUDA: "
+                f"{torch.version.cuda or 'no'}). Use --device cpu (or auto), or run on a machine with a GPU and a "
+                "CUDA build of torch."
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"`--device` {value!r}: there are {count} CUDA device(s), numbered 0..{count - 1}.")
+    elif device.type != "cpu" and not _backend_available(device.type):
+        raise ConfigError(f"`--device` {value!r}: torch has no {device.type!r} backend here. Use --device cpu.")
+    return value
+
+
+def _backend_available(kind: str) -> bool:
+    import torch
+
+    backend = getattr(torch, kind, None) or getattr(torch.backends, kind, None)
+    check = getattr(backend, "is_available", None)
+    return bool(check()) if callable(check) else False
+
+
+def _check_model_dir(model_dir: str) -> None:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ConfigError(f"`MODEL_DIR` {model_dir!r} is not a directory; give a transformers model directory.")
+    if not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())
+        raise ConfigError(
+            f"`MODEL_DIR` {model_dir!r} has no config.json, so it is not a transformers model directory (it holds "
+            + (", ".join(found[:8]) + (" ..." if len(found) > 8 else "") if found else "nothing")
+            + "). Give the directory that model.save_pretrained(...) wrote."
+        )
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """With ``--quiet``: no progress bars or info lines from transformers and huggingface_hub while the model loads
+    (their settings are restored afterwards)."""
+    if not quiet:
+        yield
+        return
+    import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    logging_ = transformers.utils.logging
+    bars, verbosity, hub_bars_off = (
+        logging_.is_progress_bar_enabled(),
+        logging_.get_verbosity(),
+        are_progress_bars_disabled(),
+    )
+    logging_.disable_progress_bar()
+    logging_.set_verbosity_error()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        logging_.set_verbosity(verbosity)
+        if bars:
+            logging_.enable_progress_bar()
+        if not hub_bars_off:
+            enable_progress_bars()
+
+
 def _load_model(model_dir: str, selector: str, dtype: str, device: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(model_dir).is_dir():
-        raise ConfigError(f"`MODEL_DIR` {model_dir!r} is not a directory; give a transformers model directory.")
-    config = AutoConfig.from_pretrained(model_dir)
-    architectures = getattr(config, "architectures", None) or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    cls = AutoModelForCausalLM if (causal or selector == "gradient") else AutoModel
-    torch_dtype = getattr(torch, dtype)
-    model = cls.from_pretrained(model_dir, dtype=torch_dtype)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        architectures = getattr(config, "architectures", None) or []
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+        cls = AutoModelForCausalLM if (causal or selector == "gradient") else AutoModel
+        model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise ConfigError(
+            f"`MODEL_DIR` {model_dir!r} could not be loaded with transformers ({type(exc).__name__}: {first}). Check "
+            "that it is a complete model directory (config.json, weights, tokenizer) for this transformers version."
+        ) from exc
     model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .assets import cache_dir  # noqa: F401  (keeps the asset helpers importable for users of the CLI)
     from .data import read_texts
-    from .planner import make_plan
+    from .hooks import get_plugin_manager
+    from .planner import make_plan, strategies_for
     from .report import format_plan
 
+    # what can be checked without the model is checked first, so that no calibration is thrown away for it
     config = PlanConfig.from_dict(plan_settings(args))
+    pm = get_plugin_manager()
+    strategies_for(config, pm)  # an unknown selector or sharer
+    _check_destination(args.out, "--out")
+    if args.plot:
+        from .plot import check_plot_path
+
+        check_plot_path(args.plot)
+        _check_destination(args.plot, "--plot")
+    device = _device(args.device)
+    _check_model_dir(args.model_dir)
     samples = read_texts(args.data, config.text_field, limit=config.calibration_samples)  # texts or conversations
-    model, tokenizer = _load_model(args.model_dir, config.selector, args.dtype, args.device)
-    plan = make_plan(model, samples, config, tokenizer, lora_rank=args.rank, progress=not args.quiet)
+    with _quiet_loading(args.quiet):
+        model, tokenizer = _load_model(args.model_dir, config.selector, args.dtype, device)
+    plan = make_plan(model, samples, config, tokenizer, plugin_manager=pm, lora_rank=args.rank, progress=not args.quiet)
     print(format_plan(plan, args.rank))
-    out = plan.save(args.out)
-    print(f"\nplan written to {out}")
+    print(f"\nplan written to {_save(plan, args.out)}")
     if args.plot:
         from .plot import plot_plan
 
         print(f"figure written to {plot_plan(plan, args.plot)}")
     return 0
+
+
+def _save(plan: Any, out: str) -> Path:
+    """Write the plan to ``out``. If that fails now (it was writable when the run began), the plan goes to a file of
+    its own in the temporary directory and the error says where, so the calibration is not lost."""
+    import tempfile
+
+    try:
+        return Path(plan.save(out))
+    except OSError as exc:
+        handle, fallback = tempfile.mkstemp(prefix="loraplan-", suffix=".json")
+        os.close(handle)
+        plan.save(fallback)
+        raise ConfigError(
+            f"`--out` {out!r} could not be written ({exc.strerror or exc}); the plan was saved to {fallback} "
+            "instead. Move it where you want it."
+        ) from exc
 
 
 def _show(args: argparse.Namespace) -> int:

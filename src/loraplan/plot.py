@@ -5,23 +5,46 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 from .plan import LoraPlan
 
-__all__ = ["plot_plan"]
+__all__ = ["check_plot_path", "plot_plan"]
 
 
-def plot_plan(plan: LoraPlan, path: str | Path) -> Path:
-    """Write the figure to ``path`` (PNG, SVG or PDF by suffix). Needs matplotlib (``pip install loraplan[plot]``)."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
     except ImportError as exc:
         raise ConfigError("`--plot` needs matplotlib: pip install 'loraplan[plot]'.") from exc
+    return plt
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Refuse a figure path whose suffix matplotlib cannot write (or any path when matplotlib is missing), before
+    any work is done."""
+    plt = _pyplot()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise ConfigError(
+            f"`--plot` {str(path)!r} has "
+            + (f"the suffix .{suffix}, which matplotlib cannot write" if suffix else "no suffix to choose a format")
+            + f". Use one of {', '.join('.' + f for f in sorted(formats))}, e.g. plan.png."
+        )
+
+
+def plot_plan(plan: LoraPlan, path: str | Path) -> Path:
+    """Write the figure to ``path`` (PNG, SVG or PDF by suffix). Needs matplotlib (``pip install loraplan[plot]``)."""
+    check_plot_path(path)
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
     heat = plan.similarity is not None
     fig, axes = plt.subplots(1, 2 if heat else 1, figsize=(13 if heat else 8, 4.8), squeeze=False)
     ax = axes[0][0]

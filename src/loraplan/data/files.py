@@ -61,6 +61,32 @@ def _load_file(path: Any) -> Any:
             datasets.enable_progress_bars()
 
 
+def _check_utf8(path: Any) -> None:
+    """A ``ConfigError`` naming the file, the offset and the encoding when a text data file is not UTF-8."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                at = offset - (len(exc.object) - len(chunk)) + exc.start  # the decoder may hold bytes of the last chunk
+                raise ConfigError(
+                    f"`--data` {path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {at} cannot be "
+                    "decoded as UTF-8. Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`)."
+                ) from exc
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"`--data` {path} is not UTF-8 text: it ends inside a multi-byte character (offset {offset}). "
+                "Convert the file to UTF-8, or complete its last line."
+            ) from exc
+
+
 def read_texts(path: str, text_field: str = "text", limit: int | None = None) -> list[Any]:
     """The calibration samples in a data file: ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` (read with
     ``datasets.load_dataset``: the text under ``text_field``, or, when there is no such column, conversations under
@@ -75,6 +101,8 @@ def read_texts(path: str, text_field: str = "text", limit: int | None = None) ->
     if not p.is_file():
         raise ConfigError(f"`--data` file {str(p)!r} does not exist.")
     suffix = p.suffix.lower()
+    if suffix in (".txt", *(k for k, v in _BUILDERS.items() if v != "parquet")):
+        _check_utf8(p)
     samples: list[Any] = []
     if suffix == ".txt":
         samples = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
