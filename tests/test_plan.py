@@ -122,6 +122,15 @@ def test_from_dict_names_what_is_missing_or_malformed():
         ({"share_groups": [[1, 2, 2]]}, "share group \\[1, 2, 2\\] lists a layer twice"),
         ({"share_groups": [[1, 2], [2, 3]]}, "layer\\(s\\) \\[2\\] appear in more than one share group"),
         ({"flagged_layers": {1: "constant"}}, "flagged \\(unscorable\\) layers \\[1\\] must not be selected"),
+        (
+            {"share_groups": [[2, 3]], "rank_pattern": {2: 0}},
+            "`rank_pattern` gives layer 2 rank 0; ranks are integers >= 1",
+        ),
+        (
+            {"model_fingerprint": {"num_layers": 6}},
+            "`num_layers` is 4, but the plan's own model fingerprint \\(`model.num_layers`\\) says 6",
+        ),
+        ({"scores": {"cka": [0.5, 0.5]}}, "`scores.cka` has 2 values, but the plan has `num_layers` 4"),
     ],
     ids=[
         "empty",
@@ -133,6 +142,9 @@ def test_from_dict_names_what_is_missing_or_malformed():
         "repeated-layer",
         "overlap",
         "flagged",
+        "rank-0-in-a-group",
+        "num-layers-edited",
+        "scores-of-another-plan",
     ],
 )
 def test_validate_names_what_is_wrong(changes, message):
@@ -248,3 +260,58 @@ def test_the_file_keys_model_and_layers_are_the_attributes_model_fingerprint_and
         plan.layers = {"path": "transformer.h"}
     assert plan.stack == {"path": "transformer.h"} and plan.to_dict()["layers"] == {"path": "transformer.h"}
     assert "stack" not in plan.to_dict() and "model_fingerprint" not in plan.to_dict()
+
+
+def test_a_hand_edited_layer_count_is_named_where_the_plan_is_applied(make_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from loraplan import apply_plan
+
+    model = make_llama(layers=4)
+    data = _plan_for(model).to_dict()
+    data.update(num_layers=6, selected_layers=[1, 5])  # the file says 6 layers; its fingerprint and the model say 4
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(PlanMismatchError, match="`num_layers` is 6, but the plan's own model fingerprint") as caught:
+        apply_plan(get_peft_model(model, LoraConfig(target_modules=["q_proj"])), LoraPlan.from_dict(data))
+    assert "Wrap the model" not in str(caught.value)
+    # both edited to agree with each other: the model itself is compared
+    plan = _plan_for(model)
+    plan.num_layers, plan.model_fingerprint["num_layers"] = 6, 6
+    with pytest.raises(PlanMismatchError, match="num_layers: plan 6, model 4"):
+        plan.check_model(model)
+
+
+def test_loading_a_file_that_is_not_a_plan_says_what_it_is(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(PlanMismatchError, match="is a PEFT adapter config, not a loraplan plan"):
+        LoraPlan.load(tmp_path / "adapter_config.json")
+    (tmp_path / "other.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(PlanMismatchError, match="is a JSON file without a `format` key, not a loraplan plan"):
+        LoraPlan.load(tmp_path / "other.json")
+
+
+def _save_repeatedly(path: str, selected: list[int], times: int) -> None:
+    plan = LoraPlan(num_layers=8, selected_layers=selected, notes=["x" * 4000])  # a file of several pages
+    for _ in range(times):
+        plan.save(path)
+
+
+def test_concurrent_saves_to_one_path_never_fail_and_a_reader_never_sees_a_torn_file(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "plan.json"
+    LoraPlan(num_layers=8, selected_layers=[0]).save(path)
+    context = multiprocessing.get_context("fork")
+    writers = [
+        context.Process(target=_save_repeatedly, args=(str(path), selected, 300)) for selected in ([1, 2], [5, 6, 7])
+    ]
+    for writer in writers:
+        writer.start()
+    seen = set()
+    while any(w.is_alive() for w in writers):
+        seen.add(tuple(LoraPlan.load(path).selected_layers))  # a torn or missing file raises here
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0  # no save failed
+    assert seen <= {(0,), (1, 2), (5, 6, 7)} and seen & {(1, 2), (5, 6, 7)}
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temporary file left behind

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +226,24 @@ class LoraPlan:
             raise PlanMismatchError(f"`selected_layers` must be sorted and unique, got {self.selected_layers}.")
         if any(not isinstance(i, int) or i < 0 or i >= L for i in self.selected_layers):
             raise PlanMismatchError(f"`selected_layers` must be layer indices 0..{L - 1}, got {self.selected_layers}.")
+        made_for = self.model_fingerprint.get("num_layers")
+        if isinstance(made_for, int) and made_for != L:
+            raise PlanMismatchError(
+                f"`num_layers` is {L}, but the plan's own model fingerprint (`model.num_layers`) says {made_for}: the "
+                "file was edited or mixes two plans. Make the two agree, or recompute the plan."
+            )
+        for name, values in self.scores.items():
+            if len(values) != L:
+                raise PlanMismatchError(
+                    f"`scores.{name}` has {len(values)} values, but the plan has `num_layers` {L}: the file was edited "
+                    "or mixes two plans. Recompute the plan."
+                )
+        for layer, r in self.rank_pattern.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise PlanMismatchError(
+                    f"`rank_pattern` gives layer {layer} rank {r!r}; ranks are integers >= 1. Give the layer a rank of "
+                    "at least 1, or leave it out of rank_pattern (it then gets the plan's rank)."
+                )
         seen: set[int] = set()
         for group in self.share_groups:
             if not group:
@@ -245,9 +266,6 @@ class LoraPlan:
                     f"share group {group} gives its layers different ranks in `rank_pattern` "
                     f"({ {i: self.rank_pattern.get(i) for i in group} }); layers that share one module share its rank."
                 )
-        flagged = [i for i in self.selected_layers if i in self.flagged_layers]
-        if flagged:
-            raise PlanMismatchError(f"flagged (unscorable) layers {flagged} must not be selected.")
         adapted = set(self.adapted_layers)
         for layer, r in self.rank_pattern.items():
             if layer not in adapted:
@@ -255,8 +273,9 @@ class LoraPlan:
                     f"`rank_pattern` gives layer {layer} rank {r}, but the layer carries no LoRA in this plan "
                     f"(adapted layers: {sorted(adapted)})."
                 )
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                raise PlanMismatchError(f"`rank_pattern` gives layer {layer} rank {r!r}; ranks are integers >= 1.")
+        flagged = [i for i in self.selected_layers if i in self.flagged_layers]
+        if flagged:
+            raise PlanMismatchError(f"flagged (unscorable) layers {flagged} must not be selected.")
 
     def check_model(self, model: nn.Module, stack: Any = None) -> None:
         """Raise :class:`PlanMismatchError` if this plan does not fit ``model`` (layer count, hidden size, layer
@@ -268,8 +287,12 @@ class LoraPlan:
                 raise PlanMismatchError(str(exc)) from exc
         current = fingerprint(model, stack)
         problems = []
+        if current.get("num_layers") is not None and self.num_layers != current["num_layers"]:
+            problems.append(f"num_layers: plan {self.num_layers!r}, model {current['num_layers']!r}")
         for key in ("num_layers", "hidden_size", "layers_path"):
             want = self.model_fingerprint.get(key)
+            if key == "num_layers" and problems:
+                continue  # said once, from the plan's own field
             if want is not None and current.get(key) is not None and want != current[key]:
                 problems.append(f"{key}: plan {want!r}, model {current[key]!r}")
         made_for = self.model_fingerprint
@@ -317,9 +340,18 @@ class LoraPlan:
         if p.is_dir():
             p = p / PLAN_FILE
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        tmp.replace(p)
+        # a temporary file of its own in the same directory, then an atomic replace: concurrent saves to one path
+        # (several ranks, several runs) never collide on the temporary name, and a reader sees one whole plan
+        handle, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(self.to_json())
+            os.chmod(tmp, p.stat().st_mode & 0o777 if p.exists() else 0o644)  # mkstemp makes it 0600
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return p
 
     @classmethod
@@ -357,6 +389,13 @@ class LoraPlan:
             ) from exc
         if not isinstance(data, dict):
             raise PlanMismatchError(f"{p} is not a loraplan plan: expected a JSON object.")
+        if "format" not in data:
+            what = "a PEFT adapter config" if "peft_type" in data else "a JSON file without a `format` key"
+            raise PlanMismatchError(
+                f"{p} is {what}, not a loraplan plan (plans have `format` {FORMAT!r}). loraplan writes the plan as "
+                f"{PLAN_FILE} beside a saved adapter and in the trainer's output_dir: give that file, or the "
+                "directory that holds it."
+            )
         plan = cls.from_dict(data)
         plan.validate()
         return plan
