@@ -233,6 +233,40 @@ def test_loraplus_optimizer_with_tied_modules(pm, make_llama, make_batches):
     opt.step()
 
 
+def test_an_optimizer_built_before_apply_plan_is_refused_before_anything_changes(pm, make_llama, make_batches):
+    # the budget rule raises the rank, so apply_plan re-creates the planned modules (and narrows and ties): an
+    # optimizer over the wrapped model's parameters would hold none of the tensors that train afterwards
+    plan = _plan(make_llama, make_batches, pm, rank_policy="budget", share_threshold=0.0)
+    model = get_peft_model(make_llama(layers=6), LoraConfig(r=4, target_modules=TARGETS))
+    before = {name: p for name, p in model.named_parameters()}
+    config = model.peft_config["default"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(
+        ConfigError, match=r"`optimizer`: an optimizer \(AdamW\) built before apply_plan holds"
+    ) as caught:
+        apply_plan(model, plan)
+    assert "Nothing was changed" in str(caught.value) and "then build the optimizer" in str(caught.value)
+    assert dict(model.named_parameters()) == before and model.peft_config["default"] is config
+    del optimizer, caught  # the documented order: apply_plan first, then the optimizer
+    apply_plan(model, plan)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    start = [p.detach().clone() for p in trainable]
+    ids = torch.randint(3, 100, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(p, q) for p, q in zip(trainable, start))  # every live LoRA tensor trains
+
+
+def test_an_optimizer_over_parameters_apply_plan_keeps_is_no_reason_to_refuse(pm, make_llama, make_batches):
+    plan = _plan(make_llama, make_batches, pm, share=None)
+    model = get_peft_model(make_llama(layers=6), plan.to_lora_config(LoraConfig(r=4, target_modules=TARGETS)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    apply_plan(model, plan)  # nothing to narrow, re-create or tie: the optimizer's parameters are the live ones
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters() if p.requires_grad}
+
+
 def test_apply_plan_errors(pm, make_llama, make_batches):
     plan = _plan(make_llama, make_batches, pm)
     with pytest.raises(ConfigError, match="needs a PEFT LoRA model"):

@@ -5,6 +5,7 @@ stock PEFT reads them and loraplan re-ties them. Where LoRA may sit, and the `Lo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,21 +166,98 @@ def _narrow(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: s
     return removed
 
 
-def _rerank(peft_model: nn.Module, adapter: str, config: Any) -> int:
-    """Re-create every LoRA layer whose rank or alpha differs from what ``config`` gives it (PEFT's own pattern
-    rule), so that the model is what stock PEFT builds from the saved config. Returns how many were re-created."""
+def _rank_changes(
+    peft_model: nn.Module, adapter: str, config: Any, keep: Callable[[str], bool] = lambda name: True
+) -> list[tuple[nn.Module, int, Any]]:
+    """The LoRA layers (among the sites ``keep`` accepts) whose rank or alpha differs from what ``config`` gives them
+    (PEFT's own pattern rule), with the rank and alpha it gives."""
     from peft.utils.other import get_pattern_key
 
-    changed = 0
+    changes = []
     for (_, key), module in lora_sites(peft_model, adapter).items():
+        if not keep(key):
+            continue
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
-        if module.r[adapter] == r and module.lora_alpha[adapter] == alpha:
-            continue
+        if module.r[adapter] != r or module.lora_alpha[adapter] != alpha:
+            changes.append((module, r, alpha))
+    return changes
+
+
+def _rerank(peft_model: nn.Module, adapter: str, config: Any) -> int:
+    """Re-create every LoRA layer whose rank or alpha differs from what ``config`` gives it, so that the model is
+    what stock PEFT builds from the saved config. Returns how many were re-created."""
+    changes = _rank_changes(peft_model, adapter, config)
+    for module, r, alpha in changes:
         _fold_delta(module, adapter, f"re-created at r={r}")
         module.update_layer(adapter, r, lora_alpha=alpha, config=config)
-        changed += 1
-    return changed
+    return len(changes)
+
+
+def _adapter_parameters(module: nn.Module, adapter: str) -> list[nn.Parameter]:
+    """The parameters of ``adapter`` in one LoRA layer (its ``lora_A``/``lora_B``, embedding and DoRA entries)."""
+    return [p for name, p in module.named_parameters() if adapter in name.split(".") and "base_layer" not in name]
+
+
+def _parameters_replaced(
+    peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: str, config: Any
+) -> dict[int, str]:
+    """What :func:`apply_plan` is about to take out of the model (``id`` -> a name for messages): the LoRA parameters
+    of the unplanned layers, of the modules re-created at another rank, and of the share-group members that take
+    their leader's modules. An optimizer that holds any of them was built too early."""
+    selected = set(plan.adapted_layers)
+    by_layer = lora_modules_by_layer(peft_model, stack, adapter)
+    replaced: dict[int, str] = {}
+
+    def add(module: nn.Module, where: str) -> None:
+        for p in _adapter_parameters(module, adapter):
+            replaced.setdefault(id(p), where)
+
+    for index, modules in by_layer.items():
+        if index not in selected:
+            for name, module in modules.items():
+                add(module, f"{stack.path}.{index}.{name} (removed: layer {index} is not planned)")
+    planned = lambda key: (i := layer_index(key, stack.path)) is None or i in selected  # noqa: E731
+    for module, r, _ in _rank_changes(peft_model, adapter, config, planned):
+        add(module, f"a LoRA module re-created at r={r}")
+    for group in plan.share_groups:
+        for member in group[1:]:
+            for name, module in by_layer.get(member, {}).items():
+                lead = by_layer.get(group[0], {}).get(name)
+                if lead is None or adapter not in getattr(module, "lora_A", {}):
+                    continue
+                if module.lora_A[adapter] is not lead.lora_A[adapter]:
+                    add(module, f"{stack.path}.{member}.{name} (tied to layer {group[0]}'s module)")
+    return replaced
+
+
+def _refuse_early_optimizers(replaced: dict[int, str]) -> None:
+    """:class:`ConfigError` when a live ``torch.optim.Optimizer`` holds parameters apply_plan would replace: it would
+    go on updating tensors that are no longer in the model, and miss the ones that replace them."""
+    import gc
+
+    def holding() -> list[tuple[torch.optim.Optimizer, list[str]]]:
+        found = []
+        for candidate in gc.get_objects():
+            if issubclass(type(candidate), torch.optim.Optimizer):  # type(): no attribute lookup on odd objects
+                held = [replaced[id(p)] for g in candidate.param_groups for p in g["params"] if id(p) in replaced]
+                if held:
+                    found.append((candidate, held))
+        return found
+
+    if not replaced or not holding():
+        return
+    gc.collect()  # an optimizer nobody holds any more is no reason to refuse
+    found = holding()
+    if found:
+        optimizer, held = found[0]
+        raise ConfigError(
+            f"`optimizer`: an optimizer ({type(optimizer).__name__}) built before apply_plan holds {len(held)} LoRA "
+            f"parameter(s) that applying the plan replaces ({held[0]}{' and more' if len(held) > 1 else ''}); it "
+            "would update tensors that are no longer in the model and miss the ones that replace them. Nothing was "
+            "changed. Call apply_plan(peft_model, plan) first, then build the optimizer from the model's trainable "
+            "parameters."
+        )
 
 
 def tie_share_groups(
@@ -301,8 +379,9 @@ def apply_plan(
     With ``truncate_backward`` (the default) the layers below the lowest planned layer run without autograd and
     without activation checkpointing (:mod:`loraplan.truncate`; exact, and left off with the reason when something
     below is trainable); ``False`` removes that again. What was done is in the last lines of ``plan.notes``.
-    Call it before any optimizer, DeepSpeed engine or DDP wrapper exists. Applying the same plan again changes
-    nothing. Returns the same model.
+    Call it before any optimizer, DeepSpeed engine or DDP wrapper exists: it removes, re-creates and ties LoRA
+    parameters, and an optimizer built earlier would hold the old ones (a live one that does is refused, before
+    anything changes). Applying the same plan again changes nothing. Returns the same model.
     """
     adapter = adapter_of(peft_model, adapter_name)
     plan.validate()
@@ -318,6 +397,7 @@ def apply_plan(
             "Wrap the model with LoRA on every layer (or at least the planned ones) before apply_plan."
         )
     config, wanted = planned_config(plan, current, model=peft_model)  # refuses a second text stack
+    _refuse_early_optimizers(_parameters_replaced(peft_model, plan, stack, adapter, config))
     removed = _narrow(peft_model, plan, stack, adapter)
     reranked = _rerank(peft_model, adapter, config)
     peft_model.peft_config[adapter] = config
