@@ -86,6 +86,73 @@ def test_activation_sums_are_masked_input_norms_averaged_over_the_layers_targets
     torch.testing.assert_close(stats.activation_sums, torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 
+def _deberta_v3(cls_name: str = "DebertaV2ForSequenceClassification"):
+    """deberta-v3-base's attention settings (relative attention, shared attention keys, p2c and c2p) in a tiny model:
+    its query and key projections are also called on the relative position embeddings."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DebertaV2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=101,
+        max_position_embeddings=128,
+        relative_attention=True,
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=256,
+        max_relative_positions=-1,
+        norm_rel_ebd="layer_norm",
+        position_biased_input=False,
+    )
+    return getattr(transformers, cls_name)(config).eval()
+
+
+def test_activation_sums_count_only_the_token_stream_of_deberta_relative_attention(pm, make_batches):
+    model = _deberta_v3()
+    batches = make_batches(n_batches=2, batch=4, length=10, seed=3)
+    targets = ["query_proj", "value_proj"]
+    stats, data = _calibrate(model, batches, {ACTIVATIONS}, pm, targets=targets)
+    # by hand: each target module's input on the token stream (its (batch, tokens) calls), its masked norm sum
+    calls: dict[str, list] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, _n=name: calls.setdefault(_n, []).append(args[0]))
+        for name, module in model.named_modules()
+        if name.endswith(tuple(targets))
+    ]
+    expected = []
+    with torch.no_grad():
+        for batch in data.batches:
+            calls.clear()
+            model(**batch)
+            mask = batch["attention_mask"].double()
+            row = []
+            for layer in range(3):
+                inputs = [
+                    x
+                    for name, seen in calls.items()
+                    if f"layer.{layer}." in name
+                    for x in seen
+                    if x.shape[:2] == mask.shape
+                ]
+                assert len(inputs) == 2  # one token-stream call per target; query_proj's other call is not counted
+                row.append(sum((x.norm(dim=-1).double() * mask).sum(dim=1) for x in inputs) / 2)
+            expected.append(torch.stack(row, dim=1))
+    for handle in handles:
+        handle.remove()
+    assert any(x.shape[:2] != (4, 10) for seen in calls.values() for x in seen)  # the position-embedding calls exist
+    torch.testing.assert_close(stats.activation_sums, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("selector", ["activation", "lora_drop"])
+def test_deberta_v3_attention_is_planned_by_the_token_stream_selectors(selector, pm, make_batches):
+    model = _deberta_v3("DebertaV2ForMaskedLM")
+    plan = make_plan(model, make_batches(), PlanConfig(selector=selector), plugin_manager=pm, progress=False)
+    assert len(plan.selected_layers) == 1 and all(v > 0 for v in plan.scores[selector])
+
+
 def test_reference_last_token_is_the_count_of_non_eos_tokens_minus_one(pm, make_llama):
     # a chat template puts eos (= pad = 1) in the middle of a sample: the reference code takes
     # (input_ids != pad).sum() - 1, which is then not the last real position; reference mode does the same
@@ -109,15 +176,14 @@ def test_reference_last_token_is_the_count_of_non_eos_tokens_minus_one(pm, make_
         torch.testing.assert_close(stats.hidden[i], h[torch.arange(3), positions].float())
 
 
-def test_default_mask_mode_pools_the_last_attended_token(pm, make_llama):
-    # the same padded batch as above: the default mode reads the attention mask, not the eos tokens
+def test_mask_mode_pools_the_last_attended_token(pm, make_llama):
+    # the same padded batch as above: mask mode reads the attention mask's last token, eos or not
     model = make_llama(layers=3)
     model.config.eos_token_id = 1
     ids = torch.tensor([[5, 6, 1, 7, 8, 1, 1, 1], [9, 1, 4, 4, 4, 3, 2, 1], [3, 4, 5, 6, 7, 8, 9, 10]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8, [1] * 8])
     batch = [{"input_ids": ids, "attention_mask": mask}]
-    assert PlanConfig().last_token == "mask"
-    default, _ = _calibrate(model, batch, {HIDDEN}, pm)
+    default, _ = _calibrate(model, batch, {HIDDEN}, pm, last_token="mask")
     reference, _ = _calibrate(model, batch, {HIDDEN}, pm, last_token="reference")
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
@@ -128,6 +194,34 @@ def test_default_mask_mode_pools_the_last_attended_token(pm, make_llama):
     for d, r in zip(default.hidden, reference.hidden):
         torch.testing.assert_close(d[2], r[2])
         assert not torch.allclose(d[:2], r[:2])
+
+
+def test_auto_mode_reads_the_token_before_a_trailing_eos_and_is_the_default(pm, make_llama):
+    # the same batch: auto steps back over a trailing eos run (rows 0 and 1), keeps an inner eos (row 0's third token
+    # stays before the read position) and reads a row without a trailing eos as mask mode does (row 2)
+    model = make_llama(layers=3)
+    model.config.eos_token_id = 1
+    ids = torch.tensor([[5, 6, 1, 7, 8, 1, 1, 1], [9, 1, 4, 4, 4, 3, 2, 1], [3, 4, 5, 6, 7, 8, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8, [1] * 8])
+    batch = [{"input_ids": ids, "attention_mask": mask}]
+    assert PlanConfig().last_token == "auto"
+    auto, _ = _calibrate(model, batch, {HIDDEN}, pm)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    positions = torch.tensor([4, 6, 7])
+    for i, h in enumerate(hidden):
+        torch.testing.assert_close(auto.hidden[i], h[torch.arange(3), positions].float())
+    assert auto.read_tokens.tolist() == [8, 2, 10]
+
+
+def test_auto_mode_keeps_a_row_that_is_all_eos_at_its_last_token(pm, make_llama):
+    from loraplan.calibration.inputs import positions
+
+    ids = torch.tensor([[1, 1, 1, 0], [4, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    got = positions({"input_ids": ids, "attention_mask": mask}, "last", "auto", pad_id=0, eos_id=1)
+    assert got.tolist() == [0, 0]
+    assert positions({"input_ids": ids, "attention_mask": mask}, "last", "auto", 0, None).tolist() == [2, 3]
 
 
 def test_encoders_pool_the_first_token_unless_told_otherwise(pm, make_bert, make_batches):

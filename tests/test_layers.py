@@ -171,6 +171,19 @@ def test_unknown_architecture_names_the_class_and_the_hook(pm):
     assert "loraplan_find_layers" in str(exc.value)
 
 
+@pytest.mark.parametrize("cls", ["ViTModel", "ViTForImageClassification"])
+def test_a_vision_only_model_is_refused_as_such(cls, pm):
+    import transformers as tf
+
+    config = tf.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    model = getattr(tf, cls)(config)
+    with pytest.raises(LayerDiscoveryError) as exc:
+        find_layers(model, pm)
+    message = str(exc.value)
+    assert f"{cls} is not a text model (its main input is `pixel_values`" in message
+    assert "vision-only and audio-only models are not planned" in message and "no nn.ModuleList" not in message
+
+
 def test_a_plugin_teaches_an_unknown_architecture(pm):
     class Teach:
         @hookimpl

@@ -261,6 +261,23 @@ def test_a_model_without_a_loss_is_a_clear_error(pm, make_bert, make_batches):
     _assert_unchanged(model, before)
 
 
+def test_mamba_without_target_modules_scores_the_modules_peft_can_adapt(pm, make_batches):
+    # PEFT refuses LoRA on Mamba's out_proj (and conv1d): without target_modules every selector reads the linear
+    # modules it can adapt, and the warm-up trains LoRA on exactly those
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.MambaConfig(hidden_size=32, num_hidden_layers=3, vocab_size=101, state_size=8, expand=2)
+    model = tf.MambaForCausalLM(config).eval()
+    for selector in ("lora_drop", "activation"):
+        plan = make_plan(model, make_batches(), PlanConfig(selector=selector), plugin_manager=pm, progress=False)
+        assert plan.stack["target_modules"] == ["dt_proj", "in_proj", "x_proj"]
+        assert plan.stack["targets_from"] == "all-linear" and len(plan.selected_layers) == 1
+    with pytest.raises(CalibrationError, match="`target_modules`: selector='lora_drop' trains a temporary LoRA") as exc:
+        make_plan(model, make_batches(), PlanConfig(selector="lora_drop", target_modules=["out_proj"]), progress=False)
+    assert "out_proj" in str(exc.value)
+
+
 def test_the_selector_is_registered_and_normalises():
     from loraplan.calibration import CalibrationStats
     from loraplan.strategies import SelectionContext

@@ -310,6 +310,23 @@ def test_no_group_is_a_warning_not_an_error(pm, make_llama, make_batches, caplog
     assert "formed no share group" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("settings", "said", "not_said"),
+    [
+        ({"share": "angular", "share_threshold": 1.0}, "Lower share_threshold to at most", "only 1 layer"),
+        ({"share": "angular", "share_threshold": 0.0, "count": 1}, "only 1 layer is selected", "share_threshold"),
+        ({"share": "odd_even", "selector": "every_other"}, "formed no share group", "share_threshold"),
+    ],
+    ids=["threshold-too-high", "one-layer", "sharer-without-threshold"],
+)
+def test_the_no_group_warning_gives_the_advice_that_fits(settings, said, not_said, pm, make_llama, make_batches):
+    config = PlanConfig(calibration_samples=16, **settings)
+    plan = make_plan(make_llama(), make_batches(), config, plugin_manager=pm, progress=False)
+    assert plan.share_groups == []
+    [warning] = [w for w in plan.warnings if "`share`" in w]
+    assert said in warning and not_said not in warning
+
+
 def test_reference_last_token_mode_flags_constant_states(pm, make_llama):
     # every sample ends with the same two tokens and then eos (= 1): the embedding-level vector of the last token
     # is the same for every sample in both modes (eos in mask mode, token 9 in reference mode, which drops eos)

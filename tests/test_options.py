@@ -121,3 +121,17 @@ def test_the_trl_recipe_takes_every_setting_with_its_help(name, tmp_path):
     described = next(s for s in settings() if s.name == name).help
     assert re.search(rf"\b{name} \(default: ", section) and _words(described) in section
     assert _words(TRUNCATE_BACKWARD_HELP) in section
+
+
+def test_the_help_names_every_built_in_choice(pm):
+    """The one description of `selector`, `share` and `rank_policy` (and so the CLI, the Axolotl field and the
+    docstring built from it) names every built-in strategy and rank policy."""
+    from loraplan.config import RANK_POLICIES
+    from loraplan.hooks import selectors, sharers
+
+    helps = {item.name: item.help for item in settings()}
+    assert all(f"`{name}`" in helps["selector"] for name in selectors(pm)), helps["selector"]
+    assert all(f"`{name}`" in helps["share"] for name in sharers(pm)), helps["share"]
+    assert all(f'`"{policy}"`' in helps["rank_policy"] for policy in RANK_POLICIES), helps["rank_policy"]
+    shown = " ".join(_parser()._subparsers._group_actions[0].choices["analyze"].format_help().split())
+    assert "`lora_drop`" in shown and '`"importance"` per-' in shown

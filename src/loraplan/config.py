@@ -16,7 +16,7 @@ from .errors import ConfigError, closest
 __all__ = ["TRUNCATE_BACKWARD_HELP", "PlanConfig", "Setting", "setting", "settings"]
 
 POOLINGS = ("auto", "last", "first")
-LAST_TOKEN_MODES = ("mask", "reference")
+LAST_TOKEN_MODES = ("auto", "mask", "reference")
 RANK_POLICIES = ("keep", "budget", "importance")
 COST_MODELS = ("flops", "timed")
 
@@ -77,8 +77,8 @@ class PlanConfig:
     selector: str = setting(
         default="cka",
         help=(
-            "Name of the layer selector: a built-in (`cka`, `activation`, `gradient`, `random`, `top`, `bottom`, "
-            "`every_other`, `all`) or any installed plugin's."
+            "Name of the layer selector: a built-in (`cka`, `activation`, `gradient`, `lora_drop`, `random`, `top`, "
+            "`bottom`, `every_other`, `all`) or any installed plugin's."
         ),
     )
     ratio: float = setting(
@@ -98,7 +98,10 @@ class PlanConfig:
     )
     share: str | None = setting(
         default=None,
-        help=("Name of the sharer (`angular`, `odd_even` or a plugin's); `None` for no sharing."),
+        help=(
+            "Name of the sharer: a built-in (`angular`, ShareLoRA; `odd_even`, its naive baseline; `lora_drop`, the "
+            "unselected layers share one module set) or a plugin's; `None` for no sharing."
+        ),
     )
     share_threshold: float = setting(
         default=0.85,
@@ -111,7 +114,9 @@ class PlanConfig:
         default="keep",
         help=(
             'Rank of the planned LoRA modules: `"keep"` the LoRA config\'s `r`; `"budget"` ShareLoRA\'s budget '
-            "rule `r' = floor(L r / (L - sum|S| + |S|))`; or an explicit positive integer."
+            'rule `r\' = floor(L r / (L - sum|S| + |S|))`; `"importance"` per-layer ranks in proportion to the '
+            "selector's scores (within `param_budget`, see `min_rank`, `rank_multiple`); or an explicit positive "
+            "integer."
         ),
         metavar="keep|budget|importance|R",
     )
@@ -174,10 +179,12 @@ class PlanConfig:
         choices=POOLINGS,
     )
     last_token: str = setting(
-        default="mask",
+        default="auto",
         help=(
-            'How the last real token is found: `"mask"` from the attention mask, or `"reference"` from '
-            "`input_ids != pad_id` with pad = eos, as the CKA reference code does (it also drops a trailing eos)."
+            'How the last real token is found: `"auto"` the last token of the attention mask that is not a trailing '
+            "EOS (formatted SFT rows all end with EOS, which would make every sample the same vector there); "
+            '`"mask"` the last token of the attention mask, EOS or not; or `"reference"` from `input_ids != pad_id` '
+            "with pad = eos, as the CKA reference code does (it drops every eos, also one inside a sample)."
         ),
         choices=LAST_TOKEN_MODES,
     )

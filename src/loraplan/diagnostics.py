@@ -16,16 +16,31 @@ from .strategies import SelectionContext, check_scores
 if TYPE_CHECKING:
     from .hooks.manager import Registered
 
-__all__ = ["calibration_diagnostics", "flag_reasons", "stability"]
+__all__ = ["calibration_diagnostics", "flag_reasons", "one_read_token", "stability"]
 
 #: a single sample carrying at least this share of a layer's variance across samples makes calibration degenerate
 DEGENERATE_SHARE = 0.5
+
+
+def one_read_token(stats: CalibrationStats) -> str | None:
+    """When every sample (of more than two) is read at the same token by last-token pooling: that token, described
+    (``"id 2, the EOS token"``), with the ``last_token`` mode that chose it; else ``None``."""
+    tokens = stats.read_tokens
+    if tokens is None or stats.meta.get("pooling") != "last" or stats.num_samples <= 2:
+        return None
+    distinct = torch.unique(tokens)
+    if distinct.numel() != 1:
+        return None
+    token = int(distinct[0])
+    eos = " (the EOS token)" if token == stats.meta.get("eos_token_id") else ""
+    return f"token id {token}{eos}, with last_token={stats.meta.get('last_token')!r}"
 
 
 def flag_reasons(stats: CalibrationStats, importance: list[float], selector: str) -> dict[int, str]:
     """Why each unscorable (nan) layer could not be scored."""
     flagged: dict[int, str] = {}
     constant = [is_constant(h) for h in stats.hidden] if stats.hidden is not None else None
+    same_token = one_read_token(stats)
     for i, value in enumerate(importance):
         if not math.isnan(value):
             continue
@@ -35,9 +50,17 @@ def flag_reasons(stats: CalibrationStats, importance: list[float], selector: str
                 f"its {which} is identical for every calibration sample (zero variance): {selector} cannot score it "
                 "(CKA is 0/0; the reference code would call it 'most important')"
             )
+            if same_token is not None and i == 0 and constant[0]:
+                flagged[i] += f"; every sample is read at the same {same_token} ({_SAME_TOKEN_FIX})"
         else:
             flagged[i] = f"selector {selector!r} could not score it"
     return flagged
+
+
+_SAME_TOKEN_FIX = (
+    "rows that all end with EOS: last_token='auto', the default, reads the token before a trailing EOS; "
+    "last_token='reference' drops every EOS, as the CKA reference code does"
+)
 
 
 def calibration_diagnostics(stats: CalibrationStats) -> tuple[dict[str, Any], list[str]]:
@@ -55,7 +78,15 @@ def calibration_diagnostics(stats: CalibrationStats) -> tuple[dict[str, Any], li
             + (f" (and {len(bad) - 1} more hidden states)" if len(bad) > 1 else "")
             + f": one sample carries {shares[bad[0]]:.0%} of the variance across samples there "
             f"({distinct[bad[0]]} distinct vectors among {stats.num_samples}); scores that use it rest on that sample. "
-            "Use more varied calibration data or last_token='mask'."
+            "Use more varied calibration data, or last_token='auto' (the default) or 'mask'."
+        )
+    same_token = one_read_token(stats)
+    if same_token is not None:
+        warnings.append(
+            f"calibration is degenerate: all {stats.num_samples} samples are read at the same {same_token}, so their "
+            "embedding-level vectors (h_0) are identical and layer 0 cannot be scored. For "
+            + _SAME_TOKEN_FIX
+            + "; otherwise give varied calibration data."
         )
     return {"max_sample_variance_share": shares, "distinct_vectors": distinct}, warnings
 

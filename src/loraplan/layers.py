@@ -149,8 +149,22 @@ def other_text_stacks(model: nn.Module, path: str) -> list[tuple[str, nn.ModuleL
     ]
 
 
+#: the main inputs (transformers' ``main_input_name``) of the models loraplan plans: tokens, or the audio features of
+#: an encoder-decoder speech model whose decoder reads tokens
+TEXT_INPUTS = frozenset({"input_ids", "input_features"})
+
+
+def reads_text(model: nn.Module) -> bool:
+    """Whether ``model`` is a model loraplan plans: its main input is tokens (or, for Whisper-like models, audio
+    features feeding a token decoder), not pixels or raw audio alone."""
+    return getattr(model, "main_input_name", "input_ids") in TEXT_INPUTS
+
+
 def default_layer_stack(model: nn.Module) -> LayerStack | None:
-    """Built-in discovery: the block list of a transformers model (text stack preferred in multimodal models)."""
+    """Built-in discovery: the block list of a transformers model (text stack preferred in multimodal models). A
+    model whose main input is not text (a vision or audio encoder) has none: loraplan does not plan those."""
+    if not reads_text(model):
+        return None
     candidates = [(name, blocks) for name, blocks in block_stacks(model) if is_text_stack(name)]
     if not candidates:
         return None
@@ -174,6 +188,15 @@ def find_layers(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Lay
     base = unwrap(model)
     pm = pm if pm is not None else get_plugin_manager()
     stack = call_hook(pm, "loraplan_find_layers", model=base)
+    if stack is None and not reads_text(base):
+        stacks = ", ".join(f"`{name}`" for name, _ in block_stacks(base)) or "none"
+        raise LayerDiscoveryError(
+            f"{type(base).__name__} is not a text model (its main input is `{base.main_input_name}`; layer stacks: "
+            f"{stacks}). loraplan plans the layer stack of a model that reads tokens: decoders, encoders, "
+            "encoder-decoders and the language model of a multimodal model; vision-only and audio-only models are "
+            "not planned. Fine-tune this one with stock PEFT, or teach loraplan its stack with a "
+            "`loraplan_find_layers` plugin (docs/hooks.md) and calibrate it with data it reads."
+        )
     if stack is None:
         raise LayerDiscoveryError(
             f"cannot find the transformer layer stack of {type(base).__name__}: no nn.ModuleList of identical "

@@ -15,9 +15,18 @@ from .data import CalibrationBatches, prepare_batches
 from .diagnostics import calibration_diagnostics, flag_reasons, stability
 from .errors import CalibrationError, ConfigError, PluginError
 from .hooks.manager import Registered, call_hook, get_plugin_manager, lookup, selectors, sharers
-from .layers import LayerStack, find_layers, parameter_device, parameter_dtype, target_shapes, unwrap
+from .layers import (
+    LayerStack,
+    find_layers,
+    linear_modules,
+    parameter_device,
+    parameter_dtype,
+    target_shapes,
+    unwrap,
+)
 from .layout import other_stacks_reached
 from .plan import LoraPlan, fingerprint
+from .sites import refused_targets
 from .strategies import (
     SelectionContext,
     SharingContext,
@@ -63,6 +72,15 @@ def resolve_targets(model: nn.Module, config: PlanConfig) -> list[str] | None:
         if isinstance(targets, (set, list, tuple)) and targets:
             return sorted(targets)
     return None
+
+
+def _linear_targets(base: nn.Module, stack: LayerStack) -> list[str] | None:
+    """The targets of "every linear module inside the layers" (``None``), less the ones stock PEFT refuses on this model
+    (Mamba's ``out_proj``): what could carry LoRA, so every statistic and the LoRA-drop warm-up read the same modules.
+    ``None`` where PEFT refuses none of them."""
+    leaves = {name.rsplit(".", 1)[-1] for name in linear_modules(stack.layers[0])}
+    refused = refused_targets(base, leaves)
+    return sorted(leaves - refused) if refused else None
 
 
 def _config(config: PlanConfig | dict | None) -> PlanConfig:
@@ -211,6 +229,8 @@ def make_plan(
     stack = find_layers(base, pm)
     k = config.layer_count(stack.num_layers)  # a bad count is refused before the calibration pass
     targets = resolve_targets(model, config)
+    targets_from = "config" if config.target_modules else ("peft" if targets else "all-linear")
+    targets = targets if targets is not None else _linear_targets(base, stack)
     other_stacks = other_stacks_reached(base, stack, targets)
     warnings: list[str] = []
     batches = _calibration_batches(calibration_data, config, tokenizer, base, chosen, warnings, processor)
@@ -245,7 +265,7 @@ def make_plan(
             "ambiguous": stack.ambiguous,
             "target_modules": sorted({name.rsplit(".", 1)[-1] for name in stats.target_names[0]}),
             "module_shapes": {name: list(io) for name, io in target_shapes(stack.layers[0], targets).items()},
-            "targets_from": "config" if config.target_modules else ("peft" if targets else "all-linear"),
+            "targets_from": targets_from,
             "other_stacks": other_stacks,
         },
         calibration=_calibration_record(base, batches, stats, config, chosen.requires),
@@ -530,16 +550,28 @@ def _share(
         sharer, sharer.call("share", SharingContext(stats, config, num_layers, list(selected))), selected, num_layers
     )
     if not result.groups and not shares_unselected(sharer):
-        best = None
-        if result.similarity is not None and len(selected) > 1:
-            best = max(result.similarity[i][j] for i in selected for j in selected if j > i)
-        warnings.append(
-            f"`share_threshold` {config.share_threshold} formed no share group among the {len(selected)} "
-            "selected layers"
-            + (f" (highest similarity between them: {best:.4f})" if best is not None else "")
-            + "; no layers share. Lower share_threshold to form groups."
-        )
+        warnings.append(_no_groups(config, selected, result.similarity))
     return _Sharing(result.groups, result.similarity, dict(result.scores))
+
+
+def _no_groups(config: PlanConfig, selected: list[int], similarity: list[list[float]] | None) -> str:
+    """The warning for a sharer that formed no group, with the advice that fits why."""
+    if len(selected) < 2:
+        return (
+            f"`share` {config.share!r}: only {len(selected)} layer is selected ({selected}), so no layers can share "
+            "a module. Select more layers (ratio, count or a budget), or set share=None."
+        )
+    head = f"`share` {config.share!r} formed no share group among the {len(selected)} selected layers {selected}"
+    if similarity is None:  # a sharer that does not group by similarity: the threshold is not what decides
+        return head + "; no layers share."
+    best = max(similarity[i][j] for i in selected for j in selected if j > i)
+    if best < config.share_threshold:
+        at_most = math.floor(best * 1e4) / 1e4
+        return (
+            f"{head} (highest similarity between them: {best:.4f}, below `share_threshold` "
+            f"{config.share_threshold}); no layers share. Lower share_threshold to at most {at_most} to form groups."
+        )
+    return f"{head} although their highest similarity ({best:.4f}) reaches `share_threshold`; no layers share."
 
 
 def _calibration_record(

@@ -33,6 +33,7 @@ __all__ = [
     "layers_carrying",
     "lora_sites",
     "reached_sites",
+    "refused_targets",
     "resolved_config",
     "show",
     "show_all",
@@ -133,6 +134,24 @@ def resolved_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
         if config.target_modules is None:
             config.target_modules = default_targets(getattr(model_config, "model_type", None))
     return _maybe_include_all_linear_layers(config, model)
+
+
+def refused_targets(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """Which of the module ``names`` (leaf names) stock PEFT refuses to give LoRA on ``model`` (its rule for Mamba-like
+    models: no LoRA on ``out_proj`` or ``conv1d``), checked with PEFT's own function."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:  # pragma: no cover - a PEFT without the rule refuses nothing
+        return set()
+    config = LoraConfig(target_modules=["q_proj"])
+    refused = set()
+    for name in names:
+        try:
+            _check_lora_target_modules_mamba(config, model, name)
+        except ValueError:
+            refused.add(name)
+    return refused
 
 
 def _matches_parameter(key: str, targets: Iterable[str]) -> bool:

@@ -136,3 +136,35 @@ def test_a_single_string_as_calibration_data_is_refused():
 
     with pytest.raises(ConfigError, match=r"`calibration_data` is the string 'reviews.jsonl'.*TRAIN_DATASET"):
         LoraPlanCallback(calibration_data="reviews.jsonl")
+
+
+def test_the_readme_snippet_reads_the_token_before_trls_eos(tmp_path, model_dir, tokenizer, texts):
+    """The README's `plan_trainer(trainer, {"selector": "cka", "share": "angular"})`: every TRL row ends with EOS, and
+    the default last_token='auto' reads the token before it (the reference mode's token on rows without an inner
+    EOS), so layer 0 is scorable; last_token='mask' reads EOS in every row, which the warning and the flag name."""
+    from trl import SFTConfig, SFTTrainer
+
+    from loraplan.integrations.hf import plan_trainer
+
+    def planned(tag, **settings):
+        from datasets import Dataset
+        from peft import LoraConfig
+
+        trainer = SFTTrainer(
+            model=str(model_dir),
+            args=SFTConfig(output_dir=str(tmp_path / tag), max_length=256, report_to=[], use_cpu=True, bf16=False),
+            train_dataset=Dataset.from_dict({"text": texts}),
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        )
+        assert all(row[-1] == tokenizer.eos_token_id for row in trainer.train_dataset["input_ids"][:16])
+        return plan_trainer(trainer, {"selector": "cka", "share": "angular", "calibration_samples": 16, **settings})
+
+    auto = planned("auto").plan
+    reference = planned("reference", last_token="reference").plan
+    assert auto.config["last_token"] == "auto" and not auto.flagged_layers
+    assert not any("degenerate" in w for w in auto.warnings)
+    assert auto.scores == reference.scores and auto.selected_layers == reference.selected_layers
+    mask = planned("mask", last_token="mask").plan
+    eos = f"token id {tokenizer.eos_token_id} (the EOS token), with last_token='mask'"
+    assert 0 in mask.flagged_layers and eos in mask.flagged_layers[0] and "last_token='auto'" in mask.flagged_layers[0]
+    assert any(eos in w and "calibration is degenerate" in w for w in mask.warnings)

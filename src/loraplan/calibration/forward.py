@@ -21,8 +21,10 @@ from .inputs import (
     input_device,
     layer_name,
     model_inputs,
+    never_called,
     positions,
     progress_bar,
+    token_stream,
 )
 from .stats import ACTIVATIONS, HIDDEN, CalibrationStats
 
@@ -48,14 +50,18 @@ def forward_pass(
     handles = [handle for collector in collectors for handle in collector.install()]
     device = input_device(base)
     bar = progress_bar(data.num_samples, "loraplan calibration", progress)
+    read: list[torch.Tensor] = []  # the token each sample is read at
     try:
         with torch.no_grad(), eval_mode(model), adapters_disabled(model):
             for number, batch in enumerate(data.batches):
                 state.batch_number = number
                 rows = batch["input_ids"].shape[0]
                 state.rows = torch.arange(rows, device=device)
-                state.positions = positions(batch, pooling, config.last_token, data.pad_token_id).to(device)
+                state.positions = positions(batch, pooling, config.last_token, data.pad_token_id, data.eos_token_id).to(
+                    device
+                )
                 state.mask = batch["attention_mask"].to(device=device, dtype=torch.float32)
+                read.append(batch["input_ids"][torch.arange(rows), state.positions.cpu()])
                 for collector in collectors:
                     collector.start_batch()
                 runner = forward_runner(base, stack, batch)  # the backbone, or what around it reads the images
@@ -69,8 +75,10 @@ def forward_pass(
             handle.remove()
         if activations is not None:
             activations.norm_cache.clear()
+    stats.meta.update(last_token=config.last_token, eos_token_id=data.eos_token_id)
     if hidden is not None:
         stats.hidden = [torch.cat(chunks) for chunks in hidden.pooled]
+        stats.read_tokens = torch.cat(read)
     if activations is not None:
         stats.activation_sums = torch.cat(activations.batches)
 
@@ -142,6 +150,8 @@ class _ActivationNorms:
         self.current: list[torch.Tensor | None] = [None] * num_layers
         self.calls = [0] * num_layers
         self.norm_cache: dict[Any, Any] = {}
+        #: per layer, the shape of a call that was not on the token stream (for the error when no call was)
+        self.other_shapes: dict[int, Any] = {}
 
     def install(self) -> list[Any]:
         handles = []
@@ -163,18 +173,13 @@ class _ActivationNorms:
         hit = cache.get(id(x))
         sums = hit[1] if hit is not None and hit[0] is x else None
         if sums is None:
-            original = x
-            mask = self.state.mask
-            if x.dim() == 2 and mask is not None and x.shape[0] == mask.numel():
-                x = x.reshape(mask.shape[0], mask.shape[1], -1)
-            if x.dim() != 3 or mask is None or tuple(x.shape[:2]) != tuple(mask.shape):
-                raise CalibrationError(
-                    f"cannot read the input of a target module in {layer_name(self.stack, layer)}: "
-                    f"expected (batch, tokens, features), got shape {tuple(x.shape)}."
-                )
-            norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32)
-            sums = (norms * mask).sum(dim=1).double()
-            cache[id(original)] = (original, sums)
+            stream = token_stream(x, self.state.mask)
+            if stream is None:  # not a token's input (e.g. relative position embeddings): not counted
+                self.other_shapes[layer] = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                return
+            norms = torch.linalg.vector_norm(stream.detach(), dim=-1, dtype=torch.float32)
+            sums = (norms * self.state.mask).sum(dim=1).double()
+            cache[id(x)] = (x, sums)
         self.calls[layer] += 1
         current = self.current[layer]
         self.current[layer] = sums if current is None else current + sums
@@ -189,10 +194,7 @@ class _ActivationNorms:
         row = []
         for i, current in enumerate(self.current):
             if current is None:
-                raise CalibrationError(
-                    f"the target modules of {layer_name(self.stack, i)} were never called in the forward "
-                    "pass; is the layer skipped for these inputs?"
-                )
+                raise never_called(self.stack, i, self.other_shapes.get(i))
             row.append((current / self.calls[i]).cpu())
         block = torch.stack(row, dim=1)
         if not bool(torch.isfinite(block).all()):

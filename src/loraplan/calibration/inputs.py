@@ -29,8 +29,10 @@ __all__ = [
     "loss_labels",
     "no_loss",
     "model_inputs",
+    "never_called",
     "positions",
     "progress_bar",
+    "token_stream",
 ]
 
 
@@ -54,7 +56,13 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def positions(batch: dict[str, torch.Tensor], pooling: str, last_token: str, pad_id: int) -> torch.Tensor:
+def positions(
+    batch: dict[str, torch.Tensor], pooling: str, last_token: str, pad_id: int, eos_id: int | None = None
+) -> torch.Tensor:
+    """The position each sample of ``batch`` is read at: the first token (``pooling="first"``), else the last real
+    token as ``last_token`` finds it (``"auto"``: the attention mask's last token, stepping back over a trailing run
+    of ``eos_id`` as long as a token is left; ``"mask"``: the attention mask's last token; ``"reference"``: the count
+    of tokens that are not ``pad_id``, minus one)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if pooling == "first":
         return torch.zeros(ids.shape[0], dtype=torch.long)
@@ -76,7 +84,42 @@ def positions(batch: dict[str, torch.Tensor], pooling: str, last_token: str, pad
         # middle of a sample (a chat template's end-of-turn): not the last real position then
         return real.sum(dim=1) - 1
     width = ids.shape[1]
-    return width - 1 - real.flip(dims=[1]).int().argmax(dim=1)
+    last = width - 1 - real.flip(dims=[1]).int().argmax(dim=1)
+    if last_token == "auto" and eos_id is not None:
+        first = real.int().argmax(dim=1)
+        for row in range(ids.shape[0]):
+            end = int(last[row])
+            while end > int(first[row]) and int(ids[row, end]) == eos_id and bool(real[row, end - 1]):
+                end -= 1
+            last[row] = end
+    return last
+
+
+def token_stream(x: Any, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` as ``(batch, tokens, features)`` when it is the token stream of the batch whose attention mask is
+    ``mask`` (also flattened to ``(batch * tokens, features)``), else ``None``: a module called on something else
+    (DeBERTa's query and key projections also read the relative position embeddings) is not a token's input."""
+    if not isinstance(x, torch.Tensor) or mask is None:
+        return None
+    if x.dim() == 2 and x.shape[0] == mask.numel():
+        x = x.reshape(mask.shape[0], mask.shape[1], -1)
+    if x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return None
+    return x
+
+
+def never_called(stack: LayerStack, layer: int, other_shape: Any = None) -> CalibrationError:
+    """The error for a layer whose target modules never read the token stream in a calibration forward pass."""
+    return CalibrationError(
+        f"the target modules of {layer_name(stack, layer)} were never called on the token stream (batch, tokens, "
+        "features) in the forward pass"
+        + (
+            f"; they were called only on a tensor of shape {other_shape}, which is not a token's input"
+            if other_shape is not None
+            else "; is the layer skipped for these inputs?"
+        )
+        + ". Set `target_modules` to modules that read the hidden states (e.g. ['query_proj', 'value_proj'])."
+    )
 
 
 def extra_inputs(batch: dict[str, torch.Tensor]) -> list[str]:

@@ -34,6 +34,8 @@ class CalibrationStats:
             tokens of ``||ΔW x||²``, the squared norm of the output of a temporary LoRA (on every layer) after a short
             warm-up on the calibration batches (LoRA-drop); the warm-up is described by ``meta["lora_drop"]``
             (``steps``, ``rank``, ``alpha``, ``lr``, ``loss_first``, ``loss_last``). ``None`` unless asked for.
+        read_tokens: (N,) the token id each sample's pooled vector is read at (with ``hidden``), so that a
+            calibration whose samples are all read at one token (every row ends with EOS) can be told.
         batch_index: (N,) batch number of each sample.
         target_names: the target module names (relative to the block) of each layer.
     """
@@ -46,6 +48,7 @@ class CalibrationStats:
     activation_sums: torch.Tensor | None = None
     gradients: torch.Tensor | None = None
     lora_outputs: torch.Tensor | None = None
+    read_tokens: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -70,6 +73,7 @@ class CalibrationStats:
             activation_sums=self.activation_sums[rows] if self.activation_sums is not None else None,
             gradients=self.gradients[chosen] if self.gradients is not None else None,
             lora_outputs=self.lora_outputs[rows] if self.lora_outputs is not None else None,
+            read_tokens=self.read_tokens[rows] if self.read_tokens is not None else None,
             meta=dict(self.meta),
         )
 

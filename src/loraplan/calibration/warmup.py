@@ -28,8 +28,10 @@ from .inputs import (
     layer_name,
     loss_labels,
     model_inputs,
+    never_called,
     no_loss,
     progress_bar,
+    token_stream,
 )
 from .stats import CalibrationStats
 
@@ -141,7 +143,14 @@ def _temporary_adapter(
             warnings.simplefilter("ignore")  # PEFT's notes on the temporary config (e.g. Conv1D's fan_in_fan_out)
             # the LoRA A matrices are drawn on the CPU generator (then moved): seeded, and the caller's RNG kept
             torch.random.default_generator.manual_seed(seed)
-            inject_adapter_in_model(lora_config, base, adapter_name=ADAPTER_NAME)
+            try:
+                inject_adapter_in_model(lora_config, base, adapter_name=ADAPTER_NAME)
+            except ValueError as exc:  # PEFT refuses a target on this model (e.g. Mamba's out_proj)
+                raise CalibrationError(
+                    f"`target_modules`: selector='lora_drop' trains a temporary LoRA on the target modules, and PEFT "
+                    f"refuses one of them on {type(base).__name__}: {exc} Set target_modules to modules PEFT can "
+                    "give LoRA on this model (the ones your LoraConfig targets)."
+                ) from exc
             cast_adapter_dtype(base, adapter_name=ADAPTER_NAME)  # fp16/bf16 weights train a float32 LoRA, as PEFT's
         adapted: list[list[nn.Module]] = [[] for _ in layer_targets]
         for layer_number, parent, attribute, _ in sites:
@@ -252,6 +261,7 @@ def _measure(
     """Per sample and layer, ``Σ ||ΔW x||²`` over the layer's adapted modules and the sample's non-pad tokens."""
     state = BatchState()
     current: list[torch.Tensor | None] = [None] * len(adapted)
+    other: dict[int, Any] = {}  # per layer, the shape of a call that was not on the token stream
     handles = []
     for layer_number, wrappers in enumerate(adapted):
         for wrapper in wrappers:
@@ -259,7 +269,7 @@ def _measure(
 
             # lora_B's output is B A x (dropout is 0); times PEFT's scaling it is the branch's output ΔW x
             def post(module: nn.Module, args: tuple, output: Any, _l: int = layer_number, _s: float = scaling) -> None:
-                _add(current, state, stack, _l, output, _s)
+                _add(current, other, state, _l, output, _s)
 
             handles.append(wrapper.lora_B[ADAPTER_NAME].register_forward_hook(post))
     rows: list[torch.Tensor] = []
@@ -275,10 +285,7 @@ def _measure(
                 row = []
                 for i, value in enumerate(current):
                     if value is None:
-                        raise CalibrationError(
-                            f"the target modules of {layer_name(stack, i)} were never called in the forward pass; "
-                            "is the layer skipped for these inputs?"
-                        )
+                        raise never_called(stack, i, other.get(i))
                     row.append(value.cpu())
                 block = torch.stack(row, dim=1)
                 if not bool(torch.isfinite(block).all()):
@@ -297,18 +304,19 @@ def _measure(
 
 
 def _add(
-    current: list[torch.Tensor | None], state: BatchState, stack: LayerStack, layer: int, output: Any, scaling: float
+    current: list[torch.Tensor | None],
+    other: dict[int, Any],
+    state: BatchState,
+    layer: int,
+    output: Any,
+    scaling: float,
 ) -> None:
     """Add one module's ``Σ_tokens ||ΔW x||²`` (per sample) to its layer's sums for the batch."""
     mask = state.mask
-    out = output if isinstance(output, torch.Tensor) else None
-    if out is not None and out.dim() == 2 and mask is not None and out.shape[0] == mask.numel():
-        out = out.reshape(mask.shape[0], mask.shape[1], -1)
-    if out is None or mask is None or out.dim() != 3 or tuple(out.shape[:2]) != tuple(mask.shape):
-        raise CalibrationError(
-            f"cannot read the LoRA output of a target module in {layer_name(stack, layer)}: expected (batch, tokens, "
-            f"features), got {tuple(out.shape) if out is not None else type(output).__name__}."
-        )
+    out = token_stream(output, mask)
+    if out is None:  # not a token's output (DeBERTa's projections of its relative position embeddings): not counted
+        other[layer] = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        return
     squares = out.detach().to(torch.float64).square().sum(dim=-1) * (scaling * scaling)
     sums = (squares * mask).sum(dim=1)
     previous = current[layer]

@@ -26,7 +26,7 @@ from ..errors import CalibrationError, ConfigError
 from .batches import _batch_extras, _from_batches, _hash_tensor
 from .files import read_texts
 from .images import _image_rows, _multimodal, _no_images, _no_processor, image_token_id
-from .samples import MESSAGES, PIXELS, TOKEN_KEYS, CalibrationBatches, Sample, _pad_id
+from .samples import MESSAGES, PIXELS, TOKEN_KEYS, CalibrationBatches, Sample, _eos_id, _pad_id
 from .text import _records, _tokenize, chat_ids
 from .text import chat_text as chat_text
 
@@ -175,4 +175,5 @@ def prepare_batches(
         data_hash="sha256:" + digest.hexdigest()[:16],
         pad_token_id=pad,
         num_tokens=sum(len(s.input_ids) for s in samples),
+        eos_token_id=_eos_id(tokenizer, model_config),
     )

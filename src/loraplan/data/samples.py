@@ -40,9 +40,21 @@ class CalibrationBatches:
     data_hash: str
     pad_token_id: int
     num_tokens: int
+    #: the EOS token of the tokenizer (else of the model config): ``last_token="auto"`` reads before a trailing one
+    eos_token_id: int | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def _eos_id(tokenizer: Any, model_config: Any) -> int | None:
+    """The EOS token id of the tokenizer, else of the model config (the first of a list), else ``None``."""
+    for candidate in (getattr(tokenizer, "eos_token_id", None), getattr(model_config, "eos_token_id", None)):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if isinstance(candidate, int):
+            return candidate
+    return None
 
 
 def _pad_id(tokenizer: Any, model_config: Any, last_token: str) -> int:
