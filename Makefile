@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU wheel of torch, pinned first so nothing pulls a CUDA build (see docs/development.md)
 TORCH ?= torch==2.13.0
-EXTRAS := trl,deepspeed,plot,assets,trackers,dev
+EXTRAS := trl,deepspeed,qlora,plot,assets,trackers,dev
 # The exact versions CI last proved (every other package; torch is TORCH above). `make venv` installs from them;
 # `make constraints` refreshes them; `make test-latest` tries the newest releases the pyproject ranges admit.
 CONSTRAINTS ?= requirements/constraints.txt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -229,3 +230,47 @@ def third_party():
     import types
 
     return types.SimpleNamespace(plugin=_ThirdParty, LastTwo=_LastTwo, PairAll=_PairAll)
+
+
+# -- quantized (bitsandbytes) weights ------------------------------------------------------------------------------
+
+
+def _digest(tensor) -> str:
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def quantized_state_of(model) -> dict[str, tuple]:
+    """Every quantized weight: its stored bytes, dtype and shape, and each part of its quantization state (absmax,
+    code, offset, the nested state of double quantization, the 8-bit scales), by module name without PEFT's
+    prefixes."""
+    found = {}
+    from loraplan.quantized import quantized_weights
+
+    for name, weight in quantized_weights(model).items():
+        module = model.get_submodule(name)
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        parts = [("data", _digest(weight.data), str(weight.dtype), tuple(weight.shape))]
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            parts.append(("state", state.blocksize, state.quant_type, str(state.dtype), tuple(state.shape)))
+            for field in ("absmax", "code", "offset"):
+                value = getattr(state, field, None)
+                if isinstance(value, torch.Tensor):
+                    parts.append((field, _digest(value), str(value.dtype), tuple(value.shape)))
+            if getattr(state, "nested", False):
+                parts.append(("state2", _digest(state.state2.absmax), _digest(state.state2.code)))
+        # 8-bit: the row scales live on the weight until the first forward moves them to the module's state
+        scales = getattr(weight, "SCB", None)
+        if scales is None:
+            scales = getattr(getattr(module, "state", None), "SCB", None)
+        if isinstance(scales, torch.Tensor):
+            parts.append(("SCB", _digest(scales)))
+        found[key] = tuple(parts)
+    return found
+
+
+@pytest.fixture
+def quantized_state():
+    """:func:`quantized_state_of`, for test modules: what no loraplan operation may change in a quantized model."""
+    return quantized_state_of

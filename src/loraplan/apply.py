@@ -17,6 +17,7 @@ from .errors import ConfigError, PlanMismatchError
 from .layers import LayerStack, find_layers, stack_at
 from .layout import plan_lora_config, planned_config
 from .plan import PLAN_FILE, LoraPlan
+from .quantized import refuse_repacked
 from .sites import (
     Site,
     adapters_of,
@@ -385,6 +386,7 @@ def apply_plan(
     """
     adapter = adapter_of(peft_model, adapter_name)
     plan.validate()
+    refuse_repacked(peft_model)
     stack = plan_stack(peft_model, plan)
     plan.check_model(peft_model, stack)
     current = peft_model.peft_config[adapter]

@@ -26,6 +26,7 @@ from .layers import (
 )
 from .layout import other_stacks_reached
 from .plan import LoraPlan, fingerprint
+from .quantized import quantization_of, training_numerics
 from .sites import refused_targets
 from .strategies import (
     SelectionContext,
@@ -234,10 +235,11 @@ def make_plan(
     other_stacks = other_stacks_reached(base, stack, targets)
     warnings: list[str] = []
     batches = _calibration_batches(calibration_data, config, tokenizer, base, chosen, warnings, processor)
-    stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
-    scoring = _score(chosen.selector, stats, config, stack.num_layers, k, warnings)
     base_rank = _base_rank(model, lora_rank)
-    costs, cost_problem = _costs(model, stack, config, targets, base_rank)
+    with training_numerics(model):  # 4-bit weights stay as they are (loraplan.quantized)
+        stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
+        costs, cost_problem = _costs(model, stack, config, targets, base_rank)
+    scoring = _score(chosen.selector, stats, config, stack.num_layers, k, warnings)
     complete = _completion(chosen.sharer, stats, config, stack.num_layers, costs.rank if costs else base_rank)
     selected, budget = _select(chosen.selector, scoring, config, costs, cost_problem, base_rank, complete)
     sharing = _share(chosen.sharer, stats, config, stack.num_layers, selected, warnings)
@@ -591,6 +593,7 @@ def _calibration_record(
         "device": device.type if device is not None else None,
         "statistics": sorted(requires),
         **({"lora_drop": dict(stats.meta["lora_drop"])} if "lora_drop" in stats.meta else {}),
+        **({"quantization": quantized} if (quantized := quantization_of(base)) else {}),
     }
 
 
@@ -621,6 +624,12 @@ def _finish(
         if base_rank is None:
             plan.cost["notes"].append(
                 f"the LoRA rank was not known when planning; the cost model assumed r={costs.rank}"
+            )
+        quantized = plan.calibration.get("quantization")
+        if quantized and costs.source == "flops":
+            plan.cost["notes"].append(
+                f"the base weights are {quantized} (bitsandbytes): the FLOPs model prices 16-bit weights and not the "
+                "dequantization of each quantized matmul; cost_model='timed' measures the quantized layers"
             )
     else:
         plan.cost = {"unavailable": cost_problem}

@@ -60,10 +60,17 @@ def train(config: str, report: str) -> None:
     )
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
     inputs = tok(["A fine cup of tea.", "Stale and bitter, never again."], return_tensors="pt", padding=True)
-    model.eval()
+    quantization = _quantization(cfg)
+    # a quantized model is compared in train mode (no dropout here): in eval mode under no_grad bitsandbytes repacks
+    # 4-bit weights for CPU inference, which is not what trained
+    mode = "train" if quantization is not None else "eval"
+    base = AutoModelForCausalLM.from_pretrained(cfg.base_model, quantization_config=quantization)
+    fresh_state = _quantized_state(base)
+    fresh = PeftModel.from_pretrained(base, cfg.output_dir)
+    for m in (model, fresh):
+        m.train(mode == "train")
     with torch.no_grad():
         want = model(**inputs).logits
-        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base_model), cfg.output_dir).eval()
         got = fresh(**inputs).logits
     reloaded_layers = sorted(
         {int(n.split(".layers.")[1].split(".")[0]) for n, _ in fresh.named_modules() if ".lora_A." in n}
@@ -82,8 +89,51 @@ def train(config: str, report: str) -> None:
         "config_sites": _sites(from_config),
         "saved_exclude_modules": saved.exclude_modules,
         "gradient_checkpointing_kwargs": dict(cfg.gradient_checkpointing_kwargs or {}),
+        "quantized_weights": len(fresh_state),
+        "quantized_weights_changed": sorted(k for k, v in _quantized_state(model).items() if fresh_state.get(k) != v),
     }
     Path(report).write_text(json.dumps(facts, indent=1), encoding="utf-8")
+
+
+def _quantization(cfg):
+    """The BitsAndBytesConfig of an ``adapter: qlora`` / ``load_in_8bit`` run, for fresh loads of the base model."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type or "nf4",
+            bnb_4bit_use_double_quant=bool(
+                cfg.bnb_4bit_use_double_quant if cfg.bnb_4bit_use_double_quant is not None else True
+            ),
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _quantized_state(model) -> dict[str, str]:
+    """A digest of every 4-bit weight's bytes and quantization state, by module name without PEFT's prefixes."""
+    import hashlib
+
+    import torch
+
+    def digest(t) -> str:
+        return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    found = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ != "Params4bit" or not hasattr(module, "quant_state"):
+            continue
+        state = weight.quant_state
+        parts = [digest(weight.data), str(state.dtype), digest(state.absmax), digest(state.code)]
+        if getattr(state, "nested", False):
+            parts += [digest(state.offset), digest(state.state2.absmax)]
+        found[name.replace("base_model.model.", "").replace(".base_layer", "")] = "|".join(parts)
+    return found
 
 
 def _sites(model) -> dict[str, int]:

@@ -247,6 +247,21 @@ def cli_failure(python: str, config: Path, cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
+def test_qlora_adapter_with_the_loraplan_block(axolotl_python, tiny_dir, tmp_path):
+    # Axolotl's single-GPU default, on the CPU: `adapter: qlora`, `load_in_4bit: true` (bitsandbytes NF4, double
+    # quantization); the plan is made on the 4-bit model and no quantized weight changes through training and saving
+    config = tiny_config(tiny_dir, tmp_path, adapter="qlora", load_in_4bit=True)
+    report, output = train(axolotl_python, config, tmp_path)
+    plan = LoraPlan.load(tmp_path / "out" / "loraplan.json")
+    assert plan.calibration["quantization"] == "4-bit nf4"
+    assert report["quantized_weights"] == 28 and report["quantized_weights_changed"] == []
+    assert sorted({int(site.split(".")[2]) for site in report["sites"]}) == plan.adapted_layers
+    assert report["config_sites"] == report["sites"]
+    assert report["global_step"] == 2 and all(math.isfinite(loss) for _, loss in report["losses"])
+    assert_ties(report, plan)
+    assert report["stock_reload_max_abs_diff"] == 0.0  # a fresh 4-bit load plus the saved adapter: the same logits
+
+
 def test_misspelt_key_names_the_key(axolotl_python, tiny_dir, tmp_path):
     config = tiny_config(tiny_dir, tmp_path, loraplan={"selector": "cka", "ratoi": 0.5})
     output = cli_failure(axolotl_python, config, tmp_path)

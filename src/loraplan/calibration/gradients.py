@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,16 +26,22 @@ def gradient_pass(
     stats: CalibrationStats,
     progress: bool,
 ) -> None:
-    weights: list[list[nn.Parameter]] = [[base_layer(m).weight for m in modules.values()] for modules in layer_targets]
-    every = [p for ws in weights for p in ws]
+    """Per batch and layer, the summed ``||dLoss/dW||_F`` of the layer's target modules. A floating-point weight gets
+    its gradient from autograd; a quantized one (bitsandbytes 4-bit or 8-bit, which cannot require grad) from its
+    module's input and output gradient, ``dLoss/dW = Σ_tokens g xᵀ``, the gradient of the weight it stands for."""
+    modules = [[base_layer(m) for m in targets.values()] for targets in layer_targets]
+    every = [m.weight for ms in modules for m in ms if m.weight.is_floating_point()]
+    quantized = _QuantizedGradients([m for ms in modules for m in ms if not m.weight.is_floating_point()])
     saved_flags = {id(p): p.requires_grad for p in base.parameters()}
     saved_grads = {id(p): p.grad for p in every}
     device = input_device(base)
     norms: list[torch.Tensor] = []
     bar = progress_bar(data.num_samples, "loraplan gradient scores", progress)
+    handles = quantized.install()
     try:
         for p in base.parameters():
-            p.requires_grad_(False)
+            if p.is_floating_point():
+                p.requires_grad_(False)
         for p in every:
             p.requires_grad_(True)
             p.grad = None
@@ -50,24 +57,62 @@ def gradient_pass(
                 if not bool(torch.isfinite(loss)):
                     raise CalibrationError(f"the calibration loss is not finite on batch {number}: {float(loss)}")
                 loss.backward()
-                norms.append(_take_gradient_norms(weights, stack, number))
+                norms.append(_take_gradient_norms(modules, quantized, stack, number))
                 bar.update(batch["input_ids"].shape[0])
     finally:
         bar.close()
+        for handle in handles:
+            handle.remove()
         for p in base.parameters():
-            p.requires_grad_(saved_flags.get(id(p), p.requires_grad))
+            if p.is_floating_point():
+                p.requires_grad_(saved_flags.get(id(p), p.requires_grad))
         for p in every:
             p.grad = saved_grads[id(p)]
     stats.gradients = torch.stack(norms)
 
 
-def _take_gradient_norms(weights: list[list[nn.Parameter]], stack: LayerStack, number: int) -> torch.Tensor:
+class _QuantizedGradients:
+    """``dLoss/dW`` of modules whose weight is stored quantized, summed over a batch's calls: a forward hook keeps each
+    call's input and hooks its output's gradient, which adds ``gᵀ x`` (over every token) to the module's sum."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.sums: dict[int, torch.Tensor] = {}
+
+    def install(self) -> list[Any]:
+        return [module.register_forward_hook(self._forward) for module in self.modules]
+
+    def _forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
+            return
+        x = args[0].detach()
+
+        def add(grad: torch.Tensor) -> None:
+            g = grad.reshape(-1, grad.shape[-1]).float()
+            product = g.T @ x.reshape(-1, x.shape[-1]).float()
+            key = id(module)
+            self.sums[key] = product if key not in self.sums else self.sums[key] + product
+
+        output.register_hook(add)
+
+    def take(self, module: nn.Module) -> float | None:
+        """The Frobenius norm of ``module``'s summed gradient for the batch (cleared), ``None`` without one."""
+        total = self.sums.pop(id(module), None)
+        return None if total is None else float(total.norm())
+
+
+def _take_gradient_norms(
+    modules: list[list[nn.Module]], quantized: _QuantizedGradients, stack: LayerStack, number: int
+) -> torch.Tensor:
     """Per layer, the summed Frobenius norms of its target weights' gradients (which are then cleared)."""
     row = []
-    for layer_number, ws in enumerate(weights):
+    for layer_number, ms in enumerate(modules):
         total = 0.0
-        for w in ws:
-            if w.grad is not None:
+        for module in ms:
+            w = module.weight
+            if not w.is_floating_point():
+                total += quantized.take(module) or 0.0
+            elif w.grad is not None:
                 total += float(w.grad.detach().float().norm())
                 w.grad = None
         if not math.isfinite(total):
