@@ -32,6 +32,12 @@ arguments).
 DeepSpeed without a GPU: accelerate does not set DeepSpeed up on a machine with no accelerator (it counts one
 process, or, with ``use_cpu``, never initialises DeepSpeed's communication, so DeepSpeed's batch-size check fails).
 This script then initialises ``deepspeed.comm`` with gloo before the training arguments and sets ``use_cpu``.
+
+FSDP without a GPU: accelerate sets FSDP up only on accelerators and otherwise silently trains each process alone
+or under DDP; this script then keeps the FSDP plugin on accelerate's CPU processes (gloo), see :func:`cpu_fsdp`:
+
+    accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes 2 --mixed_precision no \
+        recipes/trl_sft.py --config recipes/configs/trl/tiny_cpu.yaml loraplan.share=null
 """
 
 from __future__ import annotations
@@ -163,6 +169,42 @@ def _cpu_deepspeed(training: dict[str, Any]) -> None:
     training["use_cpu"] = True
 
 
+def cpu_fsdp(training: dict[str, Any]) -> bool:
+    """FSDP without a GPU: run it on CPU processes with gloo. Returns whether it did anything.
+
+    accelerate (1.16) sets FSDP up only on accelerators. Launched with an FSDP config on a machine without one, each
+    process trains alone (or, with ``use_cpu``, under DDP), and nothing says so; ``TrainingArguments(fsdp=...)``
+    with ``use_cpu`` falls back to DDP the same way. So when FSDP is asked for (``accelerate launch`` with an FSDP
+    config, or ``training.fsdp``) and there is no GPU, this asks accelerate for its CPU processes and keeps the FSDP
+    plugin it was given: ``fully_shard`` then runs for real over gloo. On a GPU it does nothing.
+    """
+    import torch
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training.get("fsdp"))
+    if not asked or torch.cuda.is_available():
+        return False
+    from accelerate import state
+    from accelerate.utils import DistributedType
+
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    training["use_cpu"] = True
+    training.setdefault("ddp_backend", "gloo")
+    original = state.AcceleratorState.__init__
+    if getattr(original, "__cpu_fsdp__", False):
+        return True
+
+    def init(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    init.__cpu_fsdp__ = True  # type: ignore[attr-defined]
+    state.AcceleratorState.__init__ = init
+    return True
+
+
 #: per layer, whether its output required grad in the training forwards (for --report)
 _OUTPUT_RECORDS: dict[int, set[bool]] = {}
 
@@ -206,6 +248,11 @@ def report(trainer: Any, callback: Any, path: str) -> None:
         "rank": rank,
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "deepspeed": trainer.is_deepspeed_enabled,
+        "fsdp_version": getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", None)
+        if trainer.is_fsdp_enabled
+        else None,
+        "probe_logits": _probe_logits(trainer),
+        "base_model": model.get_base_model().config._name_or_path,
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "engine": type(trainer.model_wrapped).__name__,
         "plan": callback.plan.to_dict(),
@@ -230,6 +277,21 @@ def report(trainer: Any, callback: Any, path: str) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_name(f"{out.stem}.rank{rank}{out.suffix}").write_text(json.dumps(facts, indent=2), encoding="utf-8")
+
+
+def _probe_logits(trainer: Any) -> list:
+    """The trained model's logits on two fixed sentences, the first 256 of the vocabulary (every rank runs the
+    forward: under FSDP and ZeRO-3 it is collective), so that a saved adapter can be checked to reload to the same
+    outputs."""
+    import torch
+
+    tokenizer = trainer.processing_class
+    batch = tokenizer(["A fine cup of tea.", "Stale and bitter, never again."], return_tensors="pt", padding=True)
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{k: v.to(trainer.args.device) for k, v in batch.items()}).logits
+    return logits[..., :256].float().cpu().tolist()
 
 
 def _truncation(model: Any) -> dict[str, Any] | None:
@@ -277,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     training = dict(config.get("training") or {})
     _cpu_deepspeed(training)
+    cpu_fsdp(training)
     sft_args = SFTConfig(**training)
 
     model_spec = config["model"]

@@ -4,6 +4,9 @@
 ``python dist_worker.py zero3 OUT MODEL_DIR``: calibration on weights DeepSpeed ZeRO-3 partitioned at creation.
 ``python dist_worker.py fsdp2 OUT MODEL_DIR``: a top-half plan under FSDP2 (``fully_shard`` per layer) with
 checkpointing, once with loraplan's truncated backward and once without.
+``python dist_worker.py trainer_fsdp2 OUT MODEL_DIR``: HF ``Trainer`` with ``TrainingArguments(fsdp=...,
+fsdp_config={"fsdp_version": 2, ...})`` and ``LoraPlanCallback``, two steps (on the CPU through the TRL recipe's
+``cpu_fsdp``, which keeps accelerate's FSDP plugin on its gloo processes).
 Each rank writes ``OUT/rank<N>.json`` with what it observed; the test makes the assertions.
 """
 
@@ -154,9 +157,86 @@ def fsdp2(out: Path, model_dir: str) -> dict:
     return facts
 
 
+def trainer_fsdp2(out: Path, model_dir: str) -> dict:
+    """HF Trainer under FSDP2 from its own arguments, the plan computed by the callback at on_init_end."""
+    import importlib.util
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from loraplan.apply import lora_modules_by_layer
+    from loraplan.integrations.hf import LoraPlanCallback
+    from loraplan.truncate import truncation_of
+
+    spec = importlib.util.spec_from_file_location("trl_sft", Path(__file__).parents[2] / "recipes" / "trl_sft.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    fsdp_config = {
+        "fsdp_version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "FULL_STATE_DICT",
+        "reshard_after_forward": True,
+        "cpu_ram_efficient_loading": False,
+    }
+    training = {"fsdp": True, "fsdp_config": fsdp_config}
+    recipe.cpu_fsdp(training)  # no GPU here: keep the FSDP plugin on accelerate's CPU processes
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = Dataset.from_dict({"text": texts(False)}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"]
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    callback = LoraPlanCallback({**SETTINGS, "share": None}, calibration_data=texts(False)[:16])
+    args = TrainingArguments(
+        output_dir=str(out / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        save_steps=2,
+        logging_steps=1,
+        report_to=[],
+        seed=0,
+        gradient_checkpointing=True,
+        dataloader_num_workers=0,
+        **training,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.train()
+    trainer.save_model()
+    truncation = truncation_of(trainer.model)
+    return {
+        "rank": dist.get_rank(),
+        "fsdp": trainer.is_fsdp_enabled,
+        "fsdp_version": trainer.accelerator.state.fsdp_plugin.fsdp_version,
+        "model_class": type(trainer.model).__name__,
+        "plan": callback.plan.to_dict(),
+        "layers": sorted(i for i, modules in lora_modules_by_layer(trainer.model).items() if modules),
+        "truncation": {"active": truncation.active, "layers": truncation.layers},
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "global_step": trainer.state.global_step,
+    }
+
+
 def main() -> None:
     mode, out, model_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-    facts = {"broadcast": broadcast, "zero3": zero3, "fsdp2": fsdp2}[mode](out, model_dir)
+    workers = {"broadcast": broadcast, "zero3": zero3, "fsdp2": fsdp2, "trainer_fsdp2": trainer_fsdp2}
+    facts = workers[mode](out, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{facts['rank']}.json").write_text(json.dumps(facts, indent=1), encoding="utf-8")
     dist.barrier()

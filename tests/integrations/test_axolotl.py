@@ -285,6 +285,28 @@ def test_custom_reentrant_offloading_with_sharing_is_refused(axolotl_python, tin
     assert "`activation_offloading: legacy`" in output and "cannot train shared LoRA modules" in output
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({}, "`share` is 'angular': under FSDP2 every decoder layer is its own fully_shard unit"),
+        ({"share": None, "state_dict_type": "SHARDED_STATE_DICT"}, "`fsdp_state_dict_type` is SHARDED_STATE_DICT"),
+    ],
+    ids=["sharing", "sharded-state-dict"],  # fsdp_version 1: Axolotl 0.21 itself refuses it
+)
+def test_what_fsdp_cannot_train_is_refused_before_the_model_loads(changes, message, axolotl_python, tiny_dir, tmp_path):
+    # Axolotl's fsdp_config: loraplan refuses what FSDP2 cannot keep exact before any weight loads (Axolotl's FSDP
+    # itself needs GPUs: accelerate sets FSDP up only on accelerators)
+    fsdp = {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}
+    if "state_dict_type" in changes:
+        fsdp["state_dict_type"] = changes["state_dict_type"]
+    block = yaml.safe_load(TINY.read_text(encoding="utf-8"))["loraplan"]
+    if "share" in changes:
+        block["share"] = changes["share"]
+    config = tiny_config(tiny_dir, tmp_path, fsdp_config=fsdp, fsdp_version=2, loraplan=block)
+    output = cli_failure(axolotl_python, config, tmp_path)
+    assert message in output and "loraplan calibration" not in output
+
+
 def test_every_axolotl_recipe_validates(axolotl_python, tmp_path):
     recipes = sorted((REPO / "recipes" / "axolotl").glob("*.yaml"))
     done = run(axolotl_python, [DRIVER, "validate", *recipes], cwd=REPO)

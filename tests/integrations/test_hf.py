@@ -342,3 +342,22 @@ def test_attach_plans_a_callback_added_after_construction(tmp_path, model_dir, t
     callback.attach(trainer)
     trainer.train()
     checks.plan_realised(model, callback.plan)
+
+
+@pytest.mark.parametrize(
+    ("fsdp", "share", "message"),
+    [
+        (("1", "FULL_STATE_DICT"), None, "`fsdp_version` is 1: loraplan is tested with FSDP2 only"),
+        (("2", "FULL_STATE_DICT"), "angular", "`share` is 'angular': under FSDP2 every decoder layer"),
+        (("2", "SHARDED_STATE_DICT"), None, "`fsdp_state_dict_type` is SHARDED_STATE_DICT"),
+    ],
+    ids=["fsdp1", "sharing", "sharded"],
+)
+def test_what_fsdp_cannot_train_is_refused(fsdp, share, message):
+    from loraplan.errors import ConfigError
+    from loraplan.integrations._common import Fsdp, refuse_under_fsdp
+
+    with pytest.raises(ConfigError, match=message):
+        refuse_under_fsdp(Fsdp(int(fsdp[0]), fsdp[1]), share=share)
+    refuse_under_fsdp(Fsdp(2, "FULL_STATE_DICT"))  # FSDP2, no sharing, a full state dict: trained as planned
+    refuse_under_fsdp(None, share="angular")  # no FSDP: nothing to refuse

@@ -6,6 +6,7 @@ Imports transformers/peft only inside functions, and no trainer framework at all
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -28,6 +29,9 @@ logger = logging.getLogger("loraplan")
 __all__ = [
     "check_applied",
     "check_checkpoint",
+    "Fsdp",
+    "fsdp_in_use",
+    "refuse_under_fsdp",
     "non_reentrant_model",
     "resolve_plan",
 ]
@@ -38,6 +42,63 @@ SHARING_REASON = (
     "parameters' gradient hooks fire once per layer (DeepSpeed ZeRO-2/3 asserts, DDP reports a parameter marked "
     "ready twice)"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Fsdp:
+    """How a run shards the model with FSDP: its version and the state dict a save writes."""
+
+    version: int
+    state_dict_type: str
+
+
+def fsdp_in_use() -> Fsdp | None:
+    """The FSDP settings of the accelerate state a ``Trainer`` set up, when it trains with FSDP, else ``None``. The
+    state exists from ``Trainer.__init__`` on, before ``on_init_end``."""
+    try:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+    except ImportError:  # pragma: no cover - accelerate comes with transformers' Trainer
+        return None
+    state = AcceleratorState._shared_state
+    if not state or state.get("distributed_type") != DistributedType.FSDP:
+        return None
+    plugin = state.get("fsdp_plugin")
+    return Fsdp(
+        version=int(getattr(plugin, "fsdp_version", 1) or 1),
+        state_dict_type=str(getattr(plugin, "state_dict_type", None) or "FULL_STATE_DICT"),
+    )
+
+
+def refuse_under_fsdp(fsdp: Fsdp | None, share: Any = None, plan: LoraPlan | None = None) -> None:
+    """:class:`ConfigError` for what does not train right under FSDP: FSDP1 (loraplan's ties and truncation are
+    proven with FSDP2 only), layers that share LoRA modules (``share`` asked for, or ``plan`` has share groups), and a
+    sharded state dict (``Trainer.save_model`` then writes no adapter)."""
+    if fsdp is None:
+        return
+    if fsdp.version != 2:
+        raise ConfigError(
+            f"`fsdp_version` is {fsdp.version}: loraplan is tested with FSDP2 only (fully_shard; its share groups and "
+            "backward truncation are not proven with FSDP1's flat parameters). Set fsdp_version: 2 in the FSDP "
+            "config (accelerate's fsdp_config, TrainingArguments.fsdp_config or Axolotl's fsdp_version)."
+        )
+    groups = plan.share_groups if plan is not None else None
+    if share is not None or groups:
+        name = share if share is not None else plan.share if plan is not None else None
+        raise ConfigError(
+            f"`share` is {name!r}"
+            + (f" (share groups {groups})" if groups else "")
+            + ": under FSDP2 every decoder layer is its own fully_shard unit, and a LoRA module shared by two layers "
+            "would belong to two units (torch stops at accelerator.prepare with an unclear TypeError; sharded by "
+            "hand, the tie survives training but a FULL_STATE_DICT checkpoint no longer resumes). Plan without "
+            "sharing (share: null) under FSDP2, or train the shared plan with DDP or DeepSpeed ZeRO-2/3."
+        )
+    if "SHARDED" in fsdp.state_dict_type.upper():
+        raise ConfigError(
+            f"`fsdp_state_dict_type` is {fsdp.state_dict_type}: with a sharded state dict Trainer.save_model writes "
+            "no adapter at all (only shard folders), so the planned adapter would not be saved. Set "
+            "fsdp_state_dict_type: FULL_STATE_DICT."
+        )
 
 
 def _normalised(config: PlanConfig) -> dict[str, Any]:

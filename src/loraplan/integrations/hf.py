@@ -24,7 +24,15 @@ from ..errors import ConfigError, PlanMismatchError
 from ..plan import PLAN_FILE, LoraPlan
 from ..processes import from_main
 from ..truncate import truncation_of
-from ._common import SHARING_REASON, check_applied, check_checkpoint, non_reentrant_model, resolve_plan
+from ._common import (
+    SHARING_REASON,
+    check_applied,
+    check_checkpoint,
+    fsdp_in_use,
+    non_reentrant_model,
+    refuse_under_fsdp,
+    resolve_plan,
+)
 from .trackers import report_plan
 from .trainer_data import is_text, training_rows
 
@@ -205,6 +213,9 @@ class LoraPlanCallback(TrainerCallback):
                 "trainers."
             )
         output_dir = Path(args.output_dir)
+        fsdp = fsdp_in_use()
+        if self.plan is None and self.plan_path is None:  # before any calibration is spent
+            refuse_under_fsdp(fsdp, share=self.config.share)
         plan, how = resolve_plan(
             plan=self.plan,
             plan_path=self.plan_path,
@@ -221,6 +232,7 @@ class LoraPlanCallback(TrainerCallback):
                 "trainer's own training data), or plan_path= with a saved loraplan.json."
             ),
         )
+        refuse_under_fsdp(fsdp, plan=plan)
         apply_plan(model, plan, adapter_name=self.adapter_name, truncate_backward=self.truncate_backward)
         self.plan = plan
         if not getattr(model.load_adapter, "__loraplan_guard__", False):

@@ -33,7 +33,7 @@ from ...distributed import make_plan_everywhere
 from ...errors import ConfigError
 from ...plan import PLAN_FILE, LoraPlan
 from ...processes import is_main_process
-from .._common import SHARING_REASON, check_checkpoint, resolve_plan
+from .._common import SHARING_REASON, Fsdp, check_checkpoint, refuse_under_fsdp, resolve_plan
 from .args import PLUGIN, LoraPlanAxolotlConfig
 
 logger = logging.getLogger("loraplan")
@@ -103,6 +103,16 @@ def _plain_attention(model: Any) -> Iterator[None]:
             delattr(module, name)
 
 
+def _fsdp(cfg: Any) -> Fsdp | None:
+    """Axolotl's FSDP settings (``fsdp_config``, ``fsdp_version``), when the config trains with FSDP."""
+    fsdp = cfg.get("fsdp_config")
+    if not fsdp:
+        return None
+    version = cfg.get("fsdp_version") or fsdp.get("fsdp_version") or 2
+    state_dict = fsdp.get("state_dict_type") or fsdp.get("fsdp_state_dict_type") or "FULL_STATE_DICT"
+    return Fsdp(version=int(version), state_dict_type=str(state_dict))
+
+
 class LoraPlanPlugin(BasePlugin):
     """Axolotl plugin: plan which layers get LoRA and which share it, from a short calibration pass.
 
@@ -131,6 +141,7 @@ class LoraPlanPlugin(BasePlugin):
                 f"`peft_layers_to_transform` is set to {list(cfg.peft_layers_to_transform)}, but loraplan decides "
                 "which layers get LoRA. Remove `peft_layers_to_transform` (and `peft_layers_pattern`) from the config."
             )
+        refuse_under_fsdp(_fsdp(cfg), share=block.share)
         if block.share is not None and cfg.get("gradient_checkpointing"):
             offloading = cfg.get("activation_offloading")
             if offloading in _CUSTOM_CHECKPOINTING:
@@ -167,6 +178,7 @@ class LoraPlanPlugin(BasePlugin):
             no_data_message="`loraplan`: no plan and no calibration data.",
         )
         plan.check_model(model)
+        refuse_under_fsdp(_fsdp(cfg), plan=plan)  # a saved plan (plan_path) may carry share groups
         self.truncate_backward = block.truncate_backward is not False
         self.plan = plan
         LOG.info(
