@@ -344,3 +344,27 @@ def test_a_stack_found_by_a_plugin_on_the_callers_manager_is_found_when_applying
     from loraplan import remove_truncation
 
     assert remove_truncation(loaded) == 3  # layers 0 and 1 below the cut, 2 the boundary
+
+
+def test_a_bf16_model_round_trips_through_training_and_stock_reload(pm, make_llama, make_batches, tmp_path):
+    from peft import PeftModel
+
+    model = make_llama(layers=6).to(torch.bfloat16)
+    plan = make_plan(model, make_batches(), PlanConfig(share="angular", share_threshold=0.0, calibration_samples=16),
+                     plugin_manager=pm)  # fmt: skip
+    assert plan.calibration["dtype"] == "bfloat16"
+    peft_model = apply_plan(get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS)), plan)
+    assert _lora_layers(peft_model) == set(plan.adapted_layers)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 100, (4, 10))
+    for _ in range(2):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    save_adapter(peft_model, tmp_path)
+    stock = PeftModel.from_pretrained(make_llama(layers=6).to(torch.bfloat16), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, want, rtol=0, atol=0)

@@ -357,3 +357,45 @@ def test_show_on_an_adapter_config_says_where_the_plan_is(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a PEFT adapter config, not a loraplan plan" in err and "loraplan.json beside a saved adapter" in err
     assert "Recompute" not in err
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_analyze_plans_both_stacks_of_an_encoder_decoder_model(family, tmp_path, review_file, capsys, smollm2_dir):
+    import torch
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0)
+    if family == "t5":
+        config = tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=4, num_heads=4, vocab_size=len(tokenizer), **ids)
+        model = tf.T5ForConditionalGeneration(config)
+    else:
+        sizes = dict(encoder_layers=4, decoder_layers=4, encoder_attention_heads=4, decoder_attention_heads=4)
+        config = tf.BartConfig(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=len(tokenizer), **sizes)
+        model = tf.BartForConditionalGeneration(tf.BartConfig(**{**config.to_dict(), **ids}))
+    model.save_pretrained(tmp_path / family)
+    tokenizer.save_pretrained(tmp_path / family)
+    out = tmp_path / "plan.json"
+    args = ["--samples", "12", "--max-length", "32", "--share", "angular", "--share-threshold", "0"]
+    code = main(
+        [
+            "analyze",
+            str(tmp_path / family),
+            "--data",
+            str(review_file),
+            "--text-field",
+            "review",
+            *args,
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    plan = LoraPlan.load(out)
+    assert [one.stack.get("name") for one in plan.stacks] == ["encoder", "decoder"]
+    assert [len(one.selected_layers) for one in plan.stacks] == [2, 2]
+    assert "== encoder stack ==" in printed and "== decoder stack ==" in printed
+    assert "trainable LoRA parameters of the whole model" in printed
+    assert main(["show", str(out)]) == 0 and "== decoder stack ==" in capsys.readouterr().out

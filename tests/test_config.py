@@ -37,7 +37,7 @@ def test_defaults_match_the_documented_api():
         ({"batch_size": True}, "batch_size"),
         ({"target_modules": "q_proj"}, "target_modules"),
         ({"target_modules": []}, "target_modules"),
-        ({"pooling": "mean"}, "pooling"),
+        ({"pooling": "max"}, "pooling"),
         ({"last_token": "eos"}, "last_token"),
         ({"selector": ""}, "selector"),
     ],

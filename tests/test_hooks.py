@@ -25,6 +25,7 @@ def test_builtins_are_registered_as_plugins(pm):
         "top",
         "bottom",
         "every_other",
+        "none",
         "all",
     }
     assert set(sharers(pm)) == {"angular", "lora_drop", "odd_even"}

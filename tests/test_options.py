@@ -33,6 +33,7 @@ SAMPLES = {
     "seed": (3, ["--seed", "3"]),
     "target_modules": (["q_proj", "v_proj"], ["--target-modules", "q_proj,v_proj"]),
     "text_field": ("review", ["--text-field", "review"]),
+    "target_field": ("summary", ["--target-field", "summary"]),
     "image_field": ("picture", ["--image-field", "picture"]),
     "pooling": ("first", ["--pooling", "first"]),
     "last_token": ("reference", ["--last-token", "reference"]),
@@ -44,6 +45,10 @@ SAMPLES = {
     "cost_model": ("timed", ["--cost-model", "timed"]),
     "cost_checkpointing": (False, ["--no-checkpointing"]),
     "cost_shape": ([2, 32], ["--cost-shape", "2x32"]),
+    "stacks": (
+        {"encoder": {"selector": "top", "count": 2}, "decoder": {"selector": "all"}},
+        ["--stacks", "encoder.selector=top", "--stacks", "encoder.count=2", "--stacks", "decoder.selector=all"],
+    ),
     "options": ({"window": 4, "mode": "fast"}, ["--options", "window=4", "--options", "mode=fast"]),
 }
 

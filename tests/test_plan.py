@@ -95,11 +95,18 @@ def test_save_into_a_directory_and_load_it_back(tmp_path):
     assert again.read_bytes() == path.read_bytes()
 
 
-@pytest.mark.parametrize("fmt", [None, "loraplan.plan/2"])
+@pytest.mark.parametrize("fmt", [None, "loraplan.plan/3"])
 def test_from_dict_refuses_another_format(fmt):
     data = _document()
     data["format"] = fmt
     with pytest.raises(PlanMismatchError, match=f"`format` is {fmt!r}; this loraplan reads 'loraplan.plan/1'"):
+        LoraPlan.from_dict(data)
+
+
+def test_a_stacks_plan_file_without_stacks_is_refused():
+    data = _document()
+    data["format"] = "loraplan.plan/2"  # an encoder-decoder model's plan: its stacks are what it is made of
+    with pytest.raises(PlanMismatchError, match="`stacks` of a 'loraplan.plan/2' plan must list two or more stacks"):
         LoraPlan.from_dict(data)
 
 

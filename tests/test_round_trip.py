@@ -21,7 +21,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from loraplan import ConfigError, PlanConfig, apply_plan, hookimpl, load_adapter, make_plan, save_adapter
+from loraplan import PlanConfig, apply_plan, hookimpl, load_adapter, make_plan, save_adapter
 from loraplan.strategies import Selector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -339,40 +339,3 @@ def test_round_trip(arch, feature, settings, share, path, plans, tmp_path, read_
     if share:
         groups_are_one_tensor(ours, arch)
     torch.testing.assert_close(logits(ours, arch), expected)
-
-
-def test_encoder_decoder_models_are_refused_naming_both_stacks(pm):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    bart = tf.BartForConditionalGeneration(
-        tf.BartConfig(
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=3,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-        )
-    )
-    t5 = tf.T5ForConditionalGeneration(
-        tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB)
-    )
-    for model, planned, other in (
-        (bart, "model.decoder.layers", "model.encoder.layers"),
-        (t5, "encoder.block", "decoder.block"),
-    ):
-        for targets in (None, ["q_proj", "v_proj"] if model is bart else ["q", "v"]):
-            with pytest.raises(ConfigError) as exc:
-                make_plan(
-                    model,
-                    [inputs("llama", 1)],
-                    PlanConfig(selector="top", target_modules=targets, calibration_samples=2),
-                    plugin_manager=pm,
-                    progress=False,
-                )
-            message = str(exc.value)
-            assert f"`{other}`" in message and f"`{planned}`" in message and "encoder-decoder" in message

@@ -15,7 +15,7 @@ from torch import nn
 from .card import attach_card
 from .errors import ConfigError, PlanMismatchError
 from .layers import LayerStack, find_layers, stack_at
-from .layout import plan_lora_config, planned_config
+from .layout import is_planned, plan_lora_config, planned_config
 from .plan import PLAN_FILE, LoraPlan
 from .quantized import refuse_repacked
 from .sites import (
@@ -201,34 +201,34 @@ def _adapter_parameters(module: nn.Module, adapter: str) -> list[nn.Parameter]:
 
 
 def _parameters_replaced(
-    peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: str, config: Any
+    peft_model: nn.Module, plan: LoraPlan, stacks: list[tuple[LoraPlan, LayerStack]], adapter: str, config: Any
 ) -> dict[int, str]:
     """What :func:`apply_plan` is about to take out of the model (``id`` -> a name for messages): the LoRA parameters
-    of the unplanned layers, of the modules re-created at another rank, and of the share-group members that take
-    their leader's modules. An optimizer that holds any of them was built too early."""
-    selected = set(plan.adapted_layers)
-    by_layer = lora_modules_by_layer(peft_model, stack, adapter)
+    of the unplanned layers (of every stack), of the modules re-created at another rank, and of the share-group
+    members that take their leader's modules. An optimizer that holds any of them was built too early."""
     replaced: dict[int, str] = {}
 
     def add(module: nn.Module, where: str) -> None:
         for p in _adapter_parameters(module, adapter):
             replaced.setdefault(id(p), where)
 
-    for index, modules in by_layer.items():
-        if index not in selected:
-            for name, module in modules.items():
-                add(module, f"{stack.path}.{index}.{name} (removed: layer {index} is not planned)")
-    planned = lambda key: (i := layer_index(key, stack.path)) is None or i in selected  # noqa: E731
-    for module, r, _ in _rank_changes(peft_model, adapter, config, planned):
+    for one, stack in stacks:
+        selected = set(one.adapted_layers)
+        by_layer = lora_modules_by_layer(peft_model, stack, adapter)
+        for index, modules in by_layer.items():
+            if index not in selected:
+                for name, module in modules.items():
+                    add(module, f"{stack.path}.{index}.{name} (removed: layer {index} is not planned)")
+        for group in one.share_groups:
+            for member in group[1:]:
+                for name, module in by_layer.get(member, {}).items():
+                    lead = by_layer.get(group[0], {}).get(name)
+                    if lead is None or adapter not in getattr(module, "lora_A", {}):
+                        continue
+                    if module.lora_A[adapter] is not lead.lora_A[adapter]:
+                        add(module, f"{stack.path}.{member}.{name} (tied to layer {group[0]}'s module)")
+    for module, r, _ in _rank_changes(peft_model, adapter, config, lambda key: is_planned(plan, key)):
         add(module, f"a LoRA module re-created at r={r}")
-    for group in plan.share_groups:
-        for member in group[1:]:
-            for name, module in by_layer.get(member, {}).items():
-                lead = by_layer.get(group[0], {}).get(name)
-                if lead is None or adapter not in getattr(module, "lora_A", {}):
-                    continue
-                if module.lora_A[adapter] is not lead.lora_A[adapter]:
-                    add(module, f"{stack.path}.{member}.{name} (tied to layer {group[0]}'s module)")
     return replaced
 
 
@@ -276,6 +276,8 @@ def tie_share_groups(
     Returns the number of modules tied.
     """
     adapter = adapter_of(peft_model, adapter_name)
+    if plan.stacks and stack is None:  # an encoder-decoder model's plan: each stack's groups in that stack
+        return sum(tie_share_groups(peft_model, one, adapter, verify_equal=verify_equal) for one in plan.stacks)
     stack = stack if stack is not None else plan_stack(peft_model, plan)
     by_layer = lora_modules_by_layer(peft_model, stack, adapter)
     tied = 0
@@ -341,25 +343,52 @@ def check_layout(peft_model: nn.Module, adapter: str, config: Any, what: str) ->
         )
 
 
-def _record_outside(plan: LoraPlan, sites: set[Site], path: str) -> list[str]:
-    """Note (in the plan and the log) the LoRA that the user's config puts outside the planned stack."""
-    outside = summarise_sites({(kind, name) for kind, name in sites if layer_index(name, path) is None})
+def _record_outside(plan: LoraPlan, sites: set[Site], paths: list[str]) -> list[str]:
+    """Note (in the plan and the log) the LoRA that the user's config puts outside the planned stack(s)."""
+    outside = summarise_sites(
+        {(kind, name) for kind, name in sites if all(layer_index(name, path) is None for path in paths)}
+    )
     plan.notes = [n for n in plan.notes if not n.startswith(OUTSIDE_NOTE)]
     if outside:
+        covered = " and ".join(f"`{path}`" for path in paths)
         plan.notes.append(
-            f"{OUTSIDE_NOTE} {', '.join(outside)} keep LoRA as the LoraConfig says (the plan covers `{path}` only); "
+            f"{OUTSIDE_NOTE} {', '.join(outside)} keep LoRA as the LoraConfig says (the plan covers {covered} only); "
             "they are in the saved adapter config. Leave them out with LoraConfig(exclude_modules=...)."
         )
     return outside
 
 
-def _truncate_for_plan(model: nn.Module, plan: LoraPlan, enabled: bool, stack: LayerStack | None = None) -> Truncation:
-    """Install (or, with ``enabled=False``, remove) truncation below ``plan``'s lowest layer, and record what was done
-    in ``plan.notes`` (one line, replaced when the plan is applied again)."""
-    lowest = min(plan.adapted_layers)
-    result = install_truncation(model, lowest, stack) if enabled else disable_truncation(model, lowest, stack)
-    plan.notes = [n for n in plan.notes if not n.startswith(NOTE_PREFIX)] + [result.note()]
-    return result
+#: why a decoder below its lowest adapted layer is back-propagated when the encoder carries LoRA
+_ENCODER_GRADIENT = (
+    "the encoder carries LoRA, and its gradient reaches it through the cross-attention of every decoder layer, so "
+    "every decoder layer is back-propagated"
+)
+
+
+def _truncate_for_plan(
+    model: nn.Module, plan: LoraPlan, enabled: bool, stacks: list[tuple[LoraPlan, LayerStack]] | None = None
+) -> list[Truncation]:
+    """Install (or, with ``enabled=False``, remove) truncation below the lowest planned layer of each stack, and
+    record what was done in ``plan.notes`` (a line per stack, replaced when the plan is applied again).
+
+    An encoder-decoder model: the encoder's layers below its lowest adapted layer (all of them when it has no LoRA)
+    run without autograd, since the decoder needs the encoder's output and not its gradient; the decoder's are
+    truncated the same way only when the encoder carries no LoRA (else its gradient flows through them)."""
+    if stacks is None:
+        stacks = [(one, plan_stack(model, one)) for one in plan.stack_plans()]
+    encoder_adapted = len(stacks) > 1 and bool(stacks[0][0].adapted_layers)
+    results = []
+    for position, (one, stack) in enumerate(stacks):
+        name = str(one.stack.get("name") or "") if plan.stacks else ""
+        lowest = min(one.adapted_layers) if one.adapted_layers else stack.num_layers
+        if not enabled:
+            results.append(disable_truncation(model, lowest, stack, name))
+        elif position > 0 and encoder_adapted:
+            results.append(disable_truncation(model, lowest, stack, name, reason=_ENCODER_GRADIENT))
+        else:
+            results.append(install_truncation(model, lowest, stack, name))
+    plan.notes = [n for n in plan.notes if not n.startswith(NOTE_PREFIX)] + [r.note() for r in results]
+    return results
 
 
 def apply_plan(
@@ -387,39 +416,44 @@ def apply_plan(
     adapter = adapter_of(peft_model, adapter_name)
     plan.validate()
     refuse_repacked(peft_model)
-    stack = plan_stack(peft_model, plan)
-    plan.check_model(peft_model, stack)
+    stacks = [(one, plan_stack(peft_model, one)) for one in plan.stack_plans()]
+    for one, stack in stacks:
+        one.check_model(peft_model, stack)
     current = peft_model.peft_config[adapter]
     check_layout(peft_model, adapter, current, "before the plan was applied")
-    carried = layers_carrying(peft_model, adapter, stack.path)
-    missing = [i for i in plan.adapted_layers if i not in carried]
-    if missing:
-        raise PlanMismatchError(
-            f"the plan adapts layers {missing}, but the model has no LoRA module there for adapter {adapter!r}. "
-            "Wrap the model with LoRA on every layer (or at least the planned ones) before apply_plan."
-        )
-    config, wanted = planned_config(plan, current, model=peft_model)  # refuses a second text stack
-    _refuse_early_optimizers(_parameters_replaced(peft_model, plan, stack, adapter, config))
-    removed = _narrow(peft_model, plan, stack, adapter)
+    for one, stack in stacks:
+        carried = layers_carrying(peft_model, adapter, stack.path)
+        missing = [i for i in one.adapted_layers if i not in carried]
+        if missing:
+            raise PlanMismatchError(
+                f"the plan adapts layers {missing} of `{stack.path}`, but the model has no LoRA module there for "
+                f"adapter {adapter!r}. Wrap the model with LoRA on every layer (or at least the planned ones) before "
+                "apply_plan."
+            )
+    config, wanted = planned_config(plan, current, model=peft_model)  # refuses a text stack the plan does not cover
+    _refuse_early_optimizers(_parameters_replaced(peft_model, plan, stacks, adapter, config))
+    removed = sum(_narrow(peft_model, one, stack, adapter) for one, stack in stacks)
     reranked = _rerank(peft_model, adapter, config)
     peft_model.peft_config[adapter] = config
-    tied = tie_share_groups(peft_model, plan, adapter, stack=stack)
+    tied = sum(tie_share_groups(peft_model, one, adapter, stack=stack) for one, stack in stacks)
     # the config gives LoRA exactly `wanted` (planned_config checked that), so this is: LoRA where it must be
     check_layout(peft_model, adapter, config, "after the plan was applied")
     assert wanted is not None  # planned_config returns the sites whenever it is given the model
-    outside = _record_outside(plan, wanted, stack.path)
-    truncation = _truncate_for_plan(peft_model, plan, truncate_backward, stack)
+    outside = _record_outside(plan, wanted, [stack.path for _, stack in stacks])
+    truncations = _truncate_for_plan(peft_model, plan, truncate_backward, stacks)
     peft_model.loraplan_plan = plan
     attach_card(peft_model)
     logger.info(
         "loraplan: LoRA kept on layers %s (%d modules removed%s), %d modules tied in %d share groups%s; %s",
-        plan.adapted_layers,
+        "; ".join(f"{stack.path}: {one.adapted_layers}" for one, stack in stacks)
+        if plan.stacks
+        else plan.adapted_layers,
         removed,
         f", {reranked} re-created at the planned rank" if reranked else "",
         tied,
         len(plan.share_groups),
         f"; outside the stack, as the LoraConfig says: {', '.join(outside)}" if outside else "",
-        truncation.note(),
+        " ".join(t.note() for t in truncations),
     )
     return peft_model
 
@@ -449,18 +483,20 @@ def load_adapter(
     from peft import PeftModel
 
     plan = LoraPlan.load(Path(path) / PLAN_FILE)
-    stack = plan_stack(model, plan)
-    plan.check_model(model, stack)
+    stacks = [(one, plan_stack(model, one)) for one in plan.stack_plans()]
+    for one, stack in stacks:
+        one.check_model(model, stack)
     peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, **kwargs)
-    carried = layers_carrying(peft_model, adapter_name, stack.path)
-    if carried != plan.adapted_layers:
-        raise PlanMismatchError(
-            f"the adapter at {path} has LoRA in layers {carried}, but the plan beside it adapts "
-            f"{plan.adapted_layers}: the two do not belong together. Load it with stock PEFT, or put the plan it "
-            "was trained with beside it."
-        )
-    tie_share_groups(peft_model, plan, adapter_name, verify_equal=True, stack=stack)
-    _truncate_for_plan(peft_model, plan, truncate_backward, stack)
+    for one, stack in stacks:
+        carried = layers_carrying(peft_model, adapter_name, stack.path)
+        if carried != one.adapted_layers:
+            raise PlanMismatchError(
+                f"the adapter at {path} has LoRA in layers {carried} of `{stack.path}`, but the plan beside it "
+                f"adapts {one.adapted_layers}: the two do not belong together. Load it with stock PEFT, or put the "
+                "plan it was trained with beside it."
+            )
+        tie_share_groups(peft_model, one, adapter_name, verify_equal=True, stack=stack)
+    _truncate_for_plan(peft_model, plan, truncate_backward, stacks)
     peft_model.loraplan_plan = plan
     attach_card(peft_model)
     return peft_model

@@ -50,7 +50,14 @@ def card_section(plan: LoraPlan, adapter_parameters: int | None = None) -> str:
     else:
         method += f" (ratio {config.get('ratio')})"
     method += f", sharer `{plan.share}` (threshold {config.get('share_threshold')})" if plan.share else ", no sharing"
-    groups = "; ".join(fold_ranges(group) for group in plan.share_groups) or "none"
+    groups = (
+        "; ".join(
+            (f"{one.stack.get('name')} " if plan.stacks else "") + fold_ranges(group)
+            for one in plan.stack_plans()
+            for group in one.share_groups
+        )
+        or "none"
+    )
     count = parameter_count(plan)
     rank = f"r={plan.rank}" if plan.rank is not None else "the LoRA config's r"
     if plan.rank_pattern:
@@ -65,8 +72,9 @@ def card_section(plan: LoraPlan, adapter_parameters: int | None = None) -> str:
         f"(the whole plan: `{PLAN_FILE}` beside this file).",
         "",
         f"- **Method**: {method}",
-        f"- **Layers with LoRA**: {len(plan.adapted_layers)} of {plan.num_layers} "
-        f"(`{plan.stack_path}.{{{fold_ranges(plan.adapted_layers)}}}`)"
+        f"- **Layers with LoRA**: {len(plan.adapted_layers)} of {plan.num_layers} ("
+        + ", ".join(f"`{one.stack_path}.{{{fold_ranges(one.adapted_layers)}}}`" for one in plan.stack_plans())
+        + ")"
         + (f", of which {fold_ranges(rest)} through one shared module set (the shared rest)" if rest else ""),
         f"- **Share groups** (one LoRA module per target module for each group): {groups}",
         f"- **Rank**: {rank} (rank policy `{config.get('rank_policy', 'keep')}`)",

@@ -47,6 +47,23 @@ def _options(values: list[str] | None) -> dict[str, Any] | None:
     return found
 
 
+def _stacks(values: list[str] | None) -> dict[str, dict[str, Any]] | None:
+    """``STACK.KEY=VALUE`` pairs as ``{stack: {key: value}}`` (the value read as JSON when it parses)."""
+    if not values:
+        return None
+    found: dict[str, dict[str, Any]] = {}
+    for item in values:
+        where, sep, raw = item.partition("=")
+        stack, dot, key = where.partition(".")
+        if not sep or not dot or not stack or not key:
+            raise ConfigError(f"`--stacks` takes STACK.KEY=VALUE, got {item!r}. Write e.g. --stacks encoder.count=2.")
+        try:
+            found.setdefault(stack, {})[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            found.setdefault(stack, {})[key] = raw
+    return found
+
+
 def _targets(value: str) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
 
@@ -94,6 +111,7 @@ def plan_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``PlanConfig`` settings given on the command line (absent flags are left out)."""
     given = {item.name: getattr(args, item.name) for item in settings()}
     given["options"] = _options(given.get("options"))
+    given["stacks"] = _stacks(given.get("stacks"))
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -230,13 +248,16 @@ def _quiet_loading(quiet: bool) -> Iterator[None]:
 
 def _load_model(model_dir: str, selector: str, dtype: str, device: str) -> tuple[Any, Any]:
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
         architectures = getattr(config, "architectures", None) or []
         causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-        cls = AutoModelForCausalLM if (causal or selector == "gradient") else AutoModel
+        if getattr(config, "is_encoder_decoder", False):  # T5, BART: both stacks, the decoder reads the text too
+            cls = AutoModelForSeq2SeqLM
+        else:
+            cls = AutoModelForCausalLM if (causal or selector in ("gradient", "lora_drop")) else AutoModel
         model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:

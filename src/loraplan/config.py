@@ -15,7 +15,11 @@ from .errors import ConfigError, closest
 
 __all__ = ["TRUNCATE_BACKWARD_HELP", "PlanConfig", "Setting", "setting", "settings"]
 
-POOLINGS = ("auto", "last", "first")
+POOLINGS = ("auto", "last", "first", "mean")
+#: the settings `stacks` may give one stack of an encoder-decoder model (how that stack is selected and shared)
+STACK_SETTINGS = ("selector", "ratio", "count", "cumulative", "share", "share_threshold")
+#: the stacks `stacks` may name (loraplan.layers.STACK_ROLES)
+STACK_NAMES = ("encoder", "decoder")
 LAST_TOKEN_MODES = ("auto", "mask", "reference")
 RANK_POLICIES = ("keep", "budget", "importance")
 COST_MODELS = ("flops", "timed")
@@ -78,7 +82,8 @@ class PlanConfig:
         default="cka",
         help=(
             "Name of the layer selector: a built-in (`cka`, `activation`, `gradient`, `lora_drop`, `random`, `top`, "
-            "`bottom`, `every_other`, `all`) or any installed plugin's."
+            "`bottom`, `every_other`, `all`; `none` for one stack of an encoder-decoder model, see `stacks`) or any "
+            "installed plugin's."
         ),
     )
     ratio: float = setting(
@@ -163,6 +168,13 @@ class PlanConfig:
         default="text",
         help=("Column or JSON key that holds the calibration text."),
     )
+    target_field: str = setting(
+        default="target",
+        help=(
+            "Column or key that holds the decoder's text of an encoder-decoder calibration row (T5, BART); a row "
+            "without it gives the decoder its `text_field` text too."
+        ),
+    )
     image_field: str = setting(
         default="image",
         help=(
@@ -173,8 +185,9 @@ class PlanConfig:
     pooling: str = setting(
         default="auto",
         help=(
-            'One vector per sample: `"last"` non-pad token (decoders), `"first"` token (encoders, CLS), or '
-            '`"auto"` to decide from the architecture.'
+            'One vector per sample: `"last"` non-pad token (decoders), `"first"` token (encoders, CLS), `"mean"` '
+            'over the real tokens, or `"auto"` to decide from the architecture (the encoder of an encoder-decoder '
+            'model: `"mean"`).'
         ),
         choices=POOLINGS,
     )
@@ -245,6 +258,17 @@ class PlanConfig:
         ),
         metavar="BATCHxLENGTH",
     )
+    stacks: dict[str, dict[str, Any]] | None = setting(
+        default=None,
+        help=(
+            'Per-stack settings of an encoder-decoder model (T5, BART, Whisper): `{"encoder": {...}, "decoder": '
+            "{...}}`, each with any of `selector`, `ratio`, `count`, `cumulative`, `share`, `share_threshold`, which "
+            'then hold for that stack instead of the top-level ones; e.g. `{"encoder": {"selector": "top", '
+            '"count": 2}, "decoder": {"selector": "all"}}` adapts the last two encoder layers and every '
+            "decoder layer. Every stack is scored, selected and shared on its own either way."
+        ),
+        metavar="STACK.KEY=VALUE",
+    )
     options: dict[str, Any] = setting(
         default_factory=dict,
         help=("Settings for third-party strategies, passed through untouched and recorded in the plan."),
@@ -300,6 +324,7 @@ class PlanConfig:
                 )
             self.target_modules = list(self.target_modules)
         _check_str("text_field", self.text_field, "the name of the text column, e.g. 'text'")
+        _check_str("target_field", self.target_field, "the name of the decoder's text column, e.g. 'target'")
         _check_str("image_field", self.image_field, "the name of the image column, e.g. 'image'")
         _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("last_token", self.last_token, LAST_TOKEN_MODES)
@@ -344,8 +369,41 @@ class PlanConfig:
                     "Give the training step's shape, e.g. cost_shape=[8, 1024], or leave it unset."
                 )
             self.cost_shape = list(shape)
+        if self.stacks is not None:
+            self._check_stacks()
         if not isinstance(self.options, dict):
             raise ConfigError(f"`options` must be a mapping of plugin settings, got {self.options!r}.")
+
+    def _check_stacks(self) -> None:
+        if not isinstance(self.stacks, dict):
+            raise ConfigError(
+                f"`stacks` must be a mapping of stack name to settings, got {self.stacks!r}. Write e.g. "
+                "stacks={'encoder': {'count': 2}, 'decoder': {'selector': 'all'}}."
+            )
+        for name, overrides in self.stacks.items():
+            if name not in STACK_NAMES:
+                raise ConfigError(
+                    f"`stacks` names the stack {name!r}; the stacks of an encoder-decoder model are "
+                    f"{', '.join(map(repr, STACK_NAMES))}."
+                )
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"`stacks.{name}` must be a mapping of settings, got {overrides!r}.")
+            unknown = sorted(set(overrides) - set(STACK_SETTINGS))
+            if unknown:
+                raise ConfigError(
+                    f"`stacks.{name}` sets {', '.join(f'`{k}`' for k in unknown)}, which is not a per-stack setting. "
+                    f"Per stack: {', '.join(STACK_SETTINGS)}; every other setting holds for the whole model."
+                )
+            try:
+                self.for_stack(name)
+            except ConfigError as exc:
+                raise ConfigError(f"`stacks.{name}`: {exc}") from None
+
+    def for_stack(self, name: str | None) -> PlanConfig:
+        """The settings that hold for the stack called ``name`` (``"encoder"``, ``"decoder"``): these with the
+        stack's own ``stacks`` entry applied (validated again); these themselves for a single-stack model."""
+        overrides = (self.stacks or {}).get(name or "", {})
+        return dataclasses.replace(self, stacks=None, **overrides) if overrides else self
 
     # -- conversions -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,8 @@ __all__ = [
     "LayerStack",
     "block_stacks",
     "find_layers",
+    "find_stacks",
+    "stack_role",
     "linear_modules",
     "other_text_stacks",
     "stack_at",
@@ -213,6 +215,46 @@ def find_layers(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Lay
         raise LayerDiscoveryError(f"the layer stack {stack.path!r} of {type(base).__name__} is empty.")
     stack.ambiguous = stack.ambiguous or _name_is_shared(base, stack.path)
     return stack
+
+
+#: what an encoder-decoder model's stacks are called in ``PlanConfig.stacks`` and in the plan (``stacks[].name``)
+STACK_ROLES = ("encoder", "decoder")
+
+
+def stack_role(path: str) -> str | None:
+    """``"encoder"`` or ``"decoder"`` for the stack at ``path`` of an encoder-decoder model (by the path component
+    its owner has: ``encoder.block``, ``model.decoder.layers``), else ``None``."""
+    parts = path.split(".")
+    for role in STACK_ROLES:
+        if role in parts:
+            return role
+    return None
+
+
+def find_stacks(model: nn.Module, pm: pluggy.PluginManager | None = None) -> list[LayerStack]:
+    """The layer stacks loraplan plans in ``model``: the one :func:`find_layers` finds and, for an encoder-decoder
+    model (T5, BART, Whisper), the other text stack beside it, encoder first. An encoder stack of such a model pools
+    each sample as the mean over its tokens (``pooling="mean"``: its inputs have no CLS token and end with EOS, and
+    an audio encoder's frames have no last token); a decoder stack as a decoder does."""
+    base = unwrap(model)
+    first = find_layers(base, pm)
+    others = other_text_stacks(base, first.path)
+    if not others:
+        return [first]
+    stacks = [first] + [stack_at(base, path) for path, _ in others]
+    roles = [stack_role(s.path) for s in stacks]
+    if len(stacks) != 2 or sorted(r or "" for r in roles) != ["decoder", "encoder"]:
+        found = ", ".join(f"`{s.path}`" for s in stacks)
+        raise LayerDiscoveryError(
+            f"{type(base).__name__} has {len(stacks)} text layer stacks ({found}), which loraplan does not know how "
+            "to plan together: it plans one stack, or the encoder and the decoder of an encoder-decoder model. Teach "
+            "it the stack to plan with a `loraplan_find_layers` plugin (docs/hooks.md) and leave the others out of "
+            "target_modules."
+        )
+    stacks.sort(key=lambda s: STACK_ROLES.index(stack_role(s.path) or "decoder"))
+    for stack in stacks:
+        stack.pooling = "mean" if stack_role(stack.path) == "encoder" else "last"
+    return stacks
 
 
 def stack_at(model: nn.Module, path: str) -> LayerStack:

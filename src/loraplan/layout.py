@@ -4,8 +4,9 @@ The rule a plan adds to a user's ``LoraConfig``: **the user's targets decide wha
 in its layer stack.** The planned layers keep every target the config reaches there; the other layers of the stack
 lose theirs (``exclude_modules``, and explicit ``target_parameters`` names, since PEFT's ``layers_to_transform`` and
 ``exclude_modules`` do not apply to parameters); whatever the config reaches outside the stack (a pooler, an
-``lm_head`` target, a vision tower) keeps LoRA exactly as the config says and is reported. A second text stack (the
-decoder of an encoder-decoder model) that the targets reach cannot be left unplanned: that is refused.
+``lm_head`` target, a vision tower) keeps LoRA exactly as the config says and is reported. An encoder-decoder
+model's plan covers both of its stacks (each excluded but for its planned layers); another text stack the plan does
+not cover that the targets reach cannot be left unplanned: that is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "expected_sites",
+    "is_planned",
     "other_stacks_reached",
     "plan_lora_config",
     "planned_config",
@@ -55,8 +57,11 @@ def _stack_path(plan: LoraPlan) -> str:
 
 def stack_exclusion(plan: LoraPlan) -> str:
     """The ``exclude_modules`` regex (PEFT full-matches it) of everything in the stack but the planned layers: the
-    stack's own container and all of its unplanned layers. It is always present in a planned config, so it also tells
-    a config that was already made for this plan (:func:`plan_lora_config` is idempotent)."""
+    stack's own container and all of its unplanned layers (of every stack, for an encoder-decoder model's plan). It is
+    always present in a planned config, so it also tells a config that was already made for this plan
+    (:func:`plan_lora_config` is idempotent)."""
+    if plan.stacks:
+        return "|".join(f"(?:{stack_exclusion(one)})" for one in plan.stacks)
     selected = set(plan.adapted_layers)
     others = "|".join(str(i) for i in range(plan.num_layers) if i not in selected)
     path = re.escape(_stack_path(plan))
@@ -139,6 +144,12 @@ def _check_layers_to_transform(plan: LoraPlan, base: LoraConfig) -> None:
     given = base.layers_to_transform
     if given is None or (isinstance(given, list) and not given):
         return
+    if plan.stacks:
+        raise ConfigError(
+            f"`layers_to_transform` is {given!r}, which PEFT applies to the layer numbers of every stack of this "
+            "encoder-decoder model alike; loraplan decides the layers of each stack. Remove layers_to_transform "
+            "(and layers_pattern) from the LoraConfig."
+        )
     allowed = {given} if isinstance(given, int) else set(given)
     missing = [i for i in plan.adapted_layers if i not in allowed]
     if missing:
@@ -182,11 +193,11 @@ def refuse_other_stacks(reached: dict[str, list[str]], planned: str, model_class
         return
     stacks = ", ".join(f"`{path}` ({show_all([(MODULE, n) for n in names], 2)})" for path, names in reached.items())
     raise ConfigError(
-        f"`target_modules`: the LoRA targets reach {stacks}, a second text layer stack of "
-        f"{model_class or 'this model'} beside the planned `{planned}` (an encoder-decoder model). loraplan plans one "
-        "layer stack; the other would keep LoRA on every layer, unplanned. Planning encoder-decoder models is not "
-        "supported: fine-tune this model with stock PEFT, or restrict target_modules to the planned stack (e.g. a "
-        f"regex that starts with {re.escape(planned)!r})."
+        f"`target_modules`: the LoRA targets reach {stacks}, a text layer stack of {model_class or 'this model'} "
+        f"that the plan does not cover beside the planned `{planned}`; it would keep LoRA on every layer, unplanned. "
+        "loraplan plans one stack, or both stacks of an encoder-decoder model (config.is_encoder_decoder): restrict "
+        f"target_modules to the planned stack (e.g. a regex that starts with {re.escape(planned)!r}), or plan this "
+        "model as an encoder-decoder model."
     )
 
 
@@ -215,15 +226,18 @@ def _planned_parameters(plan: LoraPlan, base: LoraConfig, model: nn.Module | Non
             "plan.to_lora_config(lora_config, model=model), or wrap the model with your LoraConfig and call "
             "loraplan.apply_plan(peft_model, plan)."
         )
-    path = _stack_path(plan)
-    selected = set(plan.adapted_layers)
-    keys = []
-    for kind, name in reached_sites(model, base):
-        if kind == PARAMETER:
-            index = layer_index(name, path)
-            if index is None or index in selected:
-                keys.append(name)
+    keys = [name for kind, name in reached_sites(model, base) if kind == PARAMETER and is_planned(plan, name)]
     return sorted(keys)
+
+
+def is_planned(plan: LoraPlan, name: str) -> bool:
+    """Whether a module or parameter ``name`` may carry LoRA under ``plan``: it is outside every planned stack, or in
+    a layer the plan adapts."""
+    for one in plan.stack_plans():
+        index = layer_index(name, _stack_path(one))
+        if index is not None:
+            return index in one.adapted_layers
+    return True
 
 
 def _peft_rewrites_targets(base: LoraConfig, model_type: str | None) -> bool:
@@ -264,7 +278,7 @@ def planned_config(
     if not isinstance(base, LoraConfig):
         raise ConfigError(f"`base_lora_config` must be a peft.LoraConfig, got {type(base).__name__}.")
     plan.validate()
-    path = _stack_path(plan)
+    path = _stack_path(plan.stack_plans()[0])
     _check_layers_to_transform(plan, base)
     model_type = plan.model_fingerprint.get("model_type")
     if model is None and _peft_rewrites_targets(base, model_type):
@@ -304,15 +318,20 @@ def planned_config(
 
 
 def expected_sites(model: nn.Module, plan: LoraPlan, base: LoraConfig) -> set[Site]:
-    """What ``base`` reaches on ``model``, minus the stack's unplanned layers: where LoRA must sit once the plan is
-    applied. Refuses a second text stack that ``base`` reaches."""
-    path = _stack_path(plan)
+    """What ``base`` reaches on ``model``, minus the planned stacks' unplanned layers: where LoRA must sit once the
+    plan is applied. Refuses a text stack the plan does not cover that ``base`` reaches."""
+    paths = [_stack_path(one) for one in plan.stack_plans()]
     reached = reached_sites(model, base)
-    others: dict[str, list[str]] = {p: [] for p, _ in other_text_stacks(unwrap(model), path)}
+    others: dict[str, list[str]] = {
+        p: [] for p, _ in other_text_stacks(unwrap(model), paths[0]) if p not in paths and not _nested(p, paths)
+    }
     for site in reached:
         for other in others:
             if site[1].startswith(other + "."):
                 others[other].append(site[1])
-    refuse_other_stacks(others, path, type(unwrap(model)).__name__)
-    selected = set(plan.adapted_layers)
-    return {s for s in reached if (i := layer_index(s[1], path)) is None or i in selected}
+    refuse_other_stacks(others, paths[0], type(unwrap(model)).__name__)
+    return {s for s in reached if is_planned(plan, s[1])}
+
+
+def _nested(path: str, paths: list[str]) -> bool:
+    return any(path.startswith(p + ".") or p.startswith(path + ".") for p in paths)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import LayerDiscoveryError, PlanMismatchError
 from .layers import find_layers, hidden_size, stack_at, text_config, unwrap
 from .layout import plan_lora_config
+from .plan_stacks import FORMAT, FORMAT_STACKS, stacks_from_dict, stacks_to_dict
 from .sharing import expanded_rank
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ logger = logging.getLogger("loraplan")
 
 #: the plan's file name beside an adapter or in a trainer's output directory
 PLAN_FILE = "loraplan.json"
-FORMAT = "loraplan.plan/1"
 
 #: config keys that do not change the network (names, dtypes, heads, runtime switches)
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -131,6 +131,9 @@ class LoraPlan:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    #: an encoder-decoder model's plan per stack (own layer indices; see :mod:`loraplan.plan_stacks`); empty for one
+    #: stack. With stacks, the fields above describe them as one index space, encoder layers first
+    stacks: list[LoraPlan] = field(default_factory=list)
     format: str = FORMAT
 
     # -- derived ------------------------------------------------------------------------------------------------
@@ -141,6 +144,10 @@ class LoraPlan:
     @property
     def share(self) -> str | None:
         return self.config.get("share")
+
+    def stack_plans(self) -> list[LoraPlan]:
+        """The plan of each layer stack: this plan itself for one stack, an encoder-decoder model's per stack."""
+        return list(self.stacks) or [self]
 
     @property
     def stack_path(self) -> str | None:
@@ -217,10 +224,16 @@ class LoraPlan:
         return ranks
 
     # -- checks -------------------------------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Internal consistency; raises :class:`PlanMismatchError` naming what is wrong."""
+    def validate(self, *, allow_empty: bool = False) -> None:
+        """Internal consistency; raises :class:`PlanMismatchError` naming what is wrong. ``allow_empty``: a plan
+        that selects no layer is fine (one stack of an encoder-decoder model whose other stack carries the LoRA)."""
+        for stack in self.stacks:
+            try:
+                stack.validate(allow_empty=True)
+            except PlanMismatchError as exc:
+                raise PlanMismatchError(f"stack `{stack.stack_path}`: {exc}") from None
         L = self.num_layers
-        if not self.selected_layers:
+        if not self.selected_layers and not allow_empty:
             raise PlanMismatchError("the plan selects no layer; a plan must keep at least one layer.")
         if sorted(set(self.selected_layers)) != self.selected_layers:
             raise PlanMismatchError(f"`selected_layers` must be sorted and unique, got {self.selected_layers}.")
@@ -280,6 +293,10 @@ class LoraPlan:
     def check_model(self, model: nn.Module, stack: Any = None) -> None:
         """Raise :class:`PlanMismatchError` if this plan does not fit ``model`` (layer count, hidden size, layer
         path); log a warning if only the class or the config hash differ."""
+        if self.stacks:
+            for one in self.stacks:
+                one.check_model(model)
+            return
         if stack is None and self.stack_path:
             try:
                 stack = stack_at(model, self.stack_path)
@@ -321,7 +338,10 @@ class LoraPlan:
         return plan_lora_config(self, base_lora_config, model)
 
     # -- persistence --------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, single: bool = False) -> dict[str, Any]:
+        """The plan as its file holds it (``single``: as one stack's, whatever ``stacks`` holds)."""
+        if self.stacks and not single:
+            return stacks_to_dict(self)
         data = {}
         for f in dataclasses.fields(self):
             key, write, _ = _JSON.get(f.name, (f.name, None, None))
@@ -357,9 +377,12 @@ class LoraPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraPlan:
         fmt = data.get("format")
+        if fmt == FORMAT_STACKS:
+            return stacks_from_dict(cls, data)
         if fmt != FORMAT:
             raise PlanMismatchError(
-                f"`format` is {fmt!r}; this loraplan reads {FORMAT!r} plans. Recompute the plan with this version."
+                f"`format` is {fmt!r}; this loraplan reads {FORMAT!r} plans (and {FORMAT_STACKS!r} for "
+                "encoder-decoder models). Recompute the plan with this version."
             )
         values: dict[str, Any] = {}
         try:
@@ -443,6 +466,6 @@ _JSON: dict[str, tuple[str, Any, Any]] = {
 }
 #: fields added after format 1 was first written: left out of the file when empty, so that a plan without them
 #: writes the same file as before
-_OMITTED_WHEN_EMPTY = frozenset({"rank_pattern"})
+_OMITTED_WHEN_EMPTY = frozenset({"rank_pattern", "stacks"})
 #: fields a plan file must have
 _REQUIRED = frozenset({"num_layers", "selected_layers"})

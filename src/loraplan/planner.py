@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .calibration import CalibrationStats, calibrate
+from .calibration import CalibrationStats, calibrate, calibrate_stacks
 from .config import PlanConfig
 from .cost import LayerCosts, costs_for, predictions, select_within_budget
 from .cost.budget import Completion
@@ -17,15 +17,17 @@ from .errors import CalibrationError, ConfigError, PluginError
 from .hooks.manager import Registered, call_hook, get_plugin_manager, lookup, selectors, sharers
 from .layers import (
     LayerStack,
-    find_layers,
+    find_stacks,
     linear_modules,
     parameter_device,
     parameter_dtype,
+    stack_role,
     target_shapes,
     unwrap,
 )
 from .layout import other_stacks_reached
 from .plan import LoraPlan, fingerprint
+from .plan_stacks import combine
 from .quantized import quantization_of, training_numerics
 from .sites import refused_targets
 from .strategies import (
@@ -227,24 +229,54 @@ def make_plan(
     pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
     chosen = strategies_for(config, pm)
     base = unwrap(model)
-    stack = find_layers(base, pm)
+    stacks = find_stacks(base, pm)
+    if len(stacks) > 1:  # an encoder-decoder model: every stack planned on its own
+        return make_stacks_plan(model, base, stacks, calibration_data, config, tokenizer, pm, lora_rank, progress)
+    stack = stacks[0]
     k = config.layer_count(stack.num_layers)  # a bad count is refused before the calibration pass
     targets = resolve_targets(model, config)
     targets_from = "config" if config.target_modules else ("peft" if targets else "all-linear")
     targets = targets if targets is not None else _linear_targets(base, stack)
     other_stacks = other_stacks_reached(base, stack, targets)
     warnings: list[str] = []
-    batches = _calibration_batches(calibration_data, config, tokenizer, base, chosen, warnings, processor)
+    needed = chosen.minimum_samples(config)
+    batches = _calibration_batches(calibration_data, config, tokenizer, base, needed, warnings, processor)
     base_rank = _base_rank(model, lora_rank)
     with training_numerics(model):  # 4-bit weights stay as they are (loraplan.quantized)
         stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
         costs, cost_problem = _costs(model, stack, config, targets, base_rank)
+    plan, budget = _stack_plan(base, stack, stats, config, chosen, k, targets, base_rank, costs, cost_problem, warnings)
+    plan.stack.update(targets_from=targets_from, other_stacks=other_stacks)
+    plan.calibration = _calibration_record(base, batches, stats, config, chosen.requires)
+    plan.warnings, plan.versions = warnings, versions()
+    return _finish(plan, pm, base, stats, base_rank, costs, cost_problem, budget)
+
+
+def _stack_plan(
+    base: nn.Module,
+    stack: LayerStack,
+    stats: CalibrationStats,
+    config: PlanConfig,
+    chosen: Strategies,
+    k: int,
+    targets: list[str] | None,
+    base_rank: int | None,
+    costs: LayerCosts | None,
+    cost_problem: str | None,
+    warnings: list[str],
+    allow_empty: bool = False,
+) -> tuple[LoraPlan, dict[str, Any] | None]:
+    """One stack's decisions from its statistics (score, select, share, ranks, diagnostics, stability) as a plan of
+    that stack, and a budget's record. ``allow_empty``: selecting no layer is allowed (one stack of an
+    encoder-decoder model, the other carrying the LoRA)."""
     scoring = _score(chosen.selector, stats, config, stack.num_layers, k, warnings)
     complete = _completion(chosen.sharer, stats, config, stack.num_layers, costs.rank if costs else base_rank)
-    selected, budget = _select(chosen.selector, scoring, config, costs, cost_problem, base_rank, complete)
+    selected, budget = _select(
+        chosen.selector, scoring, config, costs, cost_problem, base_rank, complete, allow_empty=allow_empty
+    )
     sharing = _share(chosen.sharer, stats, config, stack.num_layers, selected, warnings)
     ranks = _Ranks({}, [])
-    if config.rank_policy == "importance":
+    if config.rank_policy == "importance" and selected:
         selected, sharing, ranks = _importance_ranks(
             chosen.sharer, stats, config, stack.num_layers, selected, sharing, scoring, base_rank, warnings, budget
         )
@@ -267,19 +299,14 @@ def make_plan(
             "ambiguous": stack.ambiguous,
             "target_modules": sorted({name.rsplit(".", 1)[-1] for name in stats.target_names[0]}),
             "module_shapes": {name: list(io) for name, io in target_shapes(stack.layers[0], targets).items()},
-            "targets_from": targets_from,
-            "other_stacks": other_stacks,
         },
-        calibration=_calibration_record(base, batches, stats, config, chosen.requires),
         flagged_layers=scoring.flagged,
         diagnostics=diagnostics,
         stability={config.selector: rho} if rho is not None else {},
-        warnings=warnings,
         notes=list(ranks.notes),
-        versions=versions(),
     )
     plan.notes += _rest_notes(plan)
-    return _finish(plan, pm, base, stats, base_rank, costs, cost_problem, budget)
+    return plan, budget
 
 
 def _calibration_batches(
@@ -287,12 +314,11 @@ def _calibration_batches(
     config: PlanConfig,
     tokenizer: Any,
     base: nn.Module,
-    chosen: Strategies,
+    needed: int,
     warnings: list[str],
     processor: Any = None,
 ) -> CalibrationBatches:
-    """The calibration data as batches, refused when the strategies need more samples than it has."""
-    needed = chosen.minimum_samples(config)
+    """The calibration data as batches, refused when the strategies need more samples (``needed``) than it has."""
     batches = prepare_batches(data, config, tokenizer, getattr(base, "config", None), processor=processor)
     if batches.num_samples < needed:
         raise CalibrationError(
@@ -336,6 +362,8 @@ def _select(
     cost_problem: str | None,
     base_rank: int | None = None,
     complete: Completion | None = None,
+    *,
+    allow_empty: bool = False,
 ) -> tuple[list[int], dict[str, Any] | None]:
     """The selected layers (by the selector, or within the budget with the cost model) and the budget's record."""
     budget = None
@@ -359,7 +387,7 @@ def _select(
     else:
         selected = _selection(selector, scoring.ctx, scoring.importance, config)
     selected = [i for i in selected if i not in scoring.flagged]
-    if not selected:
+    if not selected and not allow_empty:
         raise CalibrationError(f"selector {config.selector!r} selected no scorable layer.")
     return selected, budget
 
@@ -614,6 +642,9 @@ def _finish(
     if base_rank is not None:
         plan.rank = plan.resolve_rank(base_rank)
         plan.calibration["base_rank"] = base_rank
+        for stack in plan.stacks:  # an encoder-decoder model's: every stack at the rank the plan asks for
+            stack.rank = plan.rank
+            stack.calibration["base_rank"] = base_rank
     if costs is not None:
         rank = plan.resolve_rank(costs.rank)
         units = sum(plan.module_ranks(costs.rank)) if plan.rank_pattern else None
@@ -648,3 +679,96 @@ def _finish(
     )
     call_hook(pm, "loraplan_plan_final", plan=plan)
     return plan
+
+
+# -- encoder-decoder models: one calibration pass, every stack planned on its own ---------------------------------
+
+#: why an encoder-decoder plan has no cost model (and so no time or parameter budget)
+NOT_PRICED = (
+    "the cost model prices one layer stack; an encoder-decoder model's step (two stacks, cross-attention) is not "
+    "priced yet"
+)
+
+
+def _refuse(config: PlanConfig, stacks: list[LayerStack]) -> None:
+    """What encoder-decoder plans cannot do yet, refused before any calibration."""
+    paths = " and ".join(f"`{s.path}`" for s in stacks)
+    for name in ("time_budget", "param_budget"):
+        if getattr(config, name) is not None:
+            raise ConfigError(
+                f"`{name}` ({getattr(config, name)}) needs the cost model, and {NOT_PRICED} ({paths}). Select by "
+                "ratio, count or cumulative (per stack with `stacks`), or plan a decoder-only model."
+            )
+    if config.rank_policy in ("budget", "importance"):
+        raise ConfigError(
+            f"`rank_policy` {config.rank_policy!r} is not available for an encoder-decoder model ({paths}) yet: "
+            "its ranks are allocated within one stack. Use rank_policy='keep' or an explicit rank."
+        )
+
+
+def make_stacks_plan(
+    model: nn.Module,
+    base: nn.Module,
+    stacks: list[LayerStack],
+    calibration_data: Any,
+    config: PlanConfig,
+    tokenizer: Any,
+    pm: pluggy.PluginManager,
+    lora_rank: int | None,
+    progress: bool,
+) -> LoraPlan:
+    """:func:`loraplan.make_plan` for an encoder-decoder model: see the module docstring."""
+    _refuse(config, stacks)
+    names = [stack_role(stack.path) for stack in stacks]
+    settings = [config.for_stack(name) for name in names]
+    chosen = [strategies_for(one, pm) for one in settings]
+    counts = [one.layer_count(stack.num_layers) for one, stack in zip(settings, stacks)]  # refused before calibrating
+    requires = frozenset().union(*(c.requires for c in chosen))
+    targets = resolve_targets(model, config)
+    targets_from = "config" if config.target_modules else ("peft" if targets else "all-linear")
+    warnings: list[str] = []
+    needed = max(c.minimum_samples(one) for c, one in zip(chosen, settings))
+    batches = _calibration_batches(calibration_data, config, tokenizer, base, needed, warnings)
+    base_rank = _base_rank(model, lora_rank)
+    with training_numerics(model):
+        all_stats = calibrate_stacks(model, stacks, batches, requires, config, targets, progress)
+    plans = []
+    for stack, name, one, strategies, k, stats in zip(stacks, names, settings, chosen, counts, all_stats):
+        said: list[str] = []
+        plan, _ = _stack_plan(
+            base,
+            stack,
+            stats,
+            one,
+            strategies,
+            k,
+            targets,
+            base_rank,
+            None,
+            NOT_PRICED,
+            said,
+            allow_empty=one.selector == "none",
+        )
+        plan.stack.update(name=name, targets_from=targets_from, pooling=stats.meta.get("pooling"))
+        plan.warnings = said
+        warnings += [f"{name} stack: {message}" for message in said]
+        plans.append(plan)
+    if not any(plan.selected_layers for plan in plans):
+        raise ConfigError(
+            "`stacks`: no stack selects a layer, so nothing would train. Select layers in at least one stack."
+        )
+    whole = LoraPlan(
+        num_layers=0,
+        selected_layers=[],
+        config=config.to_dict(),
+        model_fingerprint={**fingerprint(base, stacks[0]), "stacks": [s.path for s in stacks]},
+        calibration=_calibration_record(base, batches, all_stats[0], config, requires),
+        warnings=warnings,
+        versions=versions(),
+    )
+    whole.calibration["pooling"] = {name: stats.meta.get("pooling") for name, stats in zip(names, all_stats)}
+    for plan in plans:
+        plan.calibration = dict(whole.calibration)
+        plan.versions = dict(whole.versions)
+    plan = combine(plans, whole)
+    return _finish(plan, pm, base, all_stats[0], base_rank, None, NOT_PRICED, None)

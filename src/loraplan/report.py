@@ -28,6 +28,14 @@ class ParameterCount:
 def parameter_count(plan: LoraPlan, rank: int | None = None) -> ParameterCount:
     """LoRA parameters ``r (in + out)`` per target module, all layers at ``rank`` versus the plan's distinct modules
     at the plan's rank. ``rank`` defaults to the rank the plan was made for, else 8."""
+    if plan.stacks:  # an encoder-decoder model: each stack's modules at its own shapes, added up
+        counts = [parameter_count(one, rank) for one in plan.stacks]
+        return ParameterCount(
+            rank=counts[0].rank,
+            plan_rank=counts[0].plan_rank,
+            all_layers=sum(c.all_layers for c in counts),
+            plan=sum(c.plan for c in counts),
+        )
     made_for = plan.calibration.get("base_rank")
     if plan.rank_pattern and made_for:  # per-layer ranks hold for the rank they were allocated at
         rank = int(made_for)
@@ -57,7 +65,25 @@ def score_columns(plan: LoraPlan) -> list[str]:
 
 
 def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
-    """The per-layer table (scores, selected, group), the parameter comparison, stability and warnings."""
+    """The per-layer table (scores, selected, group), the parameter comparison, stability and warnings; for an
+    encoder-decoder model one such report per stack, then the parameters of the whole model."""
+    if plan.stacks:
+        parts = [
+            f"loraplan plan: {plan.model_fingerprint.get('class')}, {len(plan.stacks)} layer stacks planned on their "
+            f"own, {plan.calibration.get('num_samples')} calibration samples"
+        ]
+        for one in plan.stacks:
+            parts += ["", f"== {one.stack.get('name')} stack =="]
+            parts.append(format_plan(one, rank))
+        count = parameter_count(plan, rank)
+        parts += [
+            "",
+            f"trainable LoRA parameters of the whole model: all layers of every stack at r={count.rank}: "
+            f"{count.all_layers:,}; plan: {count.plan:,} ({count.ratio:.1%}, saving {1 - count.ratio:.1%})",
+        ]
+        parts += format_cost(plan)
+        parts += [f"warning: {w}" for w in plan.warnings if w.split(" stack: ", 1)[0] not in ("encoder", "decoder")]
+        return "\n".join(parts)
     names = score_columns(plan)
     rest = set(plan.shared_rest)
     show_ranks = bool(plan.rank_pattern or rest)

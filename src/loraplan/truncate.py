@@ -52,6 +52,7 @@ __all__ = [
     "remove_truncation",
     "truncation_blockers",
     "truncation_of",
+    "truncations_of",
 ]
 
 #: attribute on each hooked layer holding its :class:`_LayerState` (a timed copy of a layer drops it: cost/timing.py)
@@ -80,6 +81,10 @@ class Truncation:
     active: bool
     reason: str = ""
     path: str = ""
+    #: the stack's name in an encoder-decoder model's plan ("encoder", "decoder"); empty for one stack
+    name: str = ""
+    #: layers in the stack (a stack without LoRA runs every one of them without autograd: ``lowest`` is this)
+    size: int = 0
 
     @property
     def layers(self) -> list[int]:
@@ -87,14 +92,20 @@ class Truncation:
 
     def note(self) -> str:
         """One line for the plan's notes and the log."""
+        where = f" {self.name} stack (`{self.path}`):" if self.name else ""
+        if self.active and self.size and self.lowest >= self.size:
+            return (
+                f"{NOTE_PREFIX}{where} every layer runs without autograd and without activation checkpointing (no "
+                "LoRA in this stack); turn off with apply_plan(..., truncate_backward=False)."
+            )
         if self.active:
             last = self.lowest - 1
             span = "layer 0" if last == 0 else f"layers 0-{last}"
             return (
-                f"{NOTE_PREFIX} {span} (below the lowest adapted layer {self.lowest}) run without autograd and "
+                f"{NOTE_PREFIX}{where} {span} (below the lowest adapted layer {self.lowest}) run without autograd and "
                 "without activation checkpointing; turn off with apply_plan(..., truncate_backward=False)."
             )
-        return f"{NOTE_PREFIX} off: {self.reason}"
+        return f"{NOTE_PREFIX}{where} off: {self.reason}"
 
 
 @dataclass
@@ -277,15 +288,23 @@ def _strip(module: nn.Module) -> bool:
 
 
 def remove_truncation(model: nn.Module, stack: LayerStack | None = None) -> int:
-    """Undo :func:`install_truncation`: every layer runs as stock PEFT runs it. Returns the number of layers that
-    had hooks. Works on the PEFT model, its base model, or a model merged with ``merge_and_unload``."""
-    if stack is None:
-        recorded = truncation_of(model)
-        stack = stack_at(model, recorded.path) if recorded is not None and recorded.path else find_layers(model)
-    removed = sum(_strip(layer) for layer in stack.layers)
+    """Undo :func:`install_truncation` (on ``stack``, or on every stack it was installed on): every layer runs as
+    stock PEFT runs it. Returns the number of layers that had hooks. Works on the PEFT model, its base model, or a
+    model merged with ``merge_and_unload``."""
     base = unwrap(model)
-    base.__dict__.pop(MODEL_RESULT, None)
-    model.__dict__.pop(MODEL_RESULT, None)
+    recorded: dict[str, Truncation] = base.__dict__.get(MODEL_RESULT) or {}
+    if stack is not None:
+        stacks = [stack]
+    elif recorded:
+        stacks = [stack_at(model, path) for path in recorded if path]
+    else:
+        stacks = [find_layers(model)]
+    removed = sum(_strip(layer) for one in stacks for layer in one.layers)
+    for one in stacks:
+        recorded.pop(one.path, None)
+    if not recorded:
+        base.__dict__.pop(MODEL_RESULT, None)
+        model.__dict__.pop(MODEL_RESULT, None)
     return removed
 
 
@@ -316,10 +335,11 @@ def truncation_blockers(model: nn.Module, lowest: int, stack: LayerStack | None 
     return found
 
 
-def install_truncation(model: nn.Module, lowest: int, stack: LayerStack | None = None) -> Truncation:
-    """Run layers ``0..lowest-1`` of ``model`` without autograd and without checkpointing (see the module
-    docstring). Replaces an earlier installation. Left off, with the reason, when ``lowest`` is 0 or something
-    below it is trainable."""
+def install_truncation(model: nn.Module, lowest: int, stack: LayerStack | None = None, name: str = "") -> Truncation:
+    """Run layers ``0..lowest-1`` of ``model``'s ``stack`` without autograd and without checkpointing (see the module
+    docstring); ``lowest`` may be the stack's size (a stack without LoRA: all of it). Replaces an earlier installation
+    on that stack. Left off, with the reason, when ``lowest`` is 0 or something below it is trainable. ``name``: the
+    stack's name in an encoder-decoder model's plan."""
     base = unwrap(model)
     stack = stack if stack is not None else find_layers(base)
     remove_truncation(model, stack)
@@ -342,25 +362,39 @@ def install_truncation(model: nn.Module, lowest: int, stack: LayerStack | None =
             layer.__dict__[LAYER_STATE] = _LayerState("below", index, shared)
             layer.register_forward_pre_hook(_below_pre_hook, with_kwargs=True)
             layer.register_forward_hook(_below_post_hook, always_call=True)
-        boundary = stack.layers[lowest]
-        boundary.__dict__[LAYER_STATE] = _LayerState("boundary", lowest, shared)
-        boundary.register_forward_pre_hook(_boundary_pre_hook, with_kwargs=True)
+        if lowest < stack.num_layers:  # a stack without LoRA has no boundary: nothing in it needs a gradient
+            boundary = stack.layers[lowest]
+            boundary.__dict__[LAYER_STATE] = _LayerState("boundary", lowest, shared)
+            boundary.register_forward_pre_hook(_boundary_pre_hook, with_kwargs=True)
         result = Truncation(lowest, True)
-    result.path = stack.path
-    base.__dict__[MODEL_RESULT] = result
+    return _record(base, result, stack, name)
+
+
+def _record(base: nn.Module, result: Truncation, stack: LayerStack, name: str) -> Truncation:
+    result.path, result.name, result.size = stack.path, name, stack.num_layers
+    base.__dict__.setdefault(MODEL_RESULT, {})[stack.path] = result
     return result
+
+
+def truncations_of(model: nn.Module) -> list[Truncation]:
+    """What :func:`install_truncation` last did on each stack of ``model`` (an encoder-decoder model: two)."""
+    return list((unwrap(model).__dict__.get(MODEL_RESULT) or {}).values())
 
 
 def truncation_of(model: nn.Module) -> Truncation | None:
-    """What :func:`install_truncation` last did on ``model`` (``None`` if never)."""
-    return unwrap(model).__dict__.get(MODEL_RESULT)
+    """What :func:`install_truncation` last did on ``model`` (``None`` if never); for an encoder-decoder model, on
+    its first stack (all of them: :func:`truncations_of`)."""
+    found = truncations_of(model)
+    return found[0] if found else None
 
 
-def disable_truncation(model: nn.Module, lowest: int, stack: LayerStack | None = None) -> Truncation:
-    """Remove any truncation and record that it was turned off on purpose (what :func:`truncation_of` returns)."""
+def disable_truncation(
+    model: nn.Module, lowest: int, stack: LayerStack | None = None, name: str = "", reason: str = ""
+) -> Truncation:
+    """Remove any truncation (on ``stack``) and record that it is off and why (what :func:`truncation_of`
+    returns); ``reason`` defaults to it having been turned off on purpose."""
+    base = unwrap(model)
+    stack = stack if stack is not None else find_layers(base)
     remove_truncation(model, stack)
-    result = Truncation(
-        lowest, False, "turned off (truncate_backward=False); every layer is back-propagated as with stock PEFT"
-    )
-    unwrap(model).__dict__[MODEL_RESULT] = result
-    return result
+    why = reason or "turned off (truncate_backward=False); every layer is back-propagated as with stock PEFT"
+    return _record(base, Truncation(lowest, False, why), stack, name)

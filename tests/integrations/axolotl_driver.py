@@ -64,9 +64,22 @@ def train(config: str, report: str) -> None:
     # a quantized model is compared in train mode (no dropout here): in eval mode under no_grad bitsandbytes repacks
     # 4-bit weights for CPU inference, which is not what trained
     mode = "train" if quantization is not None else "eval"
-    base = AutoModelForCausalLM.from_pretrained(cfg.base_model, quantization_config=quantization)
+    if quantization is None:
+        base = AutoModelForCausalLM.from_pretrained(cfg.base_model)
+    else:  # as Axolotl loads a quantized model: in its dtype (float16 for 8-bit), then prepared for k-bit training
+        from peft import prepare_model_for_kbit_training
+
+        base = AutoModelForCausalLM.from_pretrained(
+            cfg.base_model, quantization_config=quantization, dtype=cfg.torch_dtype
+        )
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     fresh_state = _quantized_state(base)
     fresh = PeftModel.from_pretrained(base, cfg.output_dir)
+    live = dict(model.named_parameters(remove_duplicate=False))
+    for name, param in fresh.named_parameters(remove_duplicate=False):
+        if name in live and param.is_floating_point() and param.dtype != live[name].dtype:
+            # Axolotl keeps an 8-bit model's norms, embeddings and LoRA in its own dtype: the reload gets the same
+            param.data = param.data.to(live[name].dtype)
     for m in (model, fresh):
         m.train(mode == "train")
     with torch.no_grad():
@@ -89,10 +102,25 @@ def train(config: str, report: str) -> None:
         "config_sites": _sites(from_config),
         "saved_exclude_modules": saved.exclude_modules,
         "gradient_checkpointing_kwargs": dict(cfg.gradient_checkpointing_kwargs or {}),
+        "parameter_differences": _differences(model, fresh),
         "quantized_weights": len(fresh_state),
         "quantized_weights_changed": sorted(k for k, v in _quantized_state(model).items() if fresh_state.get(k) != v),
     }
     Path(report).write_text(json.dumps(facts, indent=1), encoding="utf-8")
+
+
+def _differences(model, fresh) -> dict[str, float]:
+    """The floating-point parameters (and buffers) whose values differ between the trained model and the reload."""
+    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    found = {}
+    for name, value in [*fresh.named_parameters(), *fresh.named_buffers()]:
+        other = live.get(name)
+        if other is None or not value.is_floating_point() or other.shape != value.shape:
+            continue
+        diff = float((other.detach().float() - value.detach().float()).abs().max())
+        if diff > 0 or other.dtype != value.dtype:
+            found[name] = diff
+    return dict(sorted(found.items())[:8])
 
 
 def _quantization(cfg):

@@ -4,6 +4,8 @@
 ``python dist_worker.py zero3 OUT MODEL_DIR``: calibration on weights DeepSpeed ZeRO-3 partitioned at creation.
 ``python dist_worker.py fsdp2 OUT MODEL_DIR``: a top-half plan under FSDP2 (``fully_shard`` per layer) with
 checkpointing, once with loraplan's truncated backward and once without.
+``python dist_worker.py trainer_ddp OUT MODEL_DIR``: HF ``Trainer`` under DDP (gloo) with ``LoraPlanCallback`` on a
+T5 (both stacks planned) and on the tiny Llama loaded in 4-bit NF4 (QLoRA), two steps each.
 ``python dist_worker.py trainer_fsdp2 OUT MODEL_DIR``: HF ``Trainer`` with ``TrainingArguments(fsdp=...,
 fsdp_config={"fsdp_version": 2, ...})`` and ``LoraPlanCallback``, two steps (on the CPU through the TRL recipe's
 ``cpu_fsdp``, which keeps accelerate's FSDP plugin on its gloo processes).
@@ -233,9 +235,114 @@ def trainer_fsdp2(out: Path, model_dir: str) -> dict:
     }
 
 
+def trainer_ddp(out: Path, model_dir: str) -> dict:
+    """An encoder-decoder model and a 4-bit model under DDP, the plan computed by the callback."""
+    import hashlib
+
+    import transformers as tf
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from loraplan.apply import lora_modules_by_layer
+    from loraplan.integrations.hf import LoraPlanCallback
+    from loraplan.quantized import quantized_weights
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(model_dir)
+    rows = texts(False)[:16]
+    facts: dict = {"rank": dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])}
+
+    def train(model, data, collator, name: str):
+        callback = LoraPlanCallback({**SETTINGS, "calibration_samples": 8}, calibration_data=rows[:8])
+        args = tf.TrainingArguments(
+            output_dir=str(out / name), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
+            use_cpu=True, ddp_backend="gloo", save_steps=2, seed=0, dataloader_num_workers=0, logging_steps=1,
+        )  # fmt: skip
+        trainer = tf.Trainer(
+            model=model, args=args, train_dataset=data, data_collator=collator, processing_class=tokenizer,
+            callbacks=[callback],
+        )  # fmt: skip
+        trainer.train()
+        trainer.save_model()
+        plan = callback.plan
+        ties = []
+        for one in plan.stack_plans():
+            from loraplan.layers import stack_at
+
+            by_layer = lora_modules_by_layer(trainer.model, stack_at(trainer.model, one.stack_path))
+            for group in one.share_groups:
+                for member in group[1:]:
+                    ties += [
+                        by_layer[member][n].lora_A["default"] is by_layer[group[0]][n].lora_A["default"]
+                        for n in by_layer[member]
+                    ]
+        return trainer, plan, ties
+
+    # an encoder-decoder model: T5 with the SmolLM2 tokenizer, both stacks planned
+    torch.manual_seed(0)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0)
+    t5 = tf.T5ForConditionalGeneration(
+        tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=4, num_heads=4, vocab_size=len(tokenizer), **ids)
+    )
+    seq2seq = Dataset.from_dict({"text": rows}).map(
+        lambda b: {
+            **tokenizer(b["text"], truncation=True, max_length=24),
+            "labels": tokenizer(b["text"], truncation=True, max_length=12)["input_ids"],
+        },
+        batched=True,
+        remove_columns=["text"],
+    )
+    model = get_peft_model(t5, LoraConfig(r=4, target_modules=["q", "v", "wo"]))
+    trainer, plan, ties = train(model, seq2seq, tf.DataCollatorForSeq2Seq(tokenizer, model=t5), "t5")
+    facts["t5"] = {
+        "ddp": trainer.args.parallel_mode.name,
+        "plan": plan.to_dict(),
+        "ties": ties,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }
+
+    # QLoRA: the tiny Llama in 4-bit NF4
+    quantization = tf.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization)
+
+    def digest(model) -> str:
+        by_name = {  # a PEFT wrapper and its base layer name the same weight once
+            name.replace("base_model.model.", "").replace(".base_layer", ""): weight
+            for name, weight in quantized_weights(model).items()
+        }
+        h = hashlib.sha256()
+        for name, weight in sorted(by_name.items()):
+            h.update(name.encode())
+            h.update(weight.data.contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(weight.quant_state.absmax.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    fresh = digest(base)
+    model = get_peft_model(prepare_model_for_kbit_training(base), LoraConfig(r=4, target_modules="all-linear"))
+    causal = Dataset.from_dict({"text": rows}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=24), batched=True, remove_columns=["text"]
+    )
+    trainer, plan, ties = train(model, causal, tf.DataCollatorForLanguageModeling(tokenizer, mlm=False), "qlora")
+    facts["qlora"] = {
+        "ddp": trainer.args.parallel_mode.name,
+        "plan": plan.to_dict(),
+        "ties": ties,
+        "unchanged": digest(trainer.model) == fresh,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }
+    return facts
+
+
 def main() -> None:
     mode, out, model_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-    workers = {"broadcast": broadcast, "zero3": zero3, "fsdp2": fsdp2, "trainer_fsdp2": trainer_fsdp2}
+    workers = {
+        "broadcast": broadcast,
+        "zero3": zero3,
+        "fsdp2": fsdp2,
+        "trainer_ddp": trainer_ddp,
+        "trainer_fsdp2": trainer_fsdp2,
+    }
     facts = workers[mode](out, model_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{facts['rank']}.json").write_text(json.dumps(facts, indent=1), encoding="utf-8")

@@ -247,14 +247,21 @@ def cli_failure(python: str, config: Path, cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-def test_qlora_adapter_with_the_loraplan_block(axolotl_python, tiny_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("changes", "quantization"),
+    [({"adapter": "qlora", "load_in_4bit": True}, "4-bit nf4"), ({"load_in_8bit": True}, "8-bit")],
+    ids=["qlora-4bit", "lora-8bit"],
+)
+def test_quantized_models_with_the_loraplan_block(changes, quantization, axolotl_python, tiny_dir, tmp_path):
     # Axolotl's single-GPU default, on the CPU: `adapter: qlora`, `load_in_4bit: true` (bitsandbytes NF4, double
-    # quantization); the plan is made on the 4-bit model and no quantized weight changes through training and saving
-    config = tiny_config(tiny_dir, tmp_path, adapter="qlora", load_in_4bit=True)
+    # quantization), and 8-bit LoRA; the plan is made on the quantized model and no 4-bit weight changes through
+    # training and saving
+    config = tiny_config(tiny_dir, tmp_path, **changes)
     report, output = train(axolotl_python, config, tmp_path)
     plan = LoraPlan.load(tmp_path / "out" / "loraplan.json")
-    assert plan.calibration["quantization"] == "4-bit nf4"
-    assert report["quantized_weights"] == 28 and report["quantized_weights_changed"] == []
+    assert plan.calibration["quantization"] == quantization
+    assert report["quantized_weights"] == (28 if "4-bit" in quantization else 0)
+    assert report["quantized_weights_changed"] == []
     assert sorted({int(site.split(".")[2]) for site in report["sites"]}) == plan.adapted_layers
     assert report["config_sites"] == report["sites"]
     assert report["global_step"] == 2 and all(math.isfinite(loss) for _, loss in report["losses"])

@@ -96,3 +96,19 @@ def test_truncated_backward_under_fsdp2(tmp_path, model_dir):
         assert stock["output_requires_grad"] == {str(i): [True] for i in range(4)}
         assert ours["output_requires_grad"] == {"0": [False], "1": [False], "2": [True], "3": [True]}
     assert ranks[0]["truncated"]["lora"] == ranks[1]["truncated"]["lora"]
+
+
+@pytest.mark.heavy
+def test_encoder_decoder_and_qlora_under_ddp_in_hf_trainer(tmp_path, model_dir):
+    """Two gloo ranks, HF Trainer with the callback: a T5 (both stacks planned) and the tiny Llama in 4-bit NF4."""
+    ranks = torchrun("trainer_ddp", tmp_path, model_dir)
+    for name in ("t5", "qlora"):
+        assert ranks[0][name]["plan"] == ranks[1][name]["plan"]  # rank 0's plan on both ranks
+        for facts in ranks:
+            assert facts[name]["ddp"] == "DISTRIBUTED" and len(facts[name]["losses"]) == 2
+            assert facts[name]["ties"] and all(facts[name]["ties"])
+    t5 = LoraPlan.from_dict(ranks[0]["t5"]["plan"])
+    assert [one.stack_path for one in t5.stacks] == ["encoder.block", "decoder.block"]
+    assert LoraPlan.load(tmp_path / "t5" / "loraplan.json") == t5
+    assert all(facts["qlora"]["unchanged"] for facts in ranks)  # no 4-bit weight changed through training and saving
+    assert LoraPlan.from_dict(ranks[0]["qlora"]["plan"]).calibration["quantization"] == "4-bit nf4"

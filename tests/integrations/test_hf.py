@@ -361,3 +361,83 @@ def test_what_fsdp_cannot_train_is_refused(fsdp, share, message):
         refuse_under_fsdp(Fsdp(int(fsdp[0]), fsdp[1]), share=share)
     refuse_under_fsdp(Fsdp(2, "FULL_STATE_DICT"))  # FSDP2, no sharing, a full state dict: trained as planned
     refuse_under_fsdp(None, share="angular")  # no FSDP: nothing to refuse
+
+
+def test_an_encoder_decoder_model_in_hf_trainer(tmp_path, tokenizer, texts):
+    """T5 (random init, the SmolLM2 tokenizer) under HF Trainer with the callback: both stacks planned on the texts
+    (the decoder reads each text too), two steps, the adapter reloads in stock PEFT with the trained logits."""
+    import torch
+    import transformers as tf
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0)
+    config = tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=4, num_heads=4, vocab_size=len(tokenizer), **ids)
+    base = tf.T5ForConditionalGeneration(config)
+    base.save_pretrained(tmp_path / "t5")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "wo"]))
+    data = Dataset.from_dict({"text": texts[:16]}).map(
+        lambda b: {
+            **tokenizer(b["text"], truncation=True, max_length=24),
+            "labels": tokenizer(b["text"], truncation=True, max_length=12)["input_ids"],
+        },
+        batched=True,
+        remove_columns=["text"],
+    )
+    settings = {"selector": "cka", "share": "angular", "share_threshold": 0.0, "calibration_samples": 12}
+    callback = LoraPlanCallback(settings, calibration_data=texts[:12])
+    trainer = tf.Trainer(
+        model=model,
+        args=tf.TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            save_steps=2,
+            dataloader_num_workers=0,
+        ),  # fmt: skip
+        train_dataset=data,
+        data_collator=tf.DataCollatorForSeq2Seq(tokenizer, model=base),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    plan = callback.plan
+    assert [one.stack_path for one in plan.stacks] == ["encoder.block", "decoder.block"]
+    trainer.train()
+    assert trainer.state.global_step == 2
+    trainer.save_model()
+    assert LoraPlan.load(tmp_path / "out" / "loraplan.json") == plan
+    batch = tokenizer(["A fine cup of tea.", "Stale and bitter."], return_tensors="pt", padding=True)
+    batch["labels"] = batch["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch).logits
+        stock = PeftModel.from_pretrained(
+            tf.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5"), str(tmp_path / "out")
+        )
+        torch.testing.assert_close(stock.eval()(**batch).logits, want)
+    for one in plan.stacks:
+        layers = stock.get_base_model().get_submodule(one.stack_path)
+        with_lora = [i for i, layer in enumerate(layers) if any(".lora_A" in n for n, _ in layer.named_modules())]
+        assert with_lora == one.adapted_layers
+
+
+@pytest.mark.parametrize(
+    ("engine", "encoder_decoder", "quantized", "message"),
+    [
+        ("DeepSpeed", True, None, "`deepspeed`: training an encoder-decoder model under DeepSpeed is not tested"),
+        ("FSDP", False, "4-bit nf4", "`fsdp`: training a 4-bit nf4 \\(bitsandbytes\\) model under FSDP is not tested"),
+    ],
+    ids=["encoder-decoder-deepspeed", "qlora-fsdp"],
+)
+def test_untested_engine_combinations_are_refused(engine, encoder_decoder, quantized, message):
+    from loraplan.errors import ConfigError
+    from loraplan.integrations._common import refuse_untested_engine
+
+    with pytest.raises(ConfigError, match=message):
+        refuse_untested_engine(engine, encoder_decoder, quantized)
+    refuse_untested_engine(None, encoder_decoder, quantized)  # one process or DDP: tested
+    refuse_untested_engine(engine)  # a full-precision decoder under DeepSpeed or FSDP2: tested

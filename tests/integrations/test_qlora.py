@@ -1,4 +1,5 @@
-"""QLoRA through the trainers: a bitsandbytes 4-bit NF4 model (double quantization, on the CPU) planned by
+"""QLoRA through the trainers: a bitsandbytes 4-bit NF4 model (double quantization, on the CPU), and an 8-bit one,
+planned by
 ``LoraPlanCallback`` in HF ``Trainer`` (the user wraps it after ``prepare_model_for_kbit_training``) and by
 ``plan_trainer`` in TRL's ``SFTTrainer`` (which prepares and wraps it itself). Two real steps with a checkpoint at
 each; no quantized weight or quantization state changes at any point; LoRA where the plan says; the saved adapter
@@ -12,13 +13,17 @@ import torch
 from loraplan.integrations.hf import TRAIN_DATASET, LoraPlanCallback, plan_trainer
 from loraplan.truncate import truncation_of
 
-QUANT = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+QUANT = {
+    "4-bit nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "8-bit": dict(load_in_8bit=True),
+}
 
 
-def _load_4bit(path):
+def _load(path, quant="4-bit nf4"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(**QUANT, bnb_4bit_compute_dtype=torch.float32)
+    extra = {"bnb_4bit_compute_dtype": torch.float32} if "4-bit" in quant else {}
+    quantization = BitsAndBytesConfig(**QUANT[quant], **extra)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization)
 
 
@@ -30,14 +35,15 @@ def _logits(model, tokenizer):
         return model(**batch).logits
 
 
+@pytest.mark.parametrize("quant", list(QUANT))
 @pytest.mark.parametrize("kind", ["trainer", "sft"])
 def test_qlora_round_trip_through_the_trainers(
-    kind, tmp_path, model_dir, tokenizer, texts, shared, checks, quantized_state
+    kind, quant, tmp_path, model_dir, tokenizer, texts, shared, checks, quantized_state
 ):
     from datasets import Dataset
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    model = _load_4bit(model_dir)
+    model = _load(model_dir, quant)
     fresh = quantized_state(model)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     common = dict(max_steps=2, save_steps=1, gradient_checkpointing=True, learning_rate=1e-2)
@@ -59,7 +65,7 @@ def test_qlora_round_trip_through_the_trainers(
         )
         callback = plan_trainer(trainer, shared, TRAIN_DATASET)
     plan = callback.plan
-    assert plan.calibration["quantization"] == "4-bit nf4"
+    assert plan.calibration["quantization"] == quant
     assert quantized_state(trainer.model) == fresh, "planning changed a quantized weight"
     checks.plan_realised(trainer.model, plan)
     assert truncation_of(trainer.model).active == (min(plan.adapted_layers) > 0)
@@ -73,7 +79,7 @@ def test_qlora_round_trip_through_the_trainers(
     trainer.save_model()
     assert quantized_state(trainer.model) == fresh, "the final save changed a quantized weight"
     want = _logits(trainer.model, tokenizer)
-    stock = PeftModel.from_pretrained(_load_4bit(model_dir), str(tmp_path))
+    stock = PeftModel.from_pretrained(_load(model_dir, quant), str(tmp_path))
     assert checks.lora_layers(stock) == plan.adapted_layers
     trained = dict(trainer.model.named_parameters(remove_duplicate=False))
     for name, p in stock.named_parameters():

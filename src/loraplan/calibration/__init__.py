@@ -21,9 +21,9 @@ from ..config import PlanConfig
 from ..data import CalibrationBatches
 from ..errors import CalibrationError
 from ..layers import LayerStack, target_modules_of, unwrap
-from .forward import forward_pass
+from .forward import StackPass, forward_passes
 from .gradients import gradient_pass
-from .inputs import layer_name, loss_labels, model_inputs
+from .inputs import batch_rows, layer_name, loss_labels, model_inputs
 from .stats import ACTIVATIONS, GRADIENTS, HIDDEN, LORA_OUTPUTS, STATISTICS, CalibrationStats
 from .warmup import lora_drop_pass
 
@@ -35,6 +35,7 @@ __all__ = [
     "STATISTICS",
     "CalibrationStats",
     "calibrate",
+    "calibrate_stacks",
     "loss_labels",
     "model_inputs",
 ]
@@ -50,9 +51,46 @@ def calibrate(
     progress: bool = True,
 ) -> CalibrationStats:
     """Run the calibration pass(es) over ``data`` and return the statistics ``requires`` names."""
+    return calibrate_stacks(model, [stack], data, requires, config, targets, progress)[0]
+
+
+def calibrate_stacks(
+    model: nn.Module,
+    stacks: list[LayerStack],
+    data: CalibrationBatches,
+    requires: frozenset[str] | set[str],
+    config: PlanConfig,
+    targets: list[str] | None = None,
+    progress: bool = True,
+) -> list[CalibrationStats]:
+    """The statistics of every stack in ``stacks`` (one, or an encoder-decoder model's encoder and decoder), from the
+    same passes over ``data``: one forward pass, one backward per batch for gradients, one LoRA-drop warm-up."""
     base = unwrap(model)
-    num_layers = stack.num_layers
-    pooling = stack.pooling if config.pooling == "auto" else config.pooling
+    passes = [_stack_pass(stack, stacks, data, requires, config, targets) for stack in stacks]
+    started = time.perf_counter()
+    if HIDDEN in requires or ACTIVATIONS in requires:
+        forward_passes(model, base, passes, data, requires, config, progress)
+    if GRADIENTS in requires:
+        gradient_pass(model, base, [(p.stack, p.layer_targets, p.stats) for p in passes], data, progress)
+    if LORA_OUTPUTS in requires:  # last: the passes above read the model as it is, before any warm-up
+        lora_drop_pass(model, base, passes, data, config, progress)
+    seconds = round(time.perf_counter() - started, 3)
+    for one in passes:
+        one.stats.meta["seconds"] = seconds
+        if one.mask_key is None and one.state.frames:  # an audio encoder's positions are known after its forward
+            one.stats.tokens = torch.tensor(one.state.frames, dtype=torch.float64)
+    return [one.stats for one in passes]
+
+
+def _stack_pass(
+    stack: LayerStack,
+    stacks: list[LayerStack],
+    data: CalibrationBatches,
+    requires: frozenset[str] | set[str],
+    config: PlanConfig,
+    targets: list[str] | None,
+) -> StackPass:
+    """What one stack reads in a calibration pass (its tokens, its mask), and where its statistics go."""
     layer_targets = [target_modules_of(layer, targets) for layer in stack.layers]
     empty = [i for i, t in enumerate(layer_targets) if not t]
     if empty and any(name in requires for name in (ACTIVATIONS, GRADIENTS, LORA_OUTPUTS)):
@@ -61,23 +99,24 @@ def calibrate(
             + (f" for target_modules={targets}" if targets else "")
             + ". Set `target_modules` to names of linear modules inside the layers (e.g. ['q_proj', 'v_proj'])."
         )
-    tokens = torch.tensor([float(m.sum()) for b in data.batches for m in b["attention_mask"]], dtype=torch.float64)
-    batch_index = torch.tensor(
-        [n for n, b in enumerate(data.batches) for _ in range(b["input_ids"].shape[0])], dtype=torch.long
-    )
+    pooling = stack.pooling if config.pooling == "auto" else config.pooling
+    ids_key: str | None = "input_ids"
+    mask_key: str | None = "attention_mask"
+    other: LayerStack | None = None
+    if len(stacks) > 1 and stack is not stacks[0]:  # an encoder-decoder model's decoder
+        ids_key, mask_key, other = "decoder_input_ids", "decoder_attention_mask", stacks[0]
+    elif "input_ids" not in data.batches[0]:  # a speech encoder: every frame of its output counts
+        ids_key, mask_key = None, None
+        pooling = "mean" if pooling == "last" else pooling
+    rows = [batch_rows(b) for b in data.batches]
+    tokens: list[float] = []
+    for batch, count in zip(data.batches, rows):  # a speech encoder's are counted by its forward (BatchState.frames)
+        tokens += [float(m.sum()) for m in batch[mask_key]] if mask_key is not None else [0.0] * count
     stats = CalibrationStats(
-        num_layers=num_layers,
-        tokens=tokens,
-        batch_index=batch_index,
+        num_layers=stack.num_layers,
+        tokens=torch.tensor(tokens, dtype=torch.float64),
+        batch_index=torch.tensor([n for n, count in enumerate(rows) for _ in range(count)], dtype=torch.long),
         target_names=[sorted(t) for t in layer_targets],
         meta={"pooling": pooling},
     )
-    started = time.perf_counter()
-    if HIDDEN in requires or ACTIVATIONS in requires:
-        forward_pass(model, base, stack, data, requires, pooling, config, layer_targets, stats, progress)
-    if GRADIENTS in requires:
-        gradient_pass(model, base, stack, data, layer_targets, stats, progress)
-    if LORA_OUTPUTS in requires:  # last: the passes above read the model as it is, before any warm-up
-        lora_drop_pass(model, base, stack, data, layer_targets, stats, config, progress)
-    stats.meta["seconds"] = round(time.perf_counter() - started, 3)
-    return stats
+    return StackPass(stack, stats, layer_targets, pooling, ids_key, mask_key, other)

@@ -3,6 +3,7 @@ streaming pass, so no ``[batch, tokens, hidden]`` tensor outlives its batch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,9 +16,12 @@ from ..layers import LayerStack
 from .inputs import (
     BatchState,
     adapters_disabled,
+    batch_rows,
+    capture_output_into,
     eval_mode,
     first_tensor,
     forward_runner,
+    frames_into,
     input_device,
     layer_name,
     model_inputs,
@@ -28,7 +32,29 @@ from .inputs import (
 )
 from .stats import ACTIVATIONS, HIDDEN, CalibrationStats
 
-__all__ = ["forward_pass"]
+__all__ = ["StackPass", "forward_pass", "forward_passes"]
+
+
+@dataclass
+class StackPass:
+    """One layer stack of a calibration forward pass: where its statistics go, and which batch keys are its tokens.
+
+    An encoder-decoder model is calibrated in one pass with two of these: the encoder reads ``input_ids`` and
+    ``attention_mask`` (Whisper's reads ``input_features``: ``ids_key`` and ``mask_key`` are then ``None`` and every
+    frame counts), the decoder ``decoder_input_ids`` and ``decoder_attention_mask``; a decoder stack's modules that read
+    the encoder's output (cross-attention keys and values, the same tensor in every layer) are not its tokens'
+    inputs and are not counted (``other`` is that stack, whose output is captured)."""
+
+    stack: LayerStack
+    stats: CalibrationStats
+    layer_targets: list[dict[str, nn.Module]]
+    pooling: str
+    ids_key: str | None = "input_ids"
+    mask_key: str | None = "attention_mask"
+    other: LayerStack | None = None
+    state: BatchState = field(default_factory=BatchState)
+    #: the state of the stack ``other`` is (its mask weighs a module that reads that stack's output)
+    other_state: BatchState | None = None
 
 
 def forward_pass(
@@ -43,52 +69,111 @@ def forward_pass(
     stats: CalibrationStats,
     progress: bool,
 ) -> None:
-    state = BatchState()
-    hidden = _HiddenStates(base, stack, state) if HIDDEN in requires else None
-    activations = _ActivationNorms(stack, layer_targets, state) if ACTIVATIONS in requires else None
-    collectors: list[_HiddenStates | _ActivationNorms] = [c for c in (hidden, activations) if c is not None]
-    handles = [handle for collector in collectors for handle in collector.install()]
+    """One stack's statistics (:func:`forward_passes` with one :class:`StackPass`)."""
+    forward_passes(model, base, [StackPass(stack, stats, layer_targets, pooling)], data, requires, config, progress)
+
+
+def forward_passes(
+    model: nn.Module,
+    base: nn.Module,
+    passes: list[StackPass],
+    data: CalibrationBatches,
+    requires: frozenset[str] | set[str],
+    config: PlanConfig,
+    progress: bool,
+) -> None:
+    """Pooled hidden states and target-module input norms of every stack in ``passes``, in one streaming pass."""
+    collectors: list[list[_HiddenStates | _ActivationNorms]] = []
+    handles: list[Any] = []
+    for one in passes:
+        hidden = _HiddenStates(base, one.stack, one.state, one.pooling) if HIDDEN in requires else None
+        activations = _ActivationNorms(one.stack, one.layer_targets, one.state) if ACTIVATIONS in requires else None
+        collectors.append([c for c in (hidden, activations) if c is not None])
+        handles += [handle for collector in collectors[-1] for handle in collector.install()]
+        if one.other is not None:
+            handles.append(one.other.backbone.register_forward_hook(capture_output_into(one.state)))
+        if one.mask_key is None:  # before the collectors' hooks: they read the mask
+            handles.append(
+                one.stack.layers[0].register_forward_pre_hook(frames_into(one.state), prepend=True, with_kwargs=True)
+            )
     device = input_device(base)
     bar = progress_bar(data.num_samples, "loraplan calibration", progress)
-    read: list[torch.Tensor] = []  # the token each sample is read at
+    read: list[list[torch.Tensor]] = [[] for _ in passes]  # the token each sample is read at
     try:
         with torch.no_grad(), eval_mode(model), adapters_disabled(model):
             for number, batch in enumerate(data.batches):
-                state.batch_number = number
-                rows = batch["input_ids"].shape[0]
-                state.rows = torch.arange(rows, device=device)
-                state.positions = positions(batch, pooling, config.last_token, data.pad_token_id, data.eos_token_id).to(
-                    device
-                )
-                state.mask = batch["attention_mask"].to(device=device, dtype=torch.float32)
-                read.append(batch["input_ids"][torch.arange(rows), state.positions.cpu()])
-                for collector in collectors:
-                    collector.start_batch()
-                runner = forward_runner(base, stack, batch)  # the backbone, or what around it reads the images
+                rows = batch_rows(batch)
+                for one, tokens in zip(passes, read):
+                    start_batch(one, batch, number, rows, device, config, data)
+                    if one.state.positions is not None and one.ids_key is not None:
+                        tokens.append(batch[one.ids_key][torch.arange(rows), one.state.positions.cpu()])
+                for group in collectors:
+                    for collector in group:
+                        collector.start_batch()
+                if len(passes) == 1:
+                    runner = forward_runner(base, passes[0].stack, batch)  # the backbone, or what reads the images
+                else:
+                    runner = base  # an encoder-decoder model: one forward runs both stacks
                 runner(**model_inputs(runner, batch, device))
-                for collector in collectors:
-                    collector.end_batch(number)
+                for group in collectors:
+                    for collector in group:
+                        collector.end_batch(number)
                 bar.update(rows)
     finally:
         bar.close()
         for handle in handles:
             handle.remove()
-        if activations is not None:
-            activations.norm_cache.clear()
-    stats.meta.update(last_token=config.last_token, eos_token_id=data.eos_token_id)
-    if hidden is not None:
-        stats.hidden = [torch.cat(chunks) for chunks in hidden.pooled]
-        stats.read_tokens = torch.cat(read)
-    if activations is not None:
-        stats.activation_sums = torch.cat(activations.batches)
+        for group in collectors:
+            for collector in group:
+                if isinstance(collector, _ActivationNorms):
+                    collector.norm_cache.clear()
+        for one in passes:
+            one.state.other_stream = None
+    for one, group, tokens in zip(passes, collectors, read):
+        stats = one.stats
+        stats.meta.update(last_token=config.last_token, eos_token_id=data.eos_token_id)
+        for collector in group:
+            if isinstance(collector, _HiddenStates):
+                stats.hidden = [torch.cat(chunks) for chunks in collector.pooled]
+                stats.read_tokens = torch.cat(tokens) if tokens else None
+            else:
+                stats.activation_sums = torch.cat(collector.batches)
+
+
+def start_batch(
+    one: StackPass,
+    batch: dict[str, torch.Tensor],
+    number: int,
+    rows: int,
+    device: torch.device,
+    config: PlanConfig,
+    data: CalibrationBatches,
+) -> None:
+    """The per-batch state of one stack: its rows, its mask (set by its first layer where the stack reads no tokens)
+    and the position each sample is read at (none for mean pooling)."""
+    state = one.state
+    state.batch_number = number
+    state.rows = torch.arange(rows, device=device)
+    state.mask = None
+    state.positions = None
+    state.other_stream = None
+    if one.mask_key is None:
+        return
+    mask = batch[one.mask_key]
+    state.mask = mask.to(device=device, dtype=torch.float32)
+    if one.pooling != "mean" and one.ids_key is not None:
+        view = {"input_ids": batch[one.ids_key], "attention_mask": mask}
+        state.positions = positions(view, one.pooling, config.last_token, data.pad_token_id, data.eos_token_id).to(
+            device
+        )
 
 
 class _HiddenStates:
     """``h_0`` .. ``h_L`` pooled to one vector per sample: ``h_0`` is layer 0's input, ``h_i`` layer ``i-1``'s
     output, ``h_L`` the backbone's (after its final norm, as ``output_hidden_states`` gives it)."""
 
-    def __init__(self, base: nn.Module, stack: LayerStack, state: BatchState) -> None:
-        self.base, self.stack, self.state = base, stack, state
+    def __init__(self, base: nn.Module, stack: LayerStack, state: BatchState, pooling: str = "last") -> None:
+        self.base, self.stack, self.state, self.pooling = base, stack, state, pooling
         self.pooled: list[list[torch.Tensor]] = [[] for _ in range(stack.num_layers + 1)]
 
     def install(self) -> list[Any]:
@@ -119,7 +204,12 @@ class _HiddenStates:
                 f"hidden) tensor, got {type(value).__name__}. Provide a `loraplan_find_layers` hook for this model."
             )
         state = self.state
-        vec = hidden[state.rows, state.positions].detach().float()
+        if self.pooling == "mean":
+            mask = state.mask if state.mask is not None else torch.ones(hidden.shape[:2])
+            weights = mask.to(device=hidden.device, dtype=torch.float32)[..., None]
+            vec = (hidden.detach().float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        else:
+            vec = hidden[state.rows, state.positions].detach().float()
         if not bool(torch.isfinite(vec).all()):
             where = (
                 "the embedding output (input of layer 0)"
@@ -173,7 +263,7 @@ class _ActivationNorms:
         hit = cache.get(id(x))
         sums = hit[1] if hit is not None and hit[0] is x else None
         if sums is None:
-            stream = token_stream(x, self.state.mask)
+            stream = None if x is self.state.other_stream else token_stream(x, self.state.mask)
             if stream is None:  # not a token's input (e.g. relative position embeddings): not counted
                 self.other_shapes[layer] = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 return

@@ -11,7 +11,16 @@ from torch import nn
 from ..data import CalibrationBatches
 from ..errors import CalibrationError
 from ..layers import LayerStack, base_layer
-from .inputs import adapters_disabled, eval_mode, input_device, input_grads, labelled_loss, layer_name, progress_bar
+from .inputs import (
+    adapters_disabled,
+    batch_rows,
+    eval_mode,
+    input_device,
+    input_grads,
+    labelled_loss,
+    layer_name,
+    progress_bar,
+)
 from .stats import CalibrationStats
 
 __all__ = ["gradient_pass"]
@@ -20,22 +29,24 @@ __all__ = ["gradient_pass"]
 def gradient_pass(
     model: nn.Module,
     base: nn.Module,
-    stack: LayerStack,
+    stacks: list[tuple[LayerStack, list[dict[str, nn.Module]], CalibrationStats]],
     data: CalibrationBatches,
-    layer_targets: list[dict[str, nn.Module]],
-    stats: CalibrationStats,
     progress: bool,
 ) -> None:
-    """Per batch and layer, the summed ``||dLoss/dW||_F`` of the layer's target modules. A floating-point weight gets
-    its gradient from autograd; a quantized one (bitsandbytes 4-bit or 8-bit, which cannot require grad) from its
-    module's input and output gradient, ``dLoss/dW = Σ_tokens g xᵀ``, the gradient of the weight it stands for."""
-    modules = [[base_layer(m) for m in targets.values()] for targets in layer_targets]
-    every = [m.weight for ms in modules for m in ms if m.weight.is_floating_point()]
-    quantized = _QuantizedGradients([m for ms in modules for m in ms if not m.weight.is_floating_point()])
+    """Per batch and layer of every stack, the summed ``||dLoss/dW||_F`` of the layer's target modules (one backward
+    pass per batch serves every stack). A floating-point weight gets its gradient from autograd; a quantized one
+    (bitsandbytes 4-bit or 8-bit, which cannot require grad) from its module's input and output gradient,
+    ``dLoss/dW = Σ_tokens g xᵀ``, the gradient of the weight it stands for."""
+    modules = [
+        [[base_layer(m) for m in targets.values()] for targets in layer_targets] for _, layer_targets, _ in stacks
+    ]
+    flat = [m for per_stack in modules for ms in per_stack for m in ms]
+    every = [m.weight for m in flat if m.weight.is_floating_point()]
+    quantized = _QuantizedGradients([m for m in flat if not m.weight.is_floating_point()])
     saved_flags = {id(p): p.requires_grad for p in base.parameters()}
     saved_grads = {id(p): p.grad for p in every}
     device = input_device(base)
-    norms: list[torch.Tensor] = []
+    norms: list[list[torch.Tensor]] = [[] for _ in stacks]
     bar = progress_bar(data.num_samples, "loraplan gradient scores", progress)
     handles = quantized.install()
     try:
@@ -57,8 +68,9 @@ def gradient_pass(
                 if not bool(torch.isfinite(loss)):
                     raise CalibrationError(f"the calibration loss is not finite on batch {number}: {float(loss)}")
                 loss.backward()
-                norms.append(_take_gradient_norms(modules, quantized, stack, number))
-                bar.update(batch["input_ids"].shape[0])
+                for rows, per_stack, (stack, _, _) in zip(norms, modules, stacks):
+                    rows.append(_take_gradient_norms(per_stack, quantized, stack, number))
+                bar.update(batch_rows(batch))
     finally:
         bar.close()
         for handle in handles:
@@ -68,7 +80,8 @@ def gradient_pass(
                 p.requires_grad_(saved_flags.get(id(p), p.requires_grad))
         for p in every:
             p.grad = saved_grads[id(p)]
-    stats.gradients = torch.stack(norms)
+    for rows, (_, _, stats) in zip(norms, stacks):
+        stats.gradients = torch.stack(rows)
 
 
 class _QuantizedGradients:

@@ -18,6 +18,9 @@ from ..layers import LayerStack
 __all__ = [
     "BatchState",
     "adapters_disabled",
+    "batch_rows",
+    "capture_output_into",
+    "frames_into",
     "eval_mode",
     "extra_inputs",
     "first_tensor",
@@ -44,6 +47,11 @@ class BatchState:
         self.positions: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.batch_number = 0
+        #: another stack's output in this pass (the encoder's, which a decoder's cross-attention reads): not a token's
+        #: input of this stack
+        self.other_stream: torch.Tensor | None = None
+        #: per sample, the positions of a stack that reads no tokens (a speech encoder), as its first layer saw them
+        self.frames: list[float] = []
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -122,6 +130,36 @@ def never_called(stack: LayerStack, layer: int, other_shape: Any = None) -> Cali
     )
 
 
+def batch_rows(batch: dict[str, torch.Tensor]) -> int:
+    """How many samples ``batch`` holds (a speech batch has ``input_features`` and ``labels``, no ``input_ids``)."""
+    for key in ("input_ids", "labels", "input_features"):
+        if key in batch:
+            return int(batch[key].shape[0])
+    raise CalibrationError(f"a calibration batch with keys {sorted(batch)} has no `input_ids`.")
+
+
+def frames_into(state: BatchState) -> Any:
+    """A pre-hook on the first layer of a stack that reads no tokens (a speech encoder): every position of its input
+    counts, so its mask is all ones, and the positions are its samples' token counts."""
+
+    def frames(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = first_tensor(args[0] if args else kwargs.get("hidden_states"))
+        if hidden is not None and hidden.dim() == 3:
+            state.mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=torch.float32)
+            state.frames += [float(hidden.shape[1])] * int(hidden.shape[0])
+
+    return frames
+
+
+def capture_output_into(state: BatchState) -> Any:
+    """A forward hook that keeps the output of another stack (an encoder's, which a decoder's cross-attention reads)."""
+
+    def capture(module: nn.Module, args: tuple, output: Any) -> None:
+        state.other_stream = first_tensor(output)
+
+    return capture
+
+
 def extra_inputs(batch: dict[str, torch.Tensor]) -> list[str]:
     """The keys of ``batch`` beside its tokens (``pixel_values``, ``image_sizes``, ...): a multimodal batch's."""
     return sorted(k for k in batch if k not in TOKEN_KEYS)
@@ -138,10 +176,7 @@ def model_inputs(module: nn.Module, batch: dict[str, torch.Tensor], device: torc
     """The keyword arguments of one forward pass of ``module`` over ``batch``: the tokens and mask on ``device``, a
     multimodal batch's other inputs (``pixel_values``, ...; floating ones in the module's dtype), and
     ``use_cache=False`` where the forward takes it (a pass that only reads representations builds no cache)."""
-    inputs: dict[str, Any] = {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": batch["attention_mask"].to(device),
-    }
+    inputs: dict[str, Any] = {key: batch[key].to(device) for key in ("input_ids", "attention_mask") if key in batch}
     params = _named_parameters(module)
     extras = extra_inputs(batch)
     if extras:

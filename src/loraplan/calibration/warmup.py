@@ -17,11 +17,14 @@ from torch import nn
 from ..config import PlanConfig
 from ..data import CalibrationBatches
 from ..errors import CalibrationError
-from ..layers import LayerStack
+from .forward import StackPass, start_batch
 from .inputs import (
     BatchState,
+    batch_rows,
+    capture_output_into,
     eval_mode,
     forward_runner,
+    frames_into,
     input_device,
     input_grads,
     labelled_loss,
@@ -33,7 +36,6 @@ from .inputs import (
     progress_bar,
     token_stream,
 )
-from .stats import CalibrationStats
 
 __all__ = ["ADAPTER_NAME", "WARMUP_ALPHA", "WARMUP_LR", "WARMUP_RANK", "lora_drop_pass"]
 
@@ -51,31 +53,40 @@ _MISSING = object()
 def lora_drop_pass(
     model: nn.Module,
     base: nn.Module,
-    stack: LayerStack,
+    passes: list[StackPass],
     data: CalibrationBatches,
-    layer_targets: list[dict[str, nn.Module]],
-    stats: CalibrationStats,
     config: PlanConfig,
     progress: bool,
 ) -> None:
-    """Fill ``stats.lora_outputs`` (N, L) and ``stats.meta["lora_drop"]``; the model is unchanged afterwards."""
+    """Fill ``stats.lora_outputs`` (N, L) and ``stats.meta["lora_drop"]`` of every stack in ``passes`` (one temporary
+    adapter over all of them, one warm-up); the model is unchanged afterwards."""
     steps = config.lora_drop_steps if config.lora_drop_steps is not None else len(data.batches)
     if any(loss_labels(base, batch) is None for batch in data.batches):
         raise no_loss(base, _NEEDS)  # before anything is injected
     device = input_device(base)
-    with _temporary_adapter(model, base, stack, layer_targets, config.seed) as adapted:
+    owners = [(one, i) for one in passes for i in range(one.stack.num_layers)]  # global layer -> (stack, layer)
+    layer_targets = [one.layer_targets[i] for one, i in owners]
+    with _temporary_adapter(model, base, owners, layer_targets, config.seed) as adapted:
         with eval_mode(model):  # dropout off, as in the gradient pass: the same data gives the same plan
-            losses = _warm_up(base, stack, data, adapted, steps, device, progress)
-            outputs = _measure(base, stack, data, adapted, device, progress)
-    stats.lora_outputs = outputs
-    stats.meta["lora_drop"] = {
-        "steps": steps,
-        "rank": WARMUP_RANK,
-        "alpha": WARMUP_ALPHA,
-        "lr": WARMUP_LR,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-    }
+            losses = _warm_up(base, data, adapted, steps, device, progress)
+            outputs = _measure(base, passes, owners, data, adapted, device, config, progress)
+    start = 0
+    for one in passes:
+        one.stats.lora_outputs = outputs[:, start : start + one.stack.num_layers]
+        start += one.stack.num_layers
+        one.stats.meta["lora_drop"] = {
+            "steps": steps,
+            "rank": WARMUP_RANK,
+            "alpha": WARMUP_ALPHA,
+            "lr": WARMUP_LR,
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+        }
+
+
+def _where(owners: list[tuple[StackPass, int]], layer: int) -> str:
+    one, index = owners[layer]
+    return layer_name(one.stack, index)
 
 
 #: who needs the loss, and what cannot be done without it (the messages of :func:`.inputs.labelled_loss`)
@@ -88,7 +99,11 @@ _CANNOT = "the `lora_drop` selector cannot train its temporary LoRA on it"
 
 @contextlib.contextmanager
 def _temporary_adapter(
-    model: nn.Module, base: nn.Module, stack: LayerStack, layer_targets: list[dict[str, nn.Module]], seed: int
+    model: nn.Module,
+    base: nn.Module,
+    owners: list[tuple[StackPass, int]],
+    layer_targets: list[dict[str, nn.Module]],
+    seed: int,
 ) -> Iterator[list[list[nn.Module]]]:
     """Inject a LoRA adapter named :data:`ADAPTER_NAME` on the target modules of every layer, the only active and
     the only trainable adapter; yield, per layer, the LoRA layers carrying it; then remove it and restore the model."""
@@ -103,7 +118,7 @@ def _temporary_adapter(
         for module in modules.values():
             full = names.get(id(module))
             if full is None:  # pragma: no cover - the targets come from the stack inside `base`
-                raise CalibrationError(f"a target module of {layer_name(stack, layer_number)} is not inside the model")
+                raise CalibrationError(f"a target module of {_where(owners, layer_number)} is not inside the model")
             parent_name, _, attribute = full.rpartition(".")
             sites.append((layer_number, base.get_submodule(parent_name) if parent_name else base, attribute, module))
     for module in model.modules():
@@ -158,7 +173,7 @@ def _temporary_adapter(
             if not isinstance(wrapper, BaseTunerLayer) or ADAPTER_NAME not in getattr(wrapper, "lora_A", {}):
                 raise CalibrationError(  # pragma: no cover - PEFT matched the full names given
                     f"PEFT did not put the temporary LoRA on {names[id(parent)]}.{attribute} in "
-                    f"{layer_name(stack, layer_number)}; selector='lora_drop' cannot score this model."
+                    f"{_where(owners, layer_number)}; selector='lora_drop' cannot score this model."
                 )
             adapted[layer_number].append(wrapper)
         # only the temporary adapter runs and trains. PEFT's injection made it the only active one on every LoRA
@@ -214,7 +229,6 @@ def _temporary_adapter(
 
 def _warm_up(
     base: nn.Module,
-    stack: LayerStack,
     data: CalibrationBatches,
     adapted: list[list[nn.Module]],
     steps: int,
@@ -226,7 +240,7 @@ def _warm_up(
     optimizer = torch.optim.AdamW(params, lr=WARMUP_LR)
     batches = data.batches
     losses: list[float] = []
-    samples = sum(batches[step % len(batches)]["input_ids"].shape[0] for step in range(steps))
+    samples = sum(batch_rows(batches[step % len(batches)]) for step in range(steps))
     bar = progress_bar(samples, "loraplan LoRA-drop warm-up", progress)
     try:
         with torch.enable_grad(), input_grads(base):
@@ -243,7 +257,7 @@ def _warm_up(
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
-                bar.update(batch["input_ids"].shape[0])
+                bar.update(batch_rows(batch))
     finally:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
@@ -252,54 +266,85 @@ def _warm_up(
 
 def _measure(
     base: nn.Module,
-    stack: LayerStack,
+    passes: list[StackPass],
+    owners: list[tuple[StackPass, int]],
     data: CalibrationBatches,
     adapted: list[list[nn.Module]],
     device: torch.device,
+    config: PlanConfig,
     progress: bool,
 ) -> torch.Tensor:
-    """Per sample and layer, ``Σ ||ΔW x||²`` over the layer's adapted modules and the sample's non-pad tokens."""
-    state = BatchState()
+    """Per sample and layer, ``Σ ||ΔW x||²`` over the layer's adapted modules and the sample's tokens: a module that
+    reads another stack's output (a decoder's cross-attention keys and values read the encoder's) over that stack's
+    tokens."""
     current: list[torch.Tensor | None] = [None] * len(adapted)
     other: dict[int, Any] = {}  # per layer, the shape of a call that was not on the token stream
+    reads_other: dict[int, bool] = {}  # per LoRA layer, whether this call's input is another stack's output
     handles = []
+    for one in passes:
+        if one.other is not None:
+            handles.append(one.other.backbone.register_forward_hook(capture_output_into(one.state)))
+        if one.mask_key is None:
+            handles.append(
+                one.stack.layers[0].register_forward_pre_hook(frames_into(one.state), prepend=True, with_kwargs=True)
+            )
     for layer_number, wrappers in enumerate(adapted):
+        one = owners[layer_number][0]
         for wrapper in wrappers:
             scaling = float(wrapper.scaling[ADAPTER_NAME])
 
+            def pre(module: nn.Module, args: tuple, _one: StackPass = one) -> None:
+                reads_other[id(module)] = bool(args) and args[0] is _one.state.other_stream
+
             # lora_B's output is B A x (dropout is 0); times PEFT's scaling it is the branch's output ΔW x
-            def post(module: nn.Module, args: tuple, output: Any, _l: int = layer_number, _s: float = scaling) -> None:
+            def post(
+                module: nn.Module,
+                args: tuple,
+                output: Any,
+                _l: int = layer_number,
+                _s: float = scaling,
+                _w: nn.Module = wrapper,
+                _one: StackPass = one,
+            ) -> None:
+                state = _one.other_state if reads_other.get(id(_w)) and _one.other_state else _one.state
                 _add(current, other, state, _l, output, _s)
 
+            handles.append(wrapper.register_forward_pre_hook(pre))
             handles.append(wrapper.lora_B[ADAPTER_NAME].register_forward_hook(post))
+    for one in passes:
+        one.other_state = next((p.state for p in passes if p.stack is one.other), one.state)
     rows: list[torch.Tensor] = []
     bar = progress_bar(data.num_samples, "loraplan LoRA-drop outputs", progress)
     try:
         with torch.no_grad():
             for number, batch in enumerate(data.batches):
-                state.batch_number = number
-                state.mask = batch["attention_mask"].to(device=device, dtype=torch.float64)
+                count = batch_rows(batch)
+                for one in passes:
+                    start_batch(one, batch, number, count, device, config, data)
                 current[:] = [None] * len(adapted)
-                runner = forward_runner(base, stack, batch)  # the backbone, or what around it reads the images
+                runner = forward_runner(base, passes[0].stack, batch) if len(passes) == 1 else base
                 runner(**model_inputs(runner, batch, device))
                 row = []
                 for i, value in enumerate(current):
                     if value is None:
-                        raise never_called(stack, i, other.get(i))
+                        one, index = owners[i]
+                        raise never_called(one.stack, index, other.get(i))
                     row.append(value.cpu())
                 block = torch.stack(row, dim=1)
                 if not bool(torch.isfinite(block).all()):
                     bad = int((~torch.isfinite(block)).any(dim=0).nonzero()[0])
                     raise CalibrationError(
-                        f"non-finite LoRA outputs (nan/inf) in {layer_name(stack, bad)} on calibration batch {number} "
+                        f"non-finite LoRA outputs (nan/inf) in {_where(owners, bad)} on calibration batch {number} "
                         "after the LoRA-drop warm-up. Check the weights, or calibrate in float32."
                     )
                 rows.append(block)
-                bar.update(batch["input_ids"].shape[0])
+                bar.update(count)
     finally:
         bar.close()
         for handle in handles:
             handle.remove()
+        for one in passes:
+            one.state.other_stream = None
     return torch.cat(rows)
 
 
@@ -312,7 +357,7 @@ def _add(
     scaling: float,
 ) -> None:
     """Add one module's ``Σ_tokens ||ΔW x||²`` (per sample) to its layer's sums for the batch."""
-    mask = state.mask
+    mask = state.mask.to(torch.float64) if state.mask is not None else None
     out = token_stream(output, mask)
     if out is None:  # not a token's output (DeBERTa's projections of its relative position embeddings): not counted
         other[layer] = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__

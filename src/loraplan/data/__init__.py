@@ -27,6 +27,7 @@ from .batches import _batch_extras, _from_batches, _hash_tensor
 from .files import read_texts
 from .images import _image_rows, _multimodal, _no_images, _no_processor, image_token_id
 from .samples import MESSAGES, PIXELS, TOKEN_KEYS, CalibrationBatches, Sample, _eos_id, _pad_id
+from .seq2seq import is_encoder_decoder, prepare_seq2seq_batches
 from .text import _records, _tokenize, chat_ids
 from .text import chat_text as chat_text
 
@@ -37,6 +38,7 @@ __all__ = [
     "TOKEN_KEYS",
     "chat_ids",
     "image_token_id",
+    "is_encoder_decoder",
     "prepare_batches",
     "read_texts",
 ]
@@ -128,6 +130,13 @@ def prepare_batches(
     (``config.image_field``; ``None`` for a text-only row) and a text (``config.text_field``) become tokens and
     ``pixel_values``; a batch with ``pixel_values`` keeps its other tensors (``image_sizes``, ...) beside its tokens.
     """
+    if is_encoder_decoder(model_config):
+        if processor is not None:
+            raise ConfigError(
+                "`processor`: an encoder-decoder model is calibrated from texts or tokenised batches (for Whisper: "
+                "`input_features` from its feature extractor, with `labels`), not through a processor."
+            )
+        return prepare_seq2seq_batches(data, config, tokenizer, model_config)
     token_id = image_token_id(processor, model_config)
     samples = _collect(data, tokenizer, config, processor, token_id)
     if not samples:

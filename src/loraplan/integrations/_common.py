@@ -32,6 +32,7 @@ __all__ = [
     "Fsdp",
     "fsdp_in_use",
     "refuse_under_fsdp",
+    "refuse_untested_engine",
     "non_reentrant_model",
     "resolve_plan",
 ]
@@ -101,6 +102,35 @@ def refuse_under_fsdp(fsdp: Fsdp | None, share: Any = None, plan: LoraPlan | Non
         )
 
 
+def sharding_engine() -> str | None:
+    """``"DeepSpeed"`` or ``"FSDP"`` when the accelerate state a ``Trainer`` set up shards the model, else ``None``."""
+    try:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+    except ImportError:  # pragma: no cover - accelerate comes with transformers' Trainer
+        return None
+    kind = (AcceleratorState._shared_state or {}).get("distributed_type")
+    return {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(kind)
+
+
+def refuse_untested_engine(engine: str | None, encoder_decoder: bool = False, quantized: str | None = None) -> None:
+    """:class:`ConfigError` for the combinations of a sharding engine (DeepSpeed, FSDP) with an encoder-decoder model
+    or a quantized one, which loraplan does not test (docs/support.md): refused rather than trusted."""
+    if engine is None:
+        return
+    what = []
+    if encoder_decoder:
+        what.append("an encoder-decoder model")
+    if quantized:
+        what.append(f"a {quantized} (bitsandbytes) model")
+    if what:
+        raise ConfigError(
+            f"`{engine.lower()}`: training {' and '.join(what)} under {engine} is not tested with loraplan, so it is "
+            "refused rather than trusted to be exact. Train it on one process or with DDP (both tested; "
+            "docs/support.md), or without loraplan."
+        )
+
+
 def _normalised(config: PlanConfig) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict(), sort_keys=True))
 
@@ -166,13 +196,17 @@ def check_applied(model: Any, plan: LoraPlan, adapter_name: str | None = None) -
     adapter's config say (in the planned layers of the stack, and outside it only where the config reaches) and
     every share group uses one set of ``lora_A``/``lora_B`` modules."""
     adapter = adapter_of(model, adapter_name)
+    if plan.stacks:  # an encoder-decoder model's plan: every stack as its own plan
+        for one in plan.stacks:
+            check_applied(model, one, adapter)
+        return
     stack = plan_stack(model, plan)
     with_lora = layers_carrying(model, adapter, stack.path)
     if with_lora != plan.adapted_layers:
         raise PlanMismatchError(
-            f"the model has LoRA in layers {with_lora}, but the plan adapts {plan.adapted_layers}. Something "
-            "re-wrapped or re-created the model after loraplan applied the plan (e.g. `model_init`); apply the plan "
-            "to the model that trains."
+            f"the model has LoRA in layers {with_lora} of `{stack.path}`, but the plan adapts {plan.adapted_layers}. "
+            "Something re-wrapped or re-created the model after loraplan applied the plan (e.g. `model_init`); apply "
+            "the plan to the model that trains."
         )
     check_layout(model, adapter, model.peft_config[adapter], "when training began")
     by_layer = lora_modules_by_layer(model, stack, adapter)
@@ -228,6 +262,12 @@ def check_checkpoint(checkpoint: str | Path, plan: LoraPlan) -> None:
     weights = _adapter_weights(directory)
     if weights is None:
         return
+    for one in plan.stack_plans():
+        _check_saved_layers(directory, one, weights)
+
+
+def _check_saved_layers(directory: Path, plan: LoraPlan, weights: dict[str, Any]) -> None:
+    """The adapter's LoRA weights in ``plan``'s stack sit in its adapted layers, and each share group's are equal."""
     path = plan.stack_path or ""
     pattern = re.compile(rf"(?:^|\.){re.escape(path)}\.(\d+)\.")
     by_layer: dict[int, dict[str, Any]] = {}

@@ -23,6 +23,7 @@ from ..distributed import make_plan_everywhere
 from ..errors import ConfigError, PlanMismatchError
 from ..plan import PLAN_FILE, LoraPlan
 from ..processes import from_main
+from ..quantized import quantization_of
 from ..truncate import truncation_of
 from ._common import (
     SHARING_REASON,
@@ -31,7 +32,9 @@ from ._common import (
     fsdp_in_use,
     non_reentrant_model,
     refuse_under_fsdp,
+    refuse_untested_engine,
     resolve_plan,
+    sharding_engine,
 )
 from .trackers import report_plan
 from .trainer_data import is_text, training_rows
@@ -216,6 +219,8 @@ class LoraPlanCallback(TrainerCallback):
         fsdp = fsdp_in_use()
         if self.plan is None and self.plan_path is None:  # before any calibration is spent
             refuse_under_fsdp(fsdp, share=self.config.share)
+        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        refuse_untested_engine(sharding_engine(), encoder_decoder, quantization_of(model))
         plan, how = resolve_plan(
             plan=self.plan,
             plan_path=self.plan_path,

@@ -1,4 +1,5 @@
-"""Baselines that ignore the data: all, random (seeded), top, bottom, every_other."""
+"""Baselines that ignore the data: all, random (seeded), top, bottom, every_other, and none (one stack of an
+encoder-decoder model without LoRA)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,21 @@ class EveryOtherSelector(_Fixed):
         return self._layers(ctx.num_layers, ctx.k)
 
 
+class NoneSelector(_Fixed):
+    """No layer: for one stack of an encoder-decoder model, ``stacks={"encoder": {"selector": "none"}}``, which then
+    carries no LoRA and runs without autograd (a plan must adapt some layer)."""
+
+    name = "none"
+
+    def score(self, ctx: SelectionContext) -> dict[str, list[float]]:
+        return {"importance": [0.0] * ctx.num_layers}
+
+    def choose(self, ctx: SelectionContext, importance: list[float]) -> list[int]:
+        return []
+
+
 @hookimpl
 def loraplan_register_selectors(register: Callable[[Selector], None]) -> None:
-    for selector in (AllSelector(), RandomSelector(), TopSelector(), BottomSelector(), EveryOtherSelector()):
+    baselines = (AllSelector(), RandomSelector(), TopSelector(), BottomSelector(), EveryOtherSelector(), NoneSelector())
+    for selector in baselines:
         register(selector)

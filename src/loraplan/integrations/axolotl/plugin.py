@@ -33,7 +33,14 @@ from ...distributed import make_plan_everywhere
 from ...errors import ConfigError
 from ...plan import PLAN_FILE, LoraPlan
 from ...processes import is_main_process
-from .._common import SHARING_REASON, Fsdp, check_checkpoint, refuse_under_fsdp, resolve_plan
+from .._common import (
+    SHARING_REASON,
+    Fsdp,
+    check_checkpoint,
+    refuse_under_fsdp,
+    refuse_untested_engine,
+    resolve_plan,
+)
 from .args import PLUGIN, LoraPlanAxolotlConfig
 
 logger = logging.getLogger("loraplan")
@@ -142,6 +149,9 @@ class LoraPlanPlugin(BasePlugin):
                 "which layers get LoRA. Remove `peft_layers_to_transform` (and `peft_layers_pattern`) from the config."
             )
         refuse_under_fsdp(_fsdp(cfg), share=block.share)
+        quantized = "4-bit" if cfg.get("load_in_4bit") else ("8-bit" if cfg.get("load_in_8bit") else None)
+        engine = "DeepSpeed" if cfg.get("deepspeed") else ("FSDP" if cfg.get("fsdp_config") else None)
+        refuse_untested_engine(engine, quantized=quantized)
         if block.share is not None and cfg.get("gradient_checkpointing"):
             offloading = cfg.get("activation_offloading")
             if offloading in _CUSTOM_CHECKPOINTING:
