@@ -3,7 +3,9 @@ depth, the settings that drive them, and what the plan and the CLI show."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +268,82 @@ def test_a_plan_saved_before_the_budget_settings_existed_still_matches_default_s
     older = LoraPlan.from_dict({**plan.to_dict(), "config": old})
     assert config_differences(older, config) == []
     assert config_differences(older, config.replace(time_budget=0.5)) == ["time_budget: plan None, now 0.5"]
+
+
+# -- the fitted model (cost_model="fitted") -------------------------------------------------------------------------
+
+#: the H200 run of benchmarks/step_time.py --preset gpu (2026-12-04, TinyLlama-1.1B shape, bf16, batch 8 x 1024, r=16
+#: on all seven projections; ../shared/measurements/h200-2026-12-04/step_time_gpu.json, kept as it was recorded)
+H200 = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "step_time_gpu_h200.json"
+
+
+def _replay_costs(rows: list[dict], num_layers: int):
+    """LayerCosts fitted on three recorded rows per checkpointing setting: all layers, stock top half, loraplan's."""
+    from loraplan.cost import LayerCosts, fit_step_costs
+    from loraplan.cost.fitted import layer_costs_from_fit
+
+    def pick(plan: str, mode: str, checkpointing: bool) -> dict:
+        return next(r for r in rows if (r["plan"], r["mode"], r["checkpointing"]) == (plan, mode, checkpointing))
+
+    fits = {}
+    for checkpointing in (True, False):
+        chosen = [pick("all layers", "all layers", checkpointing), pick("top half", "stock PEFT", checkpointing)]
+        chosen.append(pick("top half", "loraplan", checkpointing))
+        samples = [
+            (r["layers"], num_layers - r["lowest"] if r["mode"] == "loraplan" else num_layers, r["median_s"])
+            for r in chosen
+        ]
+        fits[checkpointing] = fit_step_costs(samples)
+    template = LayerCosts("flops", "GFLOP", [8, 1024], 16, num_layers, {}, 0.0, 0.0, 1)
+    template.layer = {
+        name: 0.0 for name in ("skip", "frozen", "frozen_ckpt", "lora", "lora_ckpt", "lora_first", "lora_first_ckpt")
+    }
+    return layer_costs_from_fit(fits, template, {})
+
+
+def test_the_fitted_model_explains_the_recorded_h200_table():
+    """Fitted on three rows per checkpointing setting, the structure predicts every other row of the recorded H200
+    table (stock PEFT, loraplan, input grads off, the time-budget plan) within 10 % (in fact within 1.1 %)."""
+    from loraplan.cost import predict
+
+    recorded = json.loads(H200.read_text(encoding="utf-8"))
+    num_layers = 22
+    costs = _replay_costs(recorded["rows"], num_layers)
+    plans = {**recorded["plans"], "all layers": list(range(num_layers))}
+    worst = 0.0
+    for row in recorded["rows"]:
+        layers, checkpointing = plans[row["plan"]], row["checkpointing"]
+        truncate = row["mode"] == "loraplan"
+        input_grads = row["mode"] != "stock PEFT, input grads off"
+        reference = predict(costs, range(num_layers), checkpointing=checkpointing, truncate=False, input_grads=True)
+        mine = predict(costs, layers, checkpointing=checkpointing, truncate=truncate, input_grads=input_grads)
+        error = abs(mine.time / reference.time - row["time_ratio"]) / row["time_ratio"]
+        assert error < 0.10, (row["plan"], row["mode"], checkpointing, mine.time / reference.time, row["time_ratio"])
+        worst = max(worst, error)
+    assert worst < 0.011  # what the recorded table gives: every row within 1.1 %
+
+
+def test_fitted_costs_time_the_model_itself_and_leave_it_as_it_was(pm, make_llama, make_batches):
+    model = make_llama(layers=6)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    modules = [name for name, _ in model.named_modules()]
+    plan = make_plan(
+        model,
+        make_batches(),
+        PlanConfig(cost_model="fitted", time_budget=0.7, calibration_samples=16, cost_shape=[2, 32]),
+        plugin_manager=pm,
+        lora_rank=4,
+        progress=False,
+    )
+    cost = plan.cost
+    assert cost["source"] == "fitted" and cost["unit"] == "s" and cost["head_checkpointing"] > 0
+    assert set(cost["samples"]) == {
+        f"{l}|{c}" for l in ("all layers", "top half, stock", "top half, truncated") for c in ("ckpt", "no-ckpt")
+    }
+    assert cost["layer"]["skip"] == 0.0 and cost["layer"]["lora_ckpt"] > cost["layer"]["frozen_ckpt"] > 0
+    assert plan.cost["predicted"]["checkpointing"]["loraplan"]["time"] <= 0.7 + 1e-9
+    # the model is as it was: modules, weights, no checkpointing or input-grad hooks left behind
+    assert [name for name, _ in model.named_modules()] == modules
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert not model.is_gradient_checkpointing if hasattr(model, "is_gradient_checkpointing") else True
+    assert not model.get_input_embeddings()._forward_hooks

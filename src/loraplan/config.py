@@ -22,7 +22,7 @@ STACK_SETTINGS = ("selector", "ratio", "count", "cumulative", "share", "share_th
 STACK_NAMES = ("encoder", "decoder")
 LAST_TOKEN_MODES = ("auto", "mask", "reference")
 RANK_POLICIES = ("keep", "budget", "importance")
-COST_MODELS = ("flops", "timed")
+COST_MODELS = ("flops", "timed", "fitted")
 
 #: the switch every integration takes beside the plan settings (``apply_plan(truncate_backward=...)``), described once
 TRUNCATE_BACKWARD_HELP = (
@@ -238,8 +238,10 @@ class PlanConfig:
         default="flops",
         help=(
             'How the cost model prices a layer: `"flops"` from the module shapes (deterministic: the same plan '
-            'on every run and rank), or `"timed"`, a few timed forward and backward passes of a copy of layer 0 '
-            "and of the head on the model's device (seconds on a GPU, about half a minute for SmolLM2 on a CPU)."
+            'on every run and rank); `"timed"`, a few timed forward and backward passes of a copy of layer 0 '
+            'and of the head on the model\'s device; or `"fitted"`, real training steps of the whole model in '
+            "three layouts timed on its device and fitted to a fixed part, a cost per layer with LoRA and a cost "
+            "per back-propagated layer (what holds on a GPU; seconds there, a minute or two for SmolLM2 on a CPU)."
         ),
         choices=COST_MODELS,
     )

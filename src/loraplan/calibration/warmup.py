@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from .inputs import (
     token_stream,
 )
 
-__all__ = ["ADAPTER_NAME", "WARMUP_ALPHA", "WARMUP_LR", "WARMUP_RANK", "lora_drop_pass"]
+__all__ = ["ADAPTER_NAME", "WARMUP_ALPHA", "WARMUP_LR", "WARMUP_RANK", "lora_drop_pass", "temporary_adapter"]
 
 #: the temporary adapter's name (beside a PEFT model's own adapters)
 ADAPTER_NAME = "loraplan_lora_drop"
@@ -66,7 +66,7 @@ def lora_drop_pass(
     device = input_device(base)
     owners = [(one, i) for one in passes for i in range(one.stack.num_layers)]  # global layer -> (stack, layer)
     layer_targets = [one.layer_targets[i] for one, i in owners]
-    with _temporary_adapter(model, base, owners, layer_targets, config.seed) as adapted:
+    with temporary_adapter(model, base, owners, layer_targets, config.seed) as adapted:
         with eval_mode(model):  # dropout off, as in the gradient pass: the same data gives the same plan
             losses = _warm_up(base, data, adapted, steps, device, progress)
             outputs = _measure(base, passes, owners, data, adapted, device, config, progress)
@@ -84,9 +84,9 @@ def lora_drop_pass(
         }
 
 
-def _where(owners: list[tuple[StackPass, int]], layer: int) -> str:
+def _where(owners: Sequence[tuple[StackPass | None, int]], layer: int) -> str:
     one, index = owners[layer]
-    return layer_name(one.stack, index)
+    return layer_name(one.stack, index) if one is not None else f"layer {index}"
 
 
 #: who needs the loss, and what cannot be done without it (the messages of :func:`.inputs.labelled_loss`)
@@ -98,12 +98,13 @@ _CANNOT = "the `lora_drop` selector cannot train its temporary LoRA on it"
 
 
 @contextlib.contextmanager
-def _temporary_adapter(
+def temporary_adapter(
     model: nn.Module,
     base: nn.Module,
-    owners: list[tuple[StackPass, int]],
+    owners: Sequence[tuple[StackPass | None, int]],
     layer_targets: list[dict[str, nn.Module]],
     seed: int,
+    rank: int = WARMUP_RANK,
 ) -> Iterator[list[list[nn.Module]]]:
     """Inject a LoRA adapter named :data:`ADAPTER_NAME` on the target modules of every layer, the only active and
     the only trainable adapter; yield, per layer, the LoRA layers carrying it; then remove it and restore the model."""
@@ -146,8 +147,8 @@ def _temporary_adapter(
         raise CalibrationError(f"the model already has an adapter named {ADAPTER_NAME!r}; remove it first.")
 
     lora_config = LoraConfig(
-        r=WARMUP_RANK,
-        lora_alpha=WARMUP_ALPHA,
+        r=rank,
+        lora_alpha=2 * rank,
         lora_dropout=0.0,
         bias="none",
         # full names: exactly the modules the scores read, nothing else with the same leaf name

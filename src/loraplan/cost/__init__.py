@@ -13,9 +13,11 @@ one layer costs depends on its *regime*:
 ``*_ckpt``          the same under torch's non-reentrant activation checkpointing (the forward runs twice)
 ==================  ============================================================================================
 
-Costs come from FLOP counts (``source="flops"``: deterministic, from the module shapes alone) or from timing one
+Costs come from FLOP counts (``source="flops"``: deterministic, from the module shapes alone), from timing one
 layer of the model in each regime, and the head, on the model's own device (``source="timed"``: a few forward and
-backward passes of a copy of layer 0, so the model itself is not touched). Peak memory is the weights, the LoRA
+backward passes of a copy of layer 0, so the model itself is not touched), or from whole-model training steps of
+three layouts timed on the device and fitted to ``t = F + c_lora n_lora + c_bp n_bp`` (``source="fitted"``, the
+one that holds on a GPU, where a LoRA module costs far more than its FLOPs). Peak memory is the weights, the LoRA
 parameters with their gradients and AdamW state, and the tensors autograd saves: per recorded layer, per
 checkpointed layer (its input), for the head, plus the larger of the logits' gradient and (under checkpointing) one
 layer's recomputation; estimated from shapes with ``flops``, measured (bytes of saved tensors of one layer) with
@@ -23,10 +25,11 @@ layer's recomputation; estimated from shapes with ``flops``, measured (bytes of 
 
 The pieces: :mod:`.prediction` (the regimes and the arithmetic over :class:`LayerCosts`, nothing touches a model),
 :mod:`.budget` (choosing layers within a time or parameter budget), :mod:`.flops` (costs from module shapes) and
-:mod:`.timing` (costs measured on a copy of layer 0).
+:mod:`.timing` (costs measured on a copy of layer 0) and :mod:`.fitted` (costs fitted from timed whole-model steps).
 """
 
 from .budget import select_within_budget
+from .fitted import fit_step_costs, fitted_costs
 from .flops import flop_costs
 from .prediction import (
     LORA_TRAIN_BYTES,
@@ -48,6 +51,8 @@ __all__ = [
     "Prediction",
     "capture_layer_inputs",
     "costs_for",
+    "fit_step_costs",
+    "fitted_costs",
     "flop_costs",
     "fmt_ratio",
     "measure_costs",

@@ -17,7 +17,7 @@ LORA_TRAIN_BYTES = 4 * 4
 class LayerCosts:
     """Per-step costs of one layer in each regime, the head and the optimizer, for one batch shape."""
 
-    source: str  # "flops" or "timed"
+    source: str  # "flops", "timed" or "fitted"
     unit: str  # "GFLOP" or "s"
     shape: list[int]  # [batch, sequence length]
     rank: int
@@ -30,9 +30,14 @@ class LayerCosts:
     device: str | None = None
     dtype: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: the fixed part of a checkpointed step where it differs from ``head`` (the fitted model's); else ``head``
+    head_checkpointing: float | None = None
+    #: what the costs were fitted from (the fitted model's timed layouts, in seconds)
+    samples: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record a plan keeps (``cost``); the fitted model's own fields only when set."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("head_checkpointing", "samples")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerCosts:
@@ -94,7 +99,8 @@ def predict(
     modules = len(selected) if num_modules is None else num_modules
     units = rank_units if rank_units is not None else modules * (rank or costs.rank)
     params = units * costs.lora_params_per_layer / costs.rank
-    step = sum(costs.layer[r] for r in per_layer) + costs.head + costs.optimizer_per_param * params
+    head = costs.head_checkpointing if checkpointing and costs.head_checkpointing is not None else costs.head
+    step = sum(costs.layer[r] for r in per_layer) + head + costs.optimizer_per_param * params
     mem = costs.memory
     saved = mem.get("saved", {})
     kept = {

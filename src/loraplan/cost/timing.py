@@ -300,7 +300,11 @@ def costs_for(
     seq_len: int,
     stack: LayerStack | None = None,
 ) -> LayerCosts:
-    """``flop_costs`` or ``measure_costs`` by ``source``."""
+    """``flop_costs``, ``measure_costs`` or ``fitted_costs`` by ``source``."""
+    if source == "fitted":
+        from .fitted import fitted_costs
+
+        return fitted_costs(model, targets=targets, rank=rank, batch=batch, seq_len=seq_len, stack=stack)
     if source == "timed":
         return measure_costs(model, targets=targets, rank=rank, batch=batch, seq_len=seq_len, stack=stack)
     return flop_costs(model, targets=targets, rank=rank, batch=batch, seq_len=seq_len, stack=stack)
