@@ -15,6 +15,8 @@ process per mode above its resident set after loading the model.
     python benchmarks/calibration.py                      # SmolLM2-135M on real reviews, CPU
     python benchmarks/calibration.py --device cuda --dtype bfloat16 --samples 256 --max-length 512
     python benchmarks/calibration.py --write-doc docs/benchmarks/calibration.md
+    python benchmarks/calibration.py --shape llama8b --device cuda --dtype bfloat16 --samples 128 --max-length 512 \
+        --methods --write-doc docs/benchmarks/calibration.md      # the 8B shape at random init, every method
 """
 
 from __future__ import annotations
@@ -52,10 +54,53 @@ LABELS = {
 }
 
 
+#: shapes at random init (``--shape``): what a GPU run measures without weights (random tokens as the data)
+SHAPES = {
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000),
+    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+}  # fmt: skip
+#: the plans ``--methods`` times end to end with make_plan (what the H200 table of docs/benchmarks/calibration.md has)
+METHODS = {
+    "CKA": dict(selector="cka"),
+    "CKA + angular sharing": dict(selector="cka", share="angular", share_threshold=0.85),
+    "activation": dict(selector="activation"),
+    "gradient": dict(selector="gradient"),
+    "CKA, importance ranks at param_budget 0.5": dict(
+        selector="cka", rank_policy="importance", param_budget=0.5, min_rank=4, rank_multiple=4
+    ),
+    "CKA, time_budget 0.6": dict(selector="cka", time_budget=0.6),
+    "LoRA-drop (16 warm-up steps, cumulative 0.9)": dict(selector="lora_drop", lora_drop_steps=16, cumulative=0.9),
+}
+
+
+def _random_setup(args: argparse.Namespace):
+    """A random-init Llama of ``--shape`` and random token sequences of ``--max-length`` (no assets needed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(2048, args.max_length))
+    dtype = getattr(torch, args.dtype)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, config.vocab_size, (args.samples, args.max_length), generator=g)
+    rows = [{"input_ids": ids[i : i + 1], "attention_mask": torch.ones_like(ids[i : i + 1])} for i in range(len(ids))]
+    plan_config = PlanConfig(calibration_samples=args.samples, max_length=args.max_length, batch_size=args.batch_size)
+    data = prepare_batches(rows, plan_config, None, model.config)
+    return model, find_layers(model), data, plan_config, f"{args.shape} shape (random init)"
+
+
 def _setup(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loraplan.assets import fine_foods, minilm_path, smollm2_path
+
+    if args.shape:
+        return _random_setup(args)
 
     paths = {"smollm2": lambda: smollm2_path(quiet=True), "minilm": minilm_path}
     path = paths.get(args.model, lambda: Path(args.model))()
@@ -163,6 +208,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the raw results here")
     parser.add_argument("--write-doc", default=None, help="write a markdown report here")
     parser.add_argument("--child", default=None, choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="a random-init shape instead of --model")
+    parser.add_argument(
+        "--methods", action="store_true", help="also time make_plan end to end for every method (its own table)"
+    )
     args = parser.parse_args()
     if args.child:
         _child(args)
@@ -216,6 +265,8 @@ def main() -> None:
         "peak_memory_mib": memory,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
+    if args.methods:
+        result["methods"] = _methods(model, data, args)
     report = _markdown(result)
     print(report)
     if args.json:
@@ -223,6 +274,35 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.write_doc:
         _write_doc(Path(args.write_doc), "gpu" if args.device.startswith("cuda") else "cpu", report)
+
+
+def _methods(model, data, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """``make_plan`` end to end for each of :data:`METHODS` on the same batches: wall time and peak memory (CUDA)."""
+    from loraplan import make_plan
+
+    rows = [{"input_ids": b["input_ids"][i : i + 1], "attention_mask": b["attention_mask"][i : i + 1]}
+            for b in data.batches for i in range(b["input_ids"].shape[0])]  # fmt: skip
+    out = {}
+    for name, settings in METHODS.items():
+        config = PlanConfig(
+            calibration_samples=args.samples,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            cost_shape=[args.batch_size, args.max_length],
+            **settings,
+        )
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        _sync(args.device)
+        started = time.perf_counter()
+        plan = make_plan(model, rows, config, lora_rank=16, progress=False)
+        _sync(args.device)
+        seconds = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+        out[name] = {"seconds": seconds, "peak_gib": peak, "layers": len(plan.adapted_layers)}
+        print(f"methods: {name}: {seconds:.2f} s", flush=True)
+    return out
 
 
 def _write_doc(path: Path, kind: str, report: str) -> None:
@@ -240,7 +320,7 @@ def _markdown(r: dict) -> str:
         "CUDA max_memory_allocated" if r["device"].startswith("cuda") else "peak RSS of a fresh process per mode"
     ) + ", above the loaded model"
     lines = [
-        f"Model `{Path(r['model']).name}`, {r['samples']} real review samples ({r['tokens']} tokens, max length "
+        f"Model `{Path(r['model']).name}`, {r['samples']} samples ({r['tokens']} tokens, max length "
         f"{r['max_length']}, batch {r['batch_size']}), {r['dtype']}, device {r['device']} ({r['device_name']}, "
         f"{r['cpu_count']} cores, {r['threads']} torch threads); torch {r['versions']['torch']}, transformers "
         f"{transformers.__version__}; median of {r['repeats']} interleaved rounds.",
@@ -257,6 +337,16 @@ def _markdown(r: dict) -> str:
         f"Forward statistics cost **{r['overhead_forward']:+.1%}** over the bare forward (target: ≤ +10 %); the "
         f"gradient pass costs **{r['overhead_gradient']:+.1%}** over a bare forward+backward.",
     ]
+    if r.get("methods"):
+        bare = r["median_s"]["bare"]
+        lines += [
+            "",
+            "| make_plan | wall time | vs bare forward | peak memory | layers with LoRA |",
+            "|---|---|---|---|---|",
+        ]
+        for name, m in r["methods"].items():
+            peak = f"{m['peak_gib']:.1f} GiB" if m["peak_gib"] == m["peak_gib"] else "not measured"
+            lines.append(f"| {name} | {m['seconds']:.2f} s | {m['seconds'] / bare:.2f}x | {peak} | {m['layers']} |")
     return "\n".join(lines)
 
 

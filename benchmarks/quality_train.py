@@ -49,17 +49,20 @@ def classifier_plan(
 
 
 def training_args(task: dict[str, Any], seed: int, output_dir: str, sft: bool = False) -> Any:
+    import torch
+
     settings = dict(task.get("training") or {})
+    gpu = torch.cuda.is_available()
     common = dict(
         output_dir=output_dir,
         seed=seed,
         data_seed=seed,
-        use_cpu=True,
+        use_cpu=not gpu,  # the device the run has; training.use_cpu / training.bf16 in the task override both
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
         logging_steps=settings.pop("logging_steps", 10),
-        bf16=False,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
     )
     common.update(settings)
@@ -85,8 +88,8 @@ def evaluate_classifier(model: Any, rows: list[dict], batch_size: int, pad_id: i
     started = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
-            labels = batch.pop("labels")
-            logits = model(**batch).logits
+            labels = batch.pop("labels").to(model.device)
+            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
             correct += int((logits.argmax(-1) == labels).sum())
     return correct / len(rows), time.perf_counter() - started
 
@@ -158,7 +161,7 @@ def evaluate_generator(
                 index = order[start : start + batch_size]
                 enc = tokenizer(
                     [prompts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False
-                )
+                ).to(model.device)  # the prompts go where the model is (a GPU run)
                 out = model.generate(
                     **enc,
                     max_new_tokens=3,

@@ -20,6 +20,10 @@ state). All plans share one copy of the base weights.
     python benchmarks/step_time.py --preset smoke                 # seconds: a tiny model, what CI runs
     python benchmarks/step_time.py --preset cpu --write-doc docs/speed.md    # SmolLM2-135M, DESIGN §5 CPU settings
     python benchmarks/step_time.py --preset gpu --write-doc docs/speed.md    # TinyLlama shape, bf16, CUDA
+    python benchmarks/step_time.py --preset llama8b --write-doc docs/speed.md    # Llama-3-8B shape, bf16, CUDA
+
+Where a plan's lowest layer is above 0, a ``limit`` row beside ``loraplan`` measures the hand-made limit of the
+truncated backward: the blocks below the cut wrapped in ``torch.no_grad()`` with their checkpointing off.
 """
 
 from __future__ import annotations
@@ -108,6 +112,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         cka_samples=128,
         cka_max_length=256,
     ),
+    # Llama-3-8B shape at random init (32 layers, d=4096, GQA 8, vocab 128,256), bf16, batch 2 x 2048, median of 5:
+    # the H200 measurements' second shape (an 80 GB or larger GPU)
+    "llama8b": dict(
+        model="llama8b",
+        layers=32,
+        hidden=4096,
+        intermediate=14336,
+        heads=32,
+        kv_heads=8,
+        vocab=128256,
+        batch=2,
+        seq_len=2048,
+        dtype="bfloat16",
+        device="cuda",
+        rank=16,
+        repeats=5,
+        warmup=2,
+        cka_samples=128,
+        cka_max_length=256,
+    ),
 }
 
 
@@ -169,13 +193,15 @@ def configurations(plans: dict[str, Any], num_layers: int) -> list[Config]:
             if not checkpointing and name == "top half":
                 configs.append(Config(name, plan.selected_layers, checkpointing, "stock PEFT, input grads off"))
             configs.append(Config(name, plan.selected_layers, checkpointing, "loraplan"))
+            if min(plan.selected_layers) > 0:  # what loraplan is measured against: no autograd below by hand
+                configs.append(Config(name, plan.selected_layers, checkpointing, "limit"))
     return configs
 
 
 def predict_ratios(base, configs: list[Config], settings: dict[str, Any]):
     """The cost model's time and memory ratios to the all-layer row (timed) and its time ratio (FLOPs), set on each
     configuration; returns the timed costs. Timed on this device in this process, before the steps."""
-    from loraplan.cost import flop_costs, measure_costs, predict
+    from loraplan.cost import fitted_costs, flop_costs, measure_costs, predict
 
     num_layers = base.config.num_hidden_layers
     shape = {
@@ -186,17 +212,18 @@ def predict_ratios(base, configs: list[Config], settings: dict[str, Any]):
     }
     costs = measure_costs(base, **shape)
     flops = flop_costs(base, **shape)
+    fitted = fitted_costs(base, **shape)
     for config in configs:
-        kwargs = dict(checkpointing=config.checkpointing, truncate=config.mode == "loraplan")
-        if config.mode != "loraplan":
+        kwargs = dict(checkpointing=config.checkpointing, truncate=config.mode in ("loraplan", "limit"))
+        if config.mode not in ("loraplan", "limit"):
             kwargs["input_grads"] = config.checkpointing or config.mode == "stock PEFT"
-        for model_costs, attr in ((costs, "predicted_time"), (flops, "predicted_flops")):
+        for model_costs, attr in ((costs, "predicted_time"), (flops, "predicted_flops"), (fitted, "predicted_fitted")):
             reference = predict(model_costs, range(num_layers), checkpointing=config.checkpointing, truncate=False)
             prediction = predict(model_costs, config.layers, **kwargs)
             setattr(config, attr, prediction.time / reference.time)
             if attr == "predicted_time":
                 config.predicted_memory = prediction.memory / reference.memory
-    return costs
+    return costs, fitted
 
 
 def time_steps(
@@ -277,7 +304,7 @@ def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 
     )
     models, optimizers = lora_models(base, plans, settings)
     configs = configurations(plans, base.config.num_hidden_layers)
-    costs = predict_ratios(base, configs, settings)
+    costs, fitted = predict_ratios(base, configs, settings)
 
     g = torch.Generator().manual_seed(seed)
     batch = torch.randint(3, base.config.vocab_size, (settings["batch"], settings["seq_len"]), generator=g).to(device)
@@ -291,6 +318,7 @@ def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 
         "plans": {k: p.selected_layers for k, p in plans.items()},
         "budget": {k: p.cost.get("budget", {}).get("summary") for k, p in plans.items() if "budget" in p.cost},
         "cost_model": costs.to_dict(),
+        "fitted_cost_model": fitted.to_dict(),
         "rows": rows(configs, settings),
     }
 
@@ -319,6 +347,8 @@ def rows(configs: list[Config], settings: dict[str, Any]) -> list[dict[str, Any]
                 "predicted_time_ratio": c.predicted_time,
                 "prediction_error": (c.predicted_time - ratio) / ratio,
                 "flops_time_ratio": c.predicted_flops,
+                "fitted_time_ratio": c.predicted_fitted,
+                "fitted_error": (c.predicted_fitted - ratio) / ratio,
                 "memory_ratio": c.peak_bytes / ref.peak_bytes,
                 "predicted_memory_ratio": c.predicted_memory,
             }
@@ -342,14 +372,15 @@ def markdown(result: dict[str, Any], preset: str) -> str:
     lines.append("")
     header = (
         "| plan | layers (lowest) | checkpointing | mode | median step | tokens/s | peak memory | time ratio | "
-        "predicted (timed) | error | predicted (FLOPs) | memory ratio | predicted memory |"
+        "predicted (fitted) | error | predicted (timed) | error | predicted (FLOPs) | memory ratio | predicted memory |"
     )
-    lines += [header, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [header, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(
             f"| {r['plan']} | {r['layers']} ({r['lowest']}) | {'yes' if r['checkpointing'] else 'no'} | {r['mode']} | "
             f"{r['median_s'] * 1000:.0f} ms | {r['tokens_per_s']:.0f} | {r['peak_bytes'] / 2**20:.0f} MiB | "
-            f"{r['time_ratio']:.2f}x | {r['predicted_time_ratio']:.2f}x | {r['prediction_error'] * 100:+.0f} % | "
+            f"{r['time_ratio']:.2f}x | {r['fitted_time_ratio']:.2f}x | {r['fitted_error'] * 100:+.0f} % | "
+            f"{r['predicted_time_ratio']:.2f}x | {r['prediction_error'] * 100:+.0f} % | "
             f"{r['flops_time_ratio']:.2f}x | {r['memory_ratio']:.2f}x | {r['predicted_memory_ratio']:.2f}x |"
         )
     lines += ["", f"<!-- step_time:{preset}:end -->"]

@@ -23,7 +23,7 @@ class Config:
     plan: str
     layers: list[int]
     checkpointing: bool
-    mode: str  # "all layers", "stock PEFT", "stock PEFT, input grads off", "loraplan"
+    mode: str  # "all layers", "stock PEFT", "stock PEFT, input grads off", "loraplan", "limit"
     times: list[float] = field(default_factory=list)
     #: layers that ran without autograd (loraplan's truncation, as installed when the configuration ran)
     truncated: list[int] = field(default_factory=list)
@@ -31,6 +31,7 @@ class Config:
     predicted_time: float | None = None
     predicted_memory: float | None = None
     predicted_flops: float | None = None
+    predicted_fitted: float | None = None
 
     @property
     def key(self) -> str:
@@ -68,7 +69,9 @@ def build_model(settings: dict[str, Any]):
         tie_word_embeddings=settings["model"] == "smollm2",
     )
     model = LlamaForCausalLM(config).to(dtype)
-    name = {"tiny": "tiny Llama", "tinyllama": "TinyLlama-1.1B shape"}.get(settings["model"], source)
+    name = {"tiny": "tiny Llama", "tinyllama": "TinyLlama-1.1B shape", "llama8b": "Llama-3-8B shape"}.get(
+        settings["model"], source
+    )
     return model, f"{name} ({settings['layers']} layers, d={settings['hidden']}, random init)", None
 
 
@@ -128,7 +131,8 @@ def make_plans(model, settings: dict[str, Any], model_path: Any, time_budget: fl
         progress=False,
     )
     if time_budget is not None:
-        config = PlanConfig(selector="cka", time_budget=time_budget, cost_model="timed", **common)
+        # the fitted cost model: whole-model steps timed on this device (what holds on a GPU; docs/speed.md)
+        config = PlanConfig(selector="cka", time_budget=time_budget, cost_model="fitted", **common)
         plans[f"CKA, time_budget={time_budget}"] = make_plan(
             model, data, config, tokenizer, lora_rank=settings["rank"], progress=False
         )
@@ -160,9 +164,38 @@ def _checkpointing(model):
     )
 
 
+#: attribute on a layer the hand-made limit wrapped: its own forward and its checkpointing flag, to restore
+_LIMIT = "_step_time_limit"
+
+
+def _limit(peft_model, lowest: int | None) -> None:
+    """The hand-made limit of "no autograd below the cut": the blocks below ``lowest`` run their forward under
+    ``torch.no_grad()`` with their checkpointing off; ``None`` undoes it. No checks, no hooks: what loraplan's
+    truncation is measured against."""
+    from loraplan.layers import find_layers
+
+    for index, layer in enumerate(find_layers(peft_model).layers):
+        saved = layer.__dict__.pop(_LIMIT, None)
+        if saved is not None:
+            del layer.forward  # the class's forward again
+            layer.gradient_checkpointing = saved
+        if lowest is None or index >= lowest:
+            continue
+        layer.__dict__[_LIMIT] = getattr(layer, "gradient_checkpointing", False)
+        layer.gradient_checkpointing = False
+        forward = type(layer).forward.__get__(layer)
+
+        def no_grad_forward(*args, _forward=forward, **kwargs):
+            with torch.no_grad():
+                return _forward(*args, **kwargs)
+
+        layer.forward = no_grad_forward
+
+
 def configure(peft_model, plan, config: Config) -> None:
     from loraplan import apply_plan, remove_truncation
 
+    _limit(peft_model, None)
     base = peft_model.base_model.model
     base.disable_input_require_grads()
     is_on, enable, disable = _checkpointing(base)
@@ -180,6 +213,8 @@ def configure(peft_model, plan, config: Config) -> None:
         apply_plan(peft_model, plan)
     else:
         remove_truncation(peft_model)
+    if config.mode == "limit":  # the layers above the cut keep their checkpointing; below, _limit turns it off
+        _limit(peft_model, min(config.layers))
 
 
 def sync(device: str) -> None:

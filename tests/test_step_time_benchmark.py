@@ -78,7 +78,10 @@ def test_one_micro_run_measures_every_configuration(bench, tmp_path):
         assert ("all layers", "all layers", checkpointing) in seen
         for plan in plans:
             assert {(plan, "stock PEFT", checkpointing), (plan, "loraplan", checkpointing)} <= seen
-    assert ("top half", "stock PEFT, input grads off", False) in seen and len(rows) == 23
+    # a limit row (the blocks below the cut under no_grad by hand) beside loraplan for every plan with a cut
+    cut = [plan for plan in plans if min(result["plans"][plan]) > 0]
+    assert cut and {(plan, "limit", c) for plan in cut for c in (True, False)} <= seen
+    assert ("top half", "stock PEFT, input grads off", False) in seen and len(rows) == 23 + 2 * len(cut)
     for r in rows:
         assert len(r["times_s"]) == 1 and r["median_s"] > 0 and r["peak_bytes"] > 0
         assert all(
@@ -87,6 +90,7 @@ def test_one_micro_run_measures_every_configuration(bench, tmp_path):
                 "time_ratio",
                 "predicted_time_ratio",
                 "flops_time_ratio",
+                "fitted_time_ratio",
                 "memory_ratio",
                 "predicted_memory_ratio",
             )
