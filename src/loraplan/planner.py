@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .calibration import CalibrationStats, calibrate, calibrate_stacks
+from .calibration import ACTIVATIONS, HIDDEN, CalibrationStats, calibrate, calibrate_stacks
 from .config import PlanConfig
 from .cost import LayerCosts, costs_for, predictions, select_within_budget
 from .cost.budget import Completion
@@ -240,7 +240,9 @@ def make_plan(
     other_stacks = other_stacks_reached(base, stack, targets)
     warnings: list[str] = []
     needed = chosen.minimum_samples(config)
-    batches = _calibration_batches(calibration_data, config, tokenizer, base, needed, warnings, processor)
+    # forward statistics are per sample: batched by length they pad far less (gradients are per batch: file order)
+    by_length = chosen.requires <= {HIDDEN, ACTIVATIONS}
+    batches = _calibration_batches(calibration_data, config, tokenizer, base, needed, warnings, processor, by_length)
     base_rank = _base_rank(model, lora_rank)
     with training_numerics(model):  # 4-bit weights stay as they are (loraplan.quantized)
         stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
@@ -317,9 +319,13 @@ def _calibration_batches(
     needed: int,
     warnings: list[str],
     processor: Any = None,
+    by_length: bool = False,
 ) -> CalibrationBatches:
-    """The calibration data as batches, refused when the strategies need more samples (``needed``) than it has."""
-    batches = prepare_batches(data, config, tokenizer, getattr(base, "config", None), processor=processor)
+    """The calibration data as batches (``by_length``: batched shortest first), refused when the strategies need more
+    samples (``needed``) than it has."""
+    batches = prepare_batches(
+        data, config, tokenizer, getattr(base, "config", None), processor=processor, by_length=by_length
+    )
     if batches.num_samples < needed:
         raise CalibrationError(
             f"`calibration_samples`: {batches.num_samples} calibration sample(s) given, but selector "
@@ -620,6 +626,7 @@ def _calibration_record(
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "device": device.type if device is not None else None,
         "statistics": sorted(requires),
+        **({"batching": "by length"} if batches.order is not None else {}),
         **({"lora_drop": dict(stats.meta["lora_drop"])} if "lora_drop" in stats.meta else {}),
         **({"quantization": quantized} if (quantized := quantization_of(base)) else {}),
     }

@@ -76,10 +76,28 @@ def calibrate_stacks(
         lora_drop_pass(model, base, passes, data, config, progress)
     seconds = round(time.perf_counter() - started, 3)
     for one in passes:
+        if data.order is not None:
+            _in_sample_order(one.stats, data.order, data.batches[0], config.batch_size)
         one.stats.meta["seconds"] = seconds
         if one.mask_key is None and one.state.frames:  # an audio encoder's positions are known after its forward
             one.stats.tokens = torch.tensor(one.state.frames, dtype=torch.float64)
     return [one.stats for one in passes]
+
+
+def _in_sample_order(stats: CalibrationStats, order: list[int], first: dict, batch_size: int) -> None:
+    """Per-sample statistics of batches made by length (``order``: the sample each row is) put back in sample order,
+    with batches numbered by sample (the first ``batch_size`` samples, the next...) so that the stability halves split
+    the samples, not the lengths. Only forward statistics are ever batched this way (per-batch gradients are not)."""
+    position = torch.empty(len(order), dtype=torch.long)
+    position[torch.tensor(order)] = torch.arange(len(order))
+    for name in ("tokens", "activation_sums", "read_tokens", "lora_outputs"):
+        value = getattr(stats, name)
+        if value is not None:
+            setattr(stats, name, value[position])
+    if stats.hidden is not None:
+        stats.hidden = [h[position] for h in stats.hidden]
+    stats.batch_index = torch.arange(len(order), dtype=torch.long) // max(1, batch_size)
+    stats.meta["batching"] = "by length"
 
 
 def _stack_pass(

@@ -122,9 +122,18 @@ def _collect(
 
 
 def prepare_batches(
-    data: Any, config: PlanConfig, tokenizer: Any = None, model_config: Any = None, processor: Any = None
+    data: Any,
+    config: PlanConfig,
+    tokenizer: Any = None,
+    model_config: Any = None,
+    processor: Any = None,
+    by_length: bool = False,
 ) -> CalibrationBatches:
     """The first ``config.calibration_samples`` samples of ``data``, tokenised and right-padded in batches.
+
+    ``by_length``: the samples (still the first N, in order for the data hash) are batched shortest first, so that a
+    batch pads little; ``order`` then says which sample each row is, and the calibration pass puts its per-sample
+    statistics back in sample order.
 
     With ``processor`` (a transformers ``ProcessorMixin``, e.g. ``LlavaProcessor``), rows with an image
     (``config.image_field``; ``None`` for a text-only row) and a text (``config.text_field``) become tokens and
@@ -145,9 +154,16 @@ def prepare_batches(
         tokenizer = getattr(processor, "tokenizer", None)
     pad = _pad_id(tokenizer, model_config, config.last_token)
     digest = hashlib.sha256()
+    for sample in samples:  # in sample order, however they are batched
+        digest.update(torch.tensor(sample.input_ids, dtype=torch.int64).numpy().tobytes())
+        for key, value in sorted(sample.per_token.items()) + sorted(sample.per_image.items()):
+            _hash_tensor(digest, key, value)
+        digest.update(b"|")
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids)) if by_length else None
+    ordered = [samples[i] for i in order] if order is not None else samples
     batches = []
-    for start in range(0, len(samples), config.batch_size):
-        chunk = samples[start : start + config.batch_size]
+    for start in range(0, len(ordered), config.batch_size):
+        chunk = ordered[start : start + config.batch_size]
         width = max(len(s.input_ids) for s in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -168,10 +184,6 @@ def prepare_batches(
             mask[row, :n] = 1
             if labels is not None and token_labels:
                 labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
-            digest.update(torch.tensor(sample.input_ids, dtype=torch.int64).numpy().tobytes())
-            for key, value in sorted(sample.per_token.items()) + sorted(sample.per_image.items()):
-                _hash_tensor(digest, key, value)
-            digest.update(b"|")
         batch = {"input_ids": ids, "attention_mask": mask}
         if labels is not None:
             batch["labels"] = labels
@@ -185,4 +197,5 @@ def prepare_batches(
         pad_token_id=pad,
         num_tokens=sum(len(s.input_ids) for s in samples),
         eos_token_id=_eos_id(tokenizer, model_config),
+        order=order if order != list(range(len(samples))) else None,
     )

@@ -42,6 +42,8 @@ class CalibrationBatches:
     num_tokens: int
     #: the EOS token of the tokenizer (else of the model config): ``last_token="auto"`` reads before a trailing one
     eos_token_id: int | None = None
+    #: batched by length: the sample each row is, in batch order (``None``: the rows are the samples in order)
+    order: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
