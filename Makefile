@@ -113,9 +113,9 @@ constraints:
 	$(MAKE) test test-axolotl
 
 # two-process CPU launches (torchrun, gloo): the TRL recipe under DeepSpeed ZeRO-3/ZeRO-2 (+ resume) and DDP,
-# and calibration on ZeRO-3 partitioned weights
+# and calibration on ZeRO-3 partitioned weights, FSDP2, and `make bench-gpu` end to end at smoke settings on the CPU
 test-integrations-heavy: venv
-	$(PY) -m pytest -m heavy tests/integrations $(PYTEST_ARGS)
+	$(PY) -m pytest -m heavy tests $(PYTEST_ARGS)
 
 # The Axolotl venv, built the way RESOURCES.md describes: CPU torch first, then Axolotl's own (non-extra)
 # Requires-Dist list read from its wheel, then the wheel itself without dependencies; then loraplan (editable, no
