@@ -323,6 +323,22 @@ def test_the_fitted_model_explains_the_recorded_h200_table():
     assert worst < 0.011  # what the recorded table gives: every row within 1.1 %
 
 
+def test_paired_times_cancel_a_drift_and_drop_a_disturbed_round():
+    """Rounds in which every layout ran once: a machine that slows down from round to round moves no ratio, and one
+    round another process disturbed moves no estimate (the fastest step alone would take the early, fast rounds of
+    one layout against the late, slow rounds of another)."""
+    from loraplan.cost.fitted import paired_times
+
+    drift = [1.0, 1.1, 1.2, 1.3, 1.4]
+    times = {"all": [2.0 * d for d in drift], "half": [1.5 * d for d in drift]}
+    times["half"][2] *= 1.5  # a disturbed round
+    estimate = paired_times(times, reference="all")
+    assert estimate["all"] == pytest.approx(2.0 * 1.2)
+    assert estimate["half"] / estimate["all"] == pytest.approx(0.75)
+    with pytest.raises(ValueError):  # every layout must have run in every round
+        paired_times({"all": [1.0, 1.0], "half": [1.0]}, reference="all")
+
+
 def test_fitted_costs_time_the_model_itself_and_leave_it_as_it_was(pm, make_llama, make_batches):
     model = make_llama(layers=6)
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}

@@ -17,6 +17,7 @@ On the H200 table of ``docs/speed.md`` the structure, fitted on those three rows
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -28,7 +29,7 @@ from ..layers import LayerStack, find_layers, parameter_device, target_modules_o
 from .flops import flop_costs
 from .prediction import LayerCosts
 
-__all__ = ["LAYOUTS", "fit_step_costs", "fitted_costs", "layer_costs_from_fit"]
+__all__ = ["LAYOUTS", "fit_step_costs", "fitted_costs", "layer_costs_from_fit", "paired_times"]
 
 #: the layouts timed: (name, LoRA on the top half only, truncated backward)
 LAYOUTS = (("all layers", False, False), ("top half, stock", True, False), ("top half, truncated", True, True))
@@ -88,12 +89,12 @@ def fitted_costs(
     batch: int,
     seq_len: int,
     stack: LayerStack | None = None,
-    steps: int = 3,
+    steps: int = 5,
     warmup: int = 1,
 ) -> LayerCosts:
-    """Time the three layouts (:data:`LAYOUTS`) with and without checkpointing, ``warmup`` + ``steps`` real
-    training steps each (the layouts taking turns, the fastest kept), and fit the step costs. The model is left as it
-    was: the temporary LoRA, checkpointing, input grads and truncation are all undone."""
+    """Time the three layouts (:data:`LAYOUTS`) with and without checkpointing, ``warmup`` + ``steps`` rounds of
+    one real training step each (the layouts taking turns, :func:`paired_times`), and fit the step costs. The model
+    is left as it was: the temporary LoRA, checkpointing, input grads and truncation are all undone."""
     from ..processes import is_partitioned
 
     base = unwrap(model)
@@ -190,7 +191,7 @@ class _Steps:
         return trainable
 
     def time(self, ids: torch.Tensor, steps: int, warmup: int) -> dict[tuple[str, bool], float]:
-        """The fastest step time of every layout and checkpointing setting, the layouts taking turns."""
+        """The step time of every layout and checkpointing setting, the layouts taking turns (:func:`paired_times`)."""
         device = ids.device
         runs = [(name, top, cut, ckpt) for ckpt in (True, False) for name, top, cut in LAYOUTS]
         optimizers: dict[tuple[str, bool], torch.optim.Optimizer] = {}
@@ -212,9 +213,23 @@ class _Steps:
                     _sync(device)
                     if round_index >= warmup:
                         times[(name, ckpt)].append(time.perf_counter() - started)
-        # the fastest step of each layout: on a shared CPU, noise only ever adds time (a median of three kept one
-        # layout 20 % slow in a recorded run); on a GPU the steps agree to well under 1 %
-        return {key: min(values) for key, values in times.items()}
+        return paired_times(times, reference=(LAYOUTS[0][0], True))
+
+
+def paired_times(times: dict[Any, list[float]], reference: Any) -> dict[Any, float]:
+    """One time per layout from rounds in which every layout ran once: the median of the reference layout's times,
+    times the median over the rounds of each layout's time over the reference's in the same round.
+
+    A shared CPU drifts by 10-20 % within a minute; a ratio taken within a round cancels that drift, and the median
+    drops a round another process disturbed. (The fastest step of each layout, the estimate before this, put stock
+    PEFT's top half 8 % apart between fits of the same model on a 2-core CPU; paired ratios, 4 %.) On a GPU the steps
+    agree to well under 1 %, and every estimate is the same."""
+    base = times[reference]
+    middle = statistics.median(base)
+    return {
+        key: middle * statistics.median(t / r for t, r in zip(values, base, strict=True))
+        for key, values in times.items()
+    }
 
 
 _ABSENT = object()
