@@ -258,6 +258,20 @@ def test_an_optimizer_built_before_apply_plan_is_refused_before_anything_changes
     assert all(not torch.equal(p, q) for p, q in zip(trainable, start))  # every live LoRA tensor trains
 
 
+def test_a_wrapper_built_around_the_model_before_apply_plan_is_refused(pm, make_llama, make_batches):
+    # DataParallel, DDP, FSDP and a DeepSpeed engine take the parameters over: built first, they would train the old
+    plan = _plan(make_llama, make_batches, pm, share_threshold=0.0)
+    model = get_peft_model(make_llama(layers=6), LoraConfig(r=4, target_modules=TARGETS))
+    before = dict(model.named_parameters())
+    wrapper = torch.nn.DataParallel(model)  # on the CPU it just calls the model
+    with pytest.raises(ConfigError, match=r"`model`: a DataParallel was built around the model before apply_plan"):
+        apply_plan(model, plan)
+    assert dict(model.named_parameters()) == before
+    del wrapper
+    apply_plan(model, plan)  # the documented order: the plan first, then the wrapper
+    assert _lora_layers(model) == set(plan.adapted_layers)
+
+
 def test_an_optimizer_over_parameters_apply_plan_keeps_is_no_reason_to_refuse(pm, make_llama, make_batches):
     plan = _plan(make_llama, make_batches, pm, share=None)
     model = get_peft_model(make_llama(layers=6), plan.to_lora_config(LoraConfig(r=4, target_modules=TARGETS)))

@@ -86,7 +86,7 @@ def test_activation_sums_are_masked_input_norms_averaged_over_the_layers_targets
     torch.testing.assert_close(stats.activation_sums, torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 
-def _deberta_v3(cls_name: str = "DebertaV2ForSequenceClassification"):
+def _deberta_v3(cls_name: str = "DebertaV2ForSequenceClassification", position_buckets: int = 256):
     """deberta-v3-base's attention settings (relative attention, shared attention keys, p2c and c2p) in a tiny model:
     its query and key projections are also called on the relative position embeddings."""
     import transformers
@@ -102,7 +102,7 @@ def _deberta_v3(cls_name: str = "DebertaV2ForSequenceClassification"):
         relative_attention=True,
         share_att_key=True,
         pos_att_type=["p2c", "c2p"],
-        position_buckets=256,
+        position_buckets=position_buckets,
         max_relative_positions=-1,
         norm_rel_ebd="layer_norm",
         position_biased_input=False,
@@ -143,6 +143,30 @@ def test_activation_sums_count_only_the_token_stream_of_deberta_relative_attenti
     for handle in handles:
         handle.remove()
     assert any(x.shape[:2] != (4, 10) for seen in calls.values() for x in seen)  # the position-embedding calls exist
+    torch.testing.assert_close(stats.activation_sums, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_deberta_position_calls_shaped_like_the_tokens_are_still_not_counted(pm, make_batches):
+    """One row of exactly 2 x att_span tokens: the relative position embeddings reach query_proj as (1, 16, d), the
+    very shape of the token stream (deberta-v3-base: one 512-token row). Told apart by identity, not by shape."""
+    model = _deberta_v3(position_buckets=8)  # att_span 8: the position embeddings are 16 rows
+    g = torch.Generator().manual_seed(5)
+    batches = [{"input_ids": torch.randint(3, 101, (1, 16), generator=g), "attention_mask": torch.ones(1, 16).long()}]
+    batches *= 3
+    seen: list[tuple] = []
+    handle = model.deberta.encoder.layer[0].attention.self.query_proj.register_forward_pre_hook(
+        lambda m, args: seen.append(tuple(args[0].shape))
+    )
+    stats, data = _calibrate(model, batches, {ACTIVATIONS}, pm, targets=["query_proj", "value_proj"], batch_size=1)
+    handle.remove()
+    assert seen.count((1, 16, 32)) == 2 * len(data.batches)  # both calls look like tokens
+    expected = []
+    with torch.no_grad():
+        for batch in data.batches:
+            hidden = model(**batch, output_hidden_states=True).hidden_states
+            mask = batch["attention_mask"].double()
+            # query_proj and value_proj both read the layer's input on the token stream
+            expected.append(torch.stack([(hidden[l].norm(dim=-1).double() * mask).sum(dim=1) for l in range(3)], 1))
     torch.testing.assert_close(stats.activation_sums, torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 

@@ -286,6 +286,20 @@ def test_a_selector_typo_is_refused_before_the_model_loads(tiny_dir, review_file
     assert "Did you mean 'cka'?" in capsys.readouterr().err
     assert _analyze(tiny_dir, review_file, "--out", str(tmp_path / "p.json"), "--share", "angualr") == 2
     assert "`share` is 'angualr'" in capsys.readouterr().err
+    # a per-stack strategy (an encoder-decoder model's) is looked up before the model loads too
+    assert _analyze(tiny_dir, review_file, "--out", str(tmp_path / "p.json"), "--stacks", "decoder.selector=ckaa") == 2
+    err = capsys.readouterr().err
+    assert "`stacks.decoder`" in err and "Did you mean 'cka'?" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_plot_in_a_directory_that_cannot_be_written_is_refused_before_the_model_loads(
+    tiny_dir, review_file, tmp_path, capsys, no_model_load
+):
+    (tmp_path / "a-file").write_text("x")
+    args = ["--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "a-file" / "plan.png")]
+    assert _analyze(tiny_dir, review_file, *args) == 2
+    err = capsys.readouterr().err
+    assert "`--plot`" in err and "a-file" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_directory_without_config_json_is_named(review_file, tmp_path, capsys):

@@ -232,6 +232,30 @@ def _parameters_replaced(
     return replaced
 
 
+#: the wrappers that take a model's parameters over (their own buckets, flat copies, an optimizer inside): built
+#: around the model before apply_plan, they would go on with the replaced parameters. Matched by class name, so that
+#: DeepSpeed need not be imported to be recognised.
+_WRAPPERS = ("DeepSpeedEngine", "DistributedDataParallel", "FullyShardedDataParallel", "DataParallel")
+
+
+def _refuse_early_wrappers(peft_model: nn.Module, replaced: dict[int, str]) -> None:
+    """:class:`ConfigError` when a live DeepSpeed engine, DDP, FSDP (1) or DataParallel wrapper holds ``peft_model``
+    and apply_plan would replace some of its parameters."""
+    import gc
+
+    if not replaced:
+        return
+    for candidate in gc.get_objects():
+        name = type(candidate).__name__
+        if name in _WRAPPERS and isinstance(candidate, nn.Module) and candidate._modules.get("module") is peft_model:
+            raise ConfigError(
+                f"`model`: a {name} was built around the model before apply_plan, and applying the plan replaces "
+                f"{len(replaced)} of its LoRA parameter(s) ({next(iter(replaced.values()))}); the {name} would go on "
+                "training the old ones. Nothing was changed. Call apply_plan(peft_model, plan) on the PEFT model "
+                f"first, then build the {name} (and the optimizer) around it."
+            )
+
+
 def _refuse_early_optimizers(replaced: dict[int, str]) -> None:
     """:class:`ConfigError` when a live ``torch.optim.Optimizer`` holds parameters apply_plan would replace: it would
     go on updating tensors that are no longer in the model, and miss the ones that replace them."""
@@ -411,7 +435,7 @@ def apply_plan(
     below is trainable); ``False`` removes that again. What was done is in the last lines of ``plan.notes``.
     Call it before any optimizer, DeepSpeed engine or DDP wrapper exists: it removes, re-creates and ties LoRA
     parameters, and an optimizer built earlier would hold the old ones (a live one that does is refused, before
-    anything changes). Applying the same plan again changes nothing. Returns the same model.
+    anything changes, and so is a DeepSpeed engine, DDP, FSDP or DataParallel wrapper around the model). Applying the same plan again changes nothing. Returns the same model.
     """
     adapter = adapter_of(peft_model, adapter_name)
     plan.validate()
@@ -431,7 +455,9 @@ def apply_plan(
                 "apply_plan."
             )
     config, wanted = planned_config(plan, current, model=peft_model)  # refuses a text stack the plan does not cover
-    _refuse_early_optimizers(_parameters_replaced(peft_model, plan, stacks, adapter, config))
+    replaced = _parameters_replaced(peft_model, plan, stacks, adapter, config)
+    _refuse_early_optimizers(replaced)
+    _refuse_early_wrappers(peft_model, replaced)
     removed = sum(_narrow(peft_model, one, stack, adapter) for one, stack in stacks)
     reranked = _rerank(peft_model, adapter, config)
     peft_model.peft_config[adapter] = config

@@ -273,13 +273,13 @@ def _load_model(model_dir: str, selector: str, dtype: str, device: str) -> tuple
 def _analyze(args: argparse.Namespace) -> int:
     from .data import read_texts
     from .hooks import get_plugin_manager
-    from .planner import make_plan, strategies_for
+    from .planner import check_strategies, make_plan
     from .report import format_plan
 
     # what can be checked without the model is checked first, so that no calibration is thrown away for it
     config = PlanConfig.from_dict(plan_settings(args))
     pm = get_plugin_manager()
-    strategies_for(config, pm)  # an unknown selector or sharer
+    check_strategies(config, pm)  # an unknown selector or sharer, the per-stack ones included
     _check_destination(args.out, "--out")
     if args.plot:
         from .plot import check_plot_path

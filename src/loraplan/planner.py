@@ -181,6 +181,17 @@ def strategies_for(config: PlanConfig, pm: pluggy.PluginManager) -> Strategies:
     return Strategies(selector, sharer)
 
 
+def check_strategies(config: PlanConfig, pm: pluggy.PluginManager) -> None:
+    """Every strategy ``config`` names, the per-stack ones of ``stacks`` too, looked up before any model loads: an
+    unknown name is a config error listing the installed ones (the stack's key in front)."""
+    strategies_for(config, pm)
+    for name in config.stacks or {}:
+        try:
+            strategies_for(config.for_stack(name), pm)
+        except ConfigError as exc:
+            raise ConfigError(f"`stacks.{name}`: {exc}") from None
+
+
 @dataclass
 class _Scoring:
     """The selector's verdict: its scores, the importance it ranks by, and the layers it could not score."""

@@ -26,6 +26,8 @@ from .inputs import (
     layer_name,
     model_inputs,
     never_called,
+    position_inputs_into,
+    reads_positions,
     positions,
     progress_bar,
     token_stream,
@@ -92,6 +94,7 @@ def forward_passes(
         handles += [handle for collector in collectors[-1] for handle in collector.install()]
         if one.other is not None:
             handles.append(one.other.backbone.register_forward_hook(capture_output_into(one.state)))
+        handles += position_inputs_into(one.state, one.stack)
         if one.mask_key is None:  # before the collectors' hooks: they read the mask
             handles.append(
                 one.stack.layers[0].register_forward_pre_hook(frames_into(one.state), prepend=True, with_kwargs=True)
@@ -129,6 +132,7 @@ def forward_passes(
                     collector.norm_cache.clear()
         for one in passes:
             one.state.other_stream = None
+            one.state.position_inputs.clear()
     for one, group, tokens in zip(passes, collectors, read):
         stats = one.stats
         stats.meta.update(last_token=config.last_token, eos_token_id=data.eos_token_id)
@@ -157,6 +161,7 @@ def start_batch(
     state.mask = None
     state.positions = None
     state.other_stream = None
+    state.position_inputs.clear()
     if one.mask_key is None:
         return
     mask = batch[one.mask_key]
@@ -263,7 +268,8 @@ class _ActivationNorms:
         hit = cache.get(id(x))
         sums = hit[1] if hit is not None and hit[0] is x else None
         if sums is None:
-            stream = None if x is self.state.other_stream else token_stream(x, self.state.mask)
+            elsewhere = x is self.state.other_stream or reads_positions(x, self.state)
+            stream = None if elsewhere else token_stream(x, self.state.mask)
             if stream is None:  # not a token's input (e.g. relative position embeddings): not counted
                 self.other_shapes[layer] = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 return

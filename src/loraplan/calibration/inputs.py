@@ -33,8 +33,10 @@ __all__ = [
     "no_loss",
     "model_inputs",
     "never_called",
+    "position_inputs_into",
     "positions",
     "progress_bar",
+    "reads_positions",
     "token_stream",
 ]
 
@@ -50,6 +52,9 @@ class BatchState:
         #: another stack's output in this pass (the encoder's, which a decoder's cross-attention reads): not a token's
         #: input of this stack
         self.other_stream: torch.Tensor | None = None
+        #: the relative position embeddings this batch's attention modules were handed (DeBERTa's `rel_embeddings`,
+        #: and their dropout's output when training): what a target module reads through them is not a token's input
+        self.position_inputs: list[torch.Tensor] = []
         #: per sample, the positions of a stack that reads no tokens (a speech encoder), as its first layer saw them
         self.frames: list[float] = []
 
@@ -149,6 +154,52 @@ def frames_into(state: BatchState) -> Any:
             state.frames += [float(hidden.shape[1])] * int(hidden.shape[0])
 
     return frames
+
+
+#: the argument through which an attention module is handed relative position embeddings (DeBERTa v1/v2/v3)
+RELATIVE_POSITIONS_ARG = "rel_embeddings"
+
+
+def position_inputs_into(state: BatchState, stack: LayerStack) -> list[Any]:
+    """Hooks that record, in ``state``, the relative position embeddings each attention module of ``stack`` is
+    handed (its ``rel_embeddings`` argument, and what its ``pos_dropout`` makes of them), so that a target module
+    called on them (DeBERTa's ``query_proj`` and ``key_proj`` with ``share_att_key``) is told from one called on the
+    tokens by identity, whatever the shapes. Returns the handles."""
+    handles = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        value = kwargs.get(RELATIVE_POSITIONS_ARG)
+        if value is None:
+            names = list(inspect.signature(module.forward).parameters)
+            at = names.index(RELATIVE_POSITIONS_ARG)
+            value = args[at] if at < len(args) else None
+        if isinstance(value, torch.Tensor):
+            state.position_inputs.append(value)
+
+    def record_dropped(module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            state.position_inputs.append(output)
+
+    for layer in stack.layers:
+        for module in layer.modules():
+            try:
+                takes = RELATIVE_POSITIONS_ARG in inspect.signature(module.forward).parameters
+            except (TypeError, ValueError):
+                takes = False
+            if takes:  # the layer, its attention and the attention's inner module pass on the same tensor
+                handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+                dropout = getattr(module, "pos_dropout", None)
+                if isinstance(dropout, nn.Module):
+                    handles.append(dropout.register_forward_hook(record_dropped))
+    return handles
+
+
+def reads_positions(x: Any, state: BatchState) -> bool:
+    """Whether ``x`` is one of this batch's relative position embeddings, or a view of one (a slice, an unsqueeze)."""
+    if not isinstance(x, torch.Tensor) or not state.position_inputs:
+        return False
+    base = x._base if x._base is not None else x
+    return any(base is t or x is t or (t._base is not None and base is t._base) for t in state.position_inputs)
 
 
 def capture_output_into(state: BatchState) -> Any:

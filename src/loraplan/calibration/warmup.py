@@ -32,6 +32,8 @@ from .inputs import (
     loss_labels,
     model_inputs,
     never_called,
+    position_inputs_into,
+    reads_positions,
     no_loss,
     progress_bar,
     token_stream,
@@ -281,8 +283,10 @@ def _measure(
     current: list[torch.Tensor | None] = [None] * len(adapted)
     other: dict[int, Any] = {}  # per layer, the shape of a call that was not on the token stream
     reads_other: dict[int, bool] = {}  # per LoRA layer, whether this call's input is another stack's output
+    reads_pos: dict[int, bool] = {}  # per LoRA layer, whether this call's input is relative position embeddings
     handles = []
     for one in passes:
+        handles += position_inputs_into(one.state, one.stack)
         if one.other is not None:
             handles.append(one.other.backbone.register_forward_hook(capture_output_into(one.state)))
         if one.mask_key is None:
@@ -296,6 +300,7 @@ def _measure(
 
             def pre(module: nn.Module, args: tuple, _one: StackPass = one) -> None:
                 reads_other[id(module)] = bool(args) and args[0] is _one.state.other_stream
+                reads_pos[id(module)] = bool(args) and reads_positions(args[0], _one.state)
 
             # lora_B's output is B A x (dropout is 0); times PEFT's scaling it is the branch's output ΔW x
             def post(
@@ -307,6 +312,9 @@ def _measure(
                 _w: nn.Module = wrapper,
                 _one: StackPass = one,
             ) -> None:
+                if reads_pos.get(id(_w)):  # DeBERTa's projection of its relative position embeddings: not counted
+                    other[_l] = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                    return
                 state = _one.other_state if reads_other.get(id(_w)) and _one.other_state else _one.state
                 _add(current, other, state, _l, output, _s)
 
@@ -346,6 +354,7 @@ def _measure(
             handle.remove()
         for one in passes:
             one.state.other_stream = None
+            one.state.position_inputs.clear()
     return torch.cat(rows)
 
 
