@@ -58,8 +58,6 @@ def test_the_zero3_block_lists_every_check_or_says_the_run_did_not_finish():
 
 
 @pytest.mark.heavy
-
-
 def test_the_gpu_suite_runs_end_to_end_at_smoke_settings(tmp_path):
     docs = {p: p.read_bytes() for p in (REPO / "docs").rglob("*.md")}
     done = subprocess.run(

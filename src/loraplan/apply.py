@@ -435,7 +435,8 @@ def apply_plan(
     below is trainable); ``False`` removes that again. What was done is in the last lines of ``plan.notes``.
     Call it before any optimizer, DeepSpeed engine or DDP wrapper exists: it removes, re-creates and ties LoRA
     parameters, and an optimizer built earlier would hold the old ones (a live one that does is refused, before
-    anything changes, and so is a DeepSpeed engine, DDP, FSDP or DataParallel wrapper around the model). Applying the same plan again changes nothing. Returns the same model.
+    anything changes, and so is a DeepSpeed engine, DDP, FSDP or DataParallel wrapper around the model). Applying
+    the same plan again changes nothing. Returns the same model.
     """
     adapter = adapter_of(peft_model, adapter_name)
     plan.validate()

@@ -241,8 +241,8 @@ class PlanConfig:
             'on every run and rank); `"timed"`, a few timed forward and backward passes of a copy of layer 0 '
             'and of the head on the model\'s device; or `"fitted"`, real training steps of the whole model in '
             "three layouts timed on its device and fitted to a fixed part, a cost per layer with LoRA and a cost "
-            "per back-propagated layer (the structure of the recorded H200 table, which it replays within 1.1 %; its own "
-            "GPU timing is not validated yet; about two minutes for SmolLM2 on a CPU)."
+            "per back-propagated layer (the structure of the recorded H200 table, which it replays within 1.1 %; "
+            "its own GPU timing is not validated yet; about two minutes for SmolLM2 on a CPU)."
         ),
         choices=COST_MODELS,
     )

@@ -27,9 +27,9 @@ from .inputs import (
     model_inputs,
     never_called,
     position_inputs_into,
-    reads_positions,
     positions,
     progress_bar,
+    reads_positions,
     token_stream,
 )
 from .stats import ACTIVATIONS, HIDDEN, CalibrationStats

@@ -32,10 +32,10 @@ from .inputs import (
     loss_labels,
     model_inputs,
     never_called,
-    position_inputs_into,
-    reads_positions,
     no_loss,
+    position_inputs_into,
     progress_bar,
+    reads_positions,
     token_stream,
 )
 
