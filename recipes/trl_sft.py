@@ -207,6 +207,26 @@ def cpu_fsdp(training: dict[str, Any]) -> bool:
 
 #: per layer, whether its output required grad in the training forwards (for --report)
 _OUTPUT_RECORDS: dict[int, set[bool]] = {}
+#: per LoRA parameter, the sum of squares of this rank's part of its gradient at the first optimizer step
+_FIRST_GRADIENTS: dict[str, float] = {}
+
+
+def _gradient_recorder() -> Any:
+    """A callback that keeps, at the first optimizer step, every LoRA gradient's sum of squares (of this rank's
+    shard under FSDP2 and ZeRO, so that runs with the same sharding compare exactly) for --report."""
+    from transformers import TrainerCallback
+
+    class FirstGradients(TrainerCallback):
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if _FIRST_GRADIENTS or model is None:
+                return
+            for name, param in model.named_parameters():
+                grad = param.grad
+                if "lora_" in name and grad is not None:
+                    local = grad.to_local() if hasattr(grad, "to_local") else grad
+                    _FIRST_GRADIENTS[name] = float(local.detach().double().square().sum())
+
+    return FirstGradients()
 
 
 def _record_lower_layers(model: Any) -> None:
@@ -256,6 +276,9 @@ def report(trainer: Any, callback: Any, path: str) -> None:
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "engine": type(trainer.model_wrapped).__name__,
         "plan": callback.plan.to_dict(),
+        # the bytes this rank's plan saves as (LoraPlan.save writes to_json()), to compare across ranks and with the file
+        "plan_sha256": hashlib.sha256(callback.plan.to_json().encode()).hexdigest(),
+        "first_gradients": dict(sorted(_FIRST_GRADIENTS.items())),
         "layers": layers,
         "global_step": trainer.state.global_step,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
@@ -362,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     callback = plan_trainer(trainer, settings, truncate_backward=truncate_backward)
     if recorded is not None:
         recorded(trainer.model)
+        trainer.add_callback(_gradient_recorder())
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model()
     if args.report:

@@ -8,6 +8,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from transformers import AutoModelForCausalLM as AutoModel  # noqa: E402
 
 from loraplan import ConfigError, PlanConfig, apply_plan, make_plan, remove_truncation  # noqa: E402
 from loraplan.quantized import is_quantized, quantization_of, quantized_weights, training_numerics  # noqa: E402
@@ -152,6 +153,21 @@ def test_the_truncated_backward_on_a_4bit_model_is_exact(base_dir, pm):
     assert truncated[1].keys() == stock[1].keys()
     for name in stock[1]:
         torch.testing.assert_close(truncated[1][name], stock[1][name], msg=name)
+
+
+@pytest.mark.parametrize(
+    ("cost_model", "says"),
+    [("flops", "prices 16-bit weights and not the dequantization"), ("timed", "timed the quantized layers")],
+)
+def test_the_cost_notes_say_what_the_predictions_of_a_4bit_model_mean(cost_model, says, base_dir, pm):
+    model = load_quantized(base_dir)
+    plan = make_plan(
+        model, calibration_batches(), PlanConfig(selector="top", ratio=0.5, cost_model=cost_model), plugin_manager=pm
+    )
+    notes = [n for n in plan.cost["notes"] if "bitsandbytes" in n]
+    assert len(notes) == 1 and "4-bit nf4" in notes[0] and says in notes[0]
+    full = make_plan(AutoModel.from_pretrained(base_dir), calibration_batches(), PlanConfig(selector="top"), plugin_manager=pm)
+    assert not [n for n in full.cost["notes"] if "bitsandbytes" in n]  # a 16-bit model gets no such note
 
 
 def test_gradient_scores_of_a_4bit_model_are_those_of_its_dequantized_weights(base_dir, pm):

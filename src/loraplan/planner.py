@@ -181,6 +181,19 @@ def strategies_for(config: PlanConfig, pm: pluggy.PluginManager) -> Strategies:
     return Strategies(selector, sharer)
 
 
+def _quantized_cost_note(quantized: str, source: str) -> str:
+    """What the cost model's predictions mean on a quantized (bitsandbytes) model, by the model that made them."""
+    if source == "flops":
+        return (
+            f"the base weights are {quantized} (bitsandbytes): the FLOPs model prices 16-bit weights and not the "
+            "dequantization of each quantized matmul; cost_model='timed' or 'fitted' measures the quantized layers"
+        )
+    return (
+        f"the base weights are {quantized} (bitsandbytes): the {source} model timed the quantized layers as they "
+        "run, dequantization included"
+    )
+
+
 def check_strategies(config: PlanConfig, pm: pluggy.PluginManager) -> None:
     """Every strategy ``config`` names, the per-stack ones of ``stacks`` too, looked up before any model loads: an
     unknown name is a config error listing the installed ones (the stack's key in front)."""
@@ -675,11 +688,8 @@ def _finish(
                 f"the LoRA rank was not known when planning; the cost model assumed r={costs.rank}"
             )
         quantized = plan.calibration.get("quantization")
-        if quantized and costs.source == "flops":
-            plan.cost["notes"].append(
-                f"the base weights are {quantized} (bitsandbytes): the FLOPs model prices 16-bit weights and not the "
-                "dequantization of each quantized matmul; cost_model='timed' measures the quantized layers"
-            )
+        if quantized:
+            plan.cost["notes"].append(_quantized_cost_note(quantized, costs.source))
     else:
         plan.cost = {"unavailable": cost_problem}
         plan.warnings.append(f"no cost model: {cost_problem}")

@@ -143,23 +143,31 @@ def _quantization(cfg):
 
 
 def _quantized_state(model) -> dict[str, str]:
-    """A digest of every 4-bit weight's bytes and quantization state, by module name without PEFT's prefixes."""
+    """A digest of every quantized weight's bytes and quantization state (4-bit: absmax, code, the nested state of
+    double quantization; 8-bit: the row scales), by module name without PEFT's prefixes."""
     import hashlib
 
     import torch
+
+    from loraplan.quantized import quantized_weights
 
     def digest(t) -> str:
         return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
     found = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if type(weight).__name__ != "Params4bit" or not hasattr(module, "quant_state"):
-            continue
-        state = weight.quant_state
-        parts = [digest(weight.data), str(state.dtype), digest(state.absmax), digest(state.code)]
-        if getattr(state, "nested", False):
-            parts += [digest(state.offset), digest(state.state2.absmax)]
+    for name, weight in quantized_weights(model).items():
+        parts = [digest(weight.data), str(weight.dtype)]
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            parts += [str(state.dtype), digest(state.absmax), digest(state.code)]
+            if getattr(state, "nested", False):
+                parts += [digest(state.offset), digest(state.state2.absmax)]
+        # 8-bit: the row scales live on the weight until the first forward moves them to the module's state
+        scales = getattr(weight, "SCB", None)
+        if scales is None:
+            scales = getattr(getattr(model.get_submodule(name), "state", None), "SCB", None)
+        if isinstance(scales, torch.Tensor):
+            parts.append(digest(scales))
         found[name.replace("base_model.model.", "").replace(".base_layer", "")] = "|".join(parts)
     return found
 

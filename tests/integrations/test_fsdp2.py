@@ -10,6 +10,7 @@ adapter reloads in stock PEFT with the trained model's outputs, resume, and shar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -91,8 +92,10 @@ def test_fsdp2_trl_recipe_trains_the_plan_on_two_cpu_ranks(truncated_run):
     out = work / "out"
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
     assert all(r["fsdp_version"] == 2 and r["engine"].startswith("FSDP") for r in ranks)
-    # the same plan on both ranks, and on disk beside the adapter and every checkpoint
+    # the same plan bytes on both ranks, and on disk beside the adapter and every checkpoint
     assert ranks[0]["plan"] == ranks[1]["plan"]
+    assert ranks[0]["plan_sha256"] == ranks[1]["plan_sha256"]
+    assert hashlib.sha256((out / "loraplan.json").read_bytes()).hexdigest() == ranks[0]["plan_sha256"]
     plan = LoraPlan.from_dict(ranks[0]["plan"])
     assert not plan.share_groups and min(plan.adapted_layers) > 0
     for where in (out, out / "checkpoint-2", out / "checkpoint-4"):
@@ -124,6 +127,12 @@ def test_fsdp2_truncated_backward_equals_stock_training_in_the_recipe(truncated_
     assert all(seen == [True] for f in stock for seen in f["output_requires_grad"].values())
     for ours, theirs in zip(truncated, stock):
         assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-6, abs=1e-6)
+        # every LoRA gradient of the first step, this rank's shard of it: equal to stock's
+        assert ours["first_gradients"] and ours["first_gradients"].keys() == theirs["first_gradients"].keys()
+        # lora_B starts at zero, so at the first step its gradients carry everything: they must not be zero
+        assert any(v > 0 for name, v in ours["first_gradients"].items() if "lora_B" in name)
+        for name, value in ours["first_gradients"].items():
+            assert value == pytest.approx(theirs["first_gradients"][name], rel=1e-6, abs=1e-12), name
     # after four optimizer steps the LoRA weights agree: the gradients were the same
     import torch
 

@@ -71,11 +71,11 @@ def mixtral_dir(tiny_dir, tokenizer):
     return out
 
 
-def _load(path):
+def _load(path, dtype=None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def _layer(site: str) -> int | None:
@@ -104,7 +104,7 @@ def _expected(path, settings, plan, read_sites, policy) -> dict[str, int]:
     return kept
 
 
-def _trainer(kind, path, out, settings, callback, tokenizer, texts):
+def _trainer(kind, path, out, settings, callback, tokenizer, texts, dtype=None):
     from datasets import Dataset
 
     common = dict(
@@ -117,6 +117,7 @@ def _trainer(kind, path, out, settings, callback, tokenizer, texts):
         report_to=[],
         use_cpu=True,
         seed=0,
+        bf16=dtype is torch.bfloat16,
     )
     if kind == "trainer":
         from peft import LoraConfig, get_peft_model
@@ -126,7 +127,7 @@ def _trainer(kind, path, out, settings, callback, tokenizer, texts):
             lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"]
         )
         return Trainer(
-            model=get_peft_model(_load(path), LoraConfig(**copy.deepcopy(settings))),
+            model=get_peft_model(_load(path, dtype), LoraConfig(**copy.deepcopy(settings))),
             args=TrainingArguments(**common, dataloader_num_workers=0),
             train_dataset=data,
             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
@@ -137,8 +138,8 @@ def _trainer(kind, path, out, settings, callback, tokenizer, texts):
     from trl import SFTConfig, SFTTrainer
 
     return SFTTrainer(
-        model=_load(path),
-        args=SFTConfig(**common, max_length=32, bf16=False),
+        model=_load(path, dtype),
+        args=SFTConfig(**common, max_length=32),
         train_dataset=Dataset.from_dict({"text": texts}),
         processing_class=tokenizer,
         peft_config=LoraConfig(**copy.deepcopy(settings)),
@@ -195,3 +196,34 @@ def test_trainer_round_trip(
         stock = PeftModel.from_pretrained(_load(path), str(out)).eval()
         assert read_sites(stock) == want
         torch.testing.assert_close(stock(**batch).logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["trainer", "sft"])
+def test_bf16_weights_round_trip_through_the_trainers(kind, tmp_path, model_dir, tokenizer, texts, shared, read_sites):
+    """bf16 base weights and bf16 mixed precision (`bf16=True`, CPU autocast) through HF Trainer and TRL: LoRA where
+    the plan says, the base weights untouched, and stock PEFT reloading the saved adapter onto a fresh bf16 load with
+    the trained model's logits."""
+    from peft import PeftModel
+
+    settings = dict(r=4, lora_alpha=8, target_modules="all-linear")
+    callback = LoraPlanCallback(dict(shared), calibration_data=TRAIN_DATASET)
+    trainer = _trainer(kind, model_dir, tmp_path / "out", settings, callback, tokenizer, texts, dtype=torch.bfloat16)
+    callback.attach(trainer)
+    plan = callback.plan
+    model = trainer.model
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    assert all(p.dtype == torch.bfloat16 for p in base.values())
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert {_layer(s) for s in read_sites(model)} - {None} == set(plan.adapted_layers)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n)
+    trainer.save_model()
+    batch = tokenizer(["A fine cup of tea.", "Stale and bitter, never again."], return_tensors="pt", padding=True)
+    # mixed precision wrapped the model's forward in autocast and fp32 outputs; the plain bf16 forward is compared
+    model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert expected.dtype == torch.bfloat16
+        stock = PeftModel.from_pretrained(_load(model_dir, torch.bfloat16), str(tmp_path / "out")).eval()
+        assert read_sites(stock) == read_sites(model)
+        torch.testing.assert_close(stock(**batch).logits, expected, rtol=0, atol=0)
