@@ -276,7 +276,7 @@ def report(trainer: Any, callback: Any, path: str) -> None:
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "engine": type(trainer.model_wrapped).__name__,
         "plan": callback.plan.to_dict(),
-        # the bytes this rank's plan saves as (LoraPlan.save writes to_json()), to compare across ranks and with the file
+        # the bytes this rank's plan saves as (LoraPlan.save writes to_json()): compared across ranks and with the file
         "plan_sha256": hashlib.sha256(callback.plan.to_json().encode()).hexdigest(),
         "first_gradients": dict(sorted(_FIRST_GRADIENTS.items())),
         "layers": layers,

@@ -166,7 +166,9 @@ def test_the_cost_notes_say_what_the_predictions_of_a_4bit_model_mean(cost_model
     )
     notes = [n for n in plan.cost["notes"] if "bitsandbytes" in n]
     assert len(notes) == 1 and "4-bit nf4" in notes[0] and says in notes[0]
-    full = make_plan(AutoModel.from_pretrained(base_dir), calibration_batches(), PlanConfig(selector="top"), plugin_manager=pm)
+    full = make_plan(
+        AutoModel.from_pretrained(base_dir), calibration_batches(), PlanConfig(selector="top"), plugin_manager=pm
+    )
     assert not [n for n in full.cost["notes"] if "bitsandbytes" in n]  # a 16-bit model gets no such note
 
 
