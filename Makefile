@@ -39,7 +39,7 @@ DEMO_DIR ?= demo
 DEMO_ARGS ?= --samples 128 --max-length 256 --selector cka --ratio 0.5 --share angular --share-threshold 0.85
 
 .PHONY: venv demo test lint format test-fast test-latest constraints test-integrations-heavy axolotl-venv test-axolotl bench \
-	bench-gpu bench-gpu-smoke gpu-wheels \
+	bench-gpu bench-gpu-smoke gpu-wheels bench-reference \
 	bench-speed bench-speed-smoke bench-quality bench-quality-smoke bench-quality-report clean
 
 $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
@@ -145,6 +145,15 @@ bench: venv
 	$(PY) -m loraplan.assets prepare >/dev/null
 	$(PY) benchmarks/calibration.py $(CALIB_ARGS) --json benchmarks/results/calibration_cpu.json \
 		--write-doc docs/benchmarks/calibration.md
+
+# loraplan's CKA calibration beside the CKA reference code (c2d-usp/Layer-wise-LoRA-with-CKA, not part of loraplan):
+# REFERENCE is the path of its decoder-only/select_layers_decoder.py in a checkout of that repository
+REFERENCE ?=
+bench-reference: venv
+	@test -n "$(REFERENCE)" || { echo "set REFERENCE=/path/to/Layer-wise-LoRA-with-CKA/decoder-only/select_layers_decoder.py"; exit 2; }
+	$(PY) -m loraplan.assets prepare >/dev/null
+	$(PY) benchmarks/calibration_reference.py --reference "$(REFERENCE)" \
+		--json benchmarks/results/calibration_reference_cpu.json --write-doc docs/benchmarks/calibration.md
 
 # Step time and peak memory of plans, all-layer LoRA vs stock PEFT vs loraplan (docs/speed.md). The default is the
 # CPU table (SmolLM2-135M, DESIGN §5 settings, ~30 min on 2 cores); on a GPU: make bench-speed SPEED_PRESET=gpu.

@@ -380,3 +380,29 @@ def test_gradient_selector_without_a_loss(pm, make_bert, make_batches):
             plugin_manager=pm,
             progress=False,
         )
+
+
+def test_batching_by_length_keeps_every_sample_statistic_and_splits_the_halves_by_sample(pm, make_llama):
+    """Forward-only statistics batch the samples shortest first; each sample's pooled vectors and activation sums
+    are those of file-order batching (float noise of other batch shapes aside), back in sample order, and the
+    batches the stability halves split are numbered by sample, not by length."""
+    model = make_llama(layers=3, seed=4)
+    g = torch.Generator().manual_seed(6)
+    lengths = [9, 3, 12, 5, 7, 2, 11, 4, 8, 6]
+    rows = [{"input_ids": torch.randint(3, 100, (1, n), generator=g)} for n in lengths]
+    rows = [{**r, "attention_mask": torch.ones_like(r["input_ids"])} for r in rows]
+    config = PlanConfig(calibration_samples=len(rows), batch_size=4)
+    stack = find_layers(model, pm)
+    results = {}
+    for by_length in (False, True):
+        data = prepare_batches(rows, config, None, model.config, by_length=by_length)
+        assert (data.order is not None) == by_length
+        results[by_length] = calibrate(model, stack, data, {HIDDEN, ACTIVATIONS}, config, progress=False)
+    plain, sorted_ = results[False], results[True]
+    assert data.order == sorted(range(len(lengths)), key=lambda i: lengths[i])  # the batches really were reordered
+    for a, b in zip(plain.hidden, sorted_.hidden):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sorted_.activation_sums, plain.activation_sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sorted_.tokens, plain.tokens)
+    assert sorted_.batch_index.tolist() == [i // 4 for i in range(len(lengths))] == plain.batch_index.tolist()
+    assert sorted_.meta["batching"] == "by length"

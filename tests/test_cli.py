@@ -309,10 +309,15 @@ def test_a_directory_without_config_json_is_named(review_file, tmp_path, capsys)
     assert "has no config.json" in err and "weights.bin" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv", ".json"])
 def test_data_that_is_not_utf8_names_the_file_and_the_encoding(suffix, tiny_dir, tmp_path, capsys, no_model_load):
     data = tmp_path / f"latin1{suffix}"
-    text = "café crème" if suffix == ".txt" else '{"review": "café crème"}'
+    text = {
+        ".txt": "café crème",
+        ".jsonl": '{"review": "café crème"}',
+        ".csv": "review\ncafé crème",
+        ".json": '[{"review": "café crème"}]',
+    }[suffix]
     data.write_bytes((text + "\n").encode("latin-1"))
     assert _analyze(tiny_dir, data, "--out", str(tmp_path / "p.json")) == 2
     err = capsys.readouterr().err
