@@ -293,8 +293,12 @@ def test_loading_a_file_that_is_not_a_plan_says_what_it_is(tmp_path):
     with pytest.raises(PlanMismatchError, match="is a PEFT adapter config, not a loraplan plan"):
         LoraPlan.load(tmp_path / "adapter_config.json")
     (tmp_path / "other.json").write_text(json.dumps({"a": 1}))
-    with pytest.raises(PlanMismatchError, match="is a JSON file without a `format` key, not a loraplan plan"):
+    with pytest.raises(PlanMismatchError, match="other.json is a JSON document without a `format` key, not a lora"):
         LoraPlan.load(tmp_path / "other.json")
+    # the same, said the same way, for a document handed to from_dict (not "recompute the plan")
+    with pytest.raises(PlanMismatchError, match="the data is a PEFT adapter config, not a loraplan plan") as caught:
+        LoraPlan.from_dict({"peft_type": "LORA", "r": 8})
+    assert "Recompute" not in str(caught.value)
 
 
 def _save_repeatedly(path: str, selected: list[int], times: int) -> None:

@@ -375,7 +375,17 @@ class LoraPlan:
         return p
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoraPlan:
+    def from_dict(cls, data: dict[str, Any], *, source: str = "the data") -> LoraPlan:
+        """The plan a :meth:`to_dict` document describes. ``source`` names where it came from in errors."""
+        if not isinstance(data, dict):
+            raise PlanMismatchError(f"{source} is not a loraplan plan: expected a JSON object.")
+        if "format" not in data:
+            what = "a PEFT adapter config" if "peft_type" in data else "a JSON document without a `format` key"
+            raise PlanMismatchError(
+                f"{source} is {what}, not a loraplan plan (plans have `format` {FORMAT!r}). loraplan writes the "
+                f"plan as {PLAN_FILE} beside a saved adapter and in the trainer's output_dir: give that file, or the "
+                "directory that holds it."
+            )
         fmt = data.get("format")
         if fmt == FORMAT_STACKS:
             return stacks_from_dict(cls, data)
@@ -410,16 +420,7 @@ class LoraPlan:
             raise PlanMismatchError(
                 f"{p} is not a loraplan plan: invalid JSON ({exc.msg}, line {exc.lineno})."
             ) from exc
-        if not isinstance(data, dict):
-            raise PlanMismatchError(f"{p} is not a loraplan plan: expected a JSON object.")
-        if "format" not in data:
-            what = "a PEFT adapter config" if "peft_type" in data else "a JSON file without a `format` key"
-            raise PlanMismatchError(
-                f"{p} is {what}, not a loraplan plan (plans have `format` {FORMAT!r}). loraplan writes the plan as "
-                f"{PLAN_FILE} beside a saved adapter and in the trainer's output_dir: give that file, or the "
-                "directory that holds it."
-            )
-        plan = cls.from_dict(data)
+        plan = cls.from_dict(data, source=str(p))
         plan.validate()
         return plan
 
