@@ -156,7 +156,9 @@ def _quantized_state(model) -> dict[str, str]:
 
     found = {}
     for name, weight in quantized_weights(model).items():
-        parts = [digest(weight.data), str(weight.dtype)]
+        # the stored bytes, not the tensor's dtype: Axolotl keeps 4-bit weights in a float32 `bnb_4bit_quant_storage`,
+        # the same bytes a fresh uint8-stored load holds
+        parts = [digest(weight.data)]
         state = getattr(weight, "quant_state", None)
         if state is not None:
             parts += [str(state.dtype), digest(state.absmax), digest(state.code)]
