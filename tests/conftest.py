@@ -133,6 +133,35 @@ def make_llama():
     return tiny_llama
 
 
+def deberta_v3(cls_name: str = "DebertaV2ForSequenceClassification", position_buckets: int = 256):
+    """deberta-v3-base's attention settings (relative attention, shared attention keys, p2c and c2p) in a tiny model:
+    its query and key projections are also called on the relative position embeddings."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DebertaV2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=101,
+        max_position_embeddings=128,
+        relative_attention=True,
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=position_buckets,
+        max_relative_positions=-1,
+        norm_rel_ebd="layer_norm",
+        position_biased_input=False,
+    )
+    return getattr(transformers, cls_name)(config).eval()
+
+
+@pytest.fixture
+def make_deberta_v3():
+    return deberta_v3
+
+
 @pytest.fixture
 def make_bert():
     return tiny_bert

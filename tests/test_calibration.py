@@ -86,32 +86,8 @@ def test_activation_sums_are_masked_input_norms_averaged_over_the_layers_targets
     torch.testing.assert_close(stats.activation_sums, torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 
-def _deberta_v3(cls_name: str = "DebertaV2ForSequenceClassification", position_buckets: int = 256):
-    """deberta-v3-base's attention settings (relative attention, shared attention keys, p2c and c2p) in a tiny model:
-    its query and key projections are also called on the relative position embeddings."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.DebertaV2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        vocab_size=101,
-        max_position_embeddings=128,
-        relative_attention=True,
-        share_att_key=True,
-        pos_att_type=["p2c", "c2p"],
-        position_buckets=position_buckets,
-        max_relative_positions=-1,
-        norm_rel_ebd="layer_norm",
-        position_biased_input=False,
-    )
-    return getattr(transformers, cls_name)(config).eval()
-
-
-def test_activation_sums_count_only_the_token_stream_of_deberta_relative_attention(pm, make_batches):
-    model = _deberta_v3()
+def test_activation_sums_count_only_the_token_stream_of_deberta_relative_attention(pm, make_batches, make_deberta_v3):
+    model = make_deberta_v3()
     batches = make_batches(n_batches=2, batch=4, length=10, seed=3)
     targets = ["query_proj", "value_proj"]
     stats, data = _calibrate(model, batches, {ACTIVATIONS}, pm, targets=targets)
@@ -146,10 +122,10 @@ def test_activation_sums_count_only_the_token_stream_of_deberta_relative_attenti
     torch.testing.assert_close(stats.activation_sums, torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 
-def test_deberta_position_calls_shaped_like_the_tokens_are_still_not_counted(pm, make_batches):
+def test_deberta_position_calls_shaped_like_the_tokens_are_still_not_counted(pm, make_batches, make_deberta_v3):
     """One row of exactly 2 x att_span tokens: the relative position embeddings reach query_proj as (1, 16, d), the
     very shape of the token stream (deberta-v3-base: one 512-token row). Told apart by identity, not by shape."""
-    model = _deberta_v3(position_buckets=8)  # att_span 8: the position embeddings are 16 rows
+    model = make_deberta_v3(position_buckets=8)  # att_span 8: the position embeddings are 16 rows
     g = torch.Generator().manual_seed(5)
     batches = [{"input_ids": torch.randint(3, 101, (1, 16), generator=g), "attention_mask": torch.ones(1, 16).long()}]
     batches *= 3
@@ -171,8 +147,8 @@ def test_deberta_position_calls_shaped_like_the_tokens_are_still_not_counted(pm,
 
 
 @pytest.mark.parametrize("selector", ["activation", "lora_drop"])
-def test_deberta_v3_attention_is_planned_by_the_token_stream_selectors(selector, pm, make_batches):
-    model = _deberta_v3("DebertaV2ForMaskedLM")
+def test_deberta_v3_attention_is_planned_by_the_token_stream_selectors(selector, pm, make_batches, make_deberta_v3):
+    model = make_deberta_v3("DebertaV2ForMaskedLM")
     plan = make_plan(model, make_batches(), PlanConfig(selector=selector), plugin_manager=pm, progress=False)
     assert len(plan.selected_layers) == 1 and all(v > 0 for v in plan.scores[selector])
 

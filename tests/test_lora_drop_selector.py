@@ -294,3 +294,55 @@ def test_the_selector_is_registered_and_normalises():
     )
     scores = selector.score(SelectionContext(stats=stats, config=PlanConfig(), num_layers=3, k=1))
     assert scores == {"lora_drop": [0.2, 0.2, 0.6], "importance": [0.2, 0.2, 0.6]}
+
+
+def test_deberta_position_calls_shaped_like_the_tokens_are_not_counted(pm, make_deberta_v3):
+    """LoRA-drop's Σ ||ΔW x||² on DeBERTa-v3 attention: query_proj is also called on the relative position embeddings,
+    and with one row of exactly 2 x att_span tokens that call has the token stream's shape. Recomputed by hand from
+    each module's first call in a forward (the tokens; the position call comes after it), it must match."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["query_proj", "value_proj"]
+    model = make_deberta_v3("DebertaV2ForMaskedLM", position_buckets=8)  # position embeddings: 16 rows
+    g = torch.Generator().manual_seed(7)
+    raw = [{"input_ids": torch.randint(3, 101, (1, 16), generator=g), "attention_mask": torch.ones(1, 16).long()}]
+    raw *= 2
+    config = _config(raw, lora_drop_steps=2, target_modules=targets)
+    data = prepare_batches(raw, config, None, model.config)
+    stats = calibrate(model, find_layers(model, pm), data, {LORA_OUTPUTS}, config, targets=targets, progress=False)
+
+    torch.manual_seed(0)  # the warm-up by hand, as in _independent
+    peft_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets)
+    )
+    peft_model.eval()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=LR)
+    for step in range(2):
+        batch = data.batches[step % len(data.batches)]
+        loss = peft_model(**batch, labels=batch["input_ids"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    calls: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, _n=name: calls.setdefault(_n, []).append(args[0].detach()))
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    ]
+    rows = []
+    with torch.no_grad():
+        for batch in data.batches:
+            calls.clear()
+            peft_model(**batch)
+            row = torch.zeros(1, 3, dtype=torch.float64)
+            for name, seen in calls.items():
+                assert all(x.shape == (1, 16, 32) for x in seen)  # every call looks like the token stream
+                module = peft_model.get_submodule(name)
+                a, b = module.lora_A["default"].weight.double(), module.lora_B["default"].weight.double()
+                delta = seen[0].double() @ a.T @ b.T * (ALPHA / RANK)
+                row[:, int(name.split(".layer.")[1].split(".")[0])] += delta.square().sum((-1, -2))
+            assert sum(len(seen) for seen in calls.values()) > len(calls)  # query_proj's second call happened
+            rows.append(row)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(stats.lora_outputs, torch.cat(rows), rtol=1e-6, atol=0.0)
