@@ -30,6 +30,7 @@ from .inputs import (
     positions,
     progress_bar,
     reads_positions,
+    shape_of,
     token_stream,
 )
 from .stats import ACTIVATIONS, HIDDEN, CalibrationStats
@@ -271,7 +272,7 @@ class _ActivationNorms:
             elsewhere = x is self.state.other_stream or reads_positions(x, self.state)
             stream = None if elsewhere else token_stream(x, self.state.mask)
             if stream is None:  # not a token's input (e.g. relative position embeddings): not counted
-                self.other_shapes[layer] = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                self.other_shapes[layer] = shape_of(x)
                 return
             norms = torch.linalg.vector_norm(stream.detach(), dim=-1, dtype=torch.float32)
             sums = (norms * self.state.mask).sum(dim=1).double()

@@ -37,6 +37,7 @@ __all__ = [
     "positions",
     "progress_bar",
     "reads_positions",
+    "shape_of",
     "token_stream",
 ]
 
@@ -121,6 +122,11 @@ def token_stream(x: Any, mask: torch.Tensor | None) -> torch.Tensor | None:
     return x
 
 
+def shape_of(value: Any) -> Any:
+    """What a call that was not on the token stream was made on, for :func:`never_called`'s message."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def never_called(stack: LayerStack, layer: int, other_shape: Any = None) -> CalibrationError:
     """The error for a layer whose target modules never read the token stream in a calibration forward pass."""
     return CalibrationError(
@@ -167,14 +173,13 @@ def position_inputs_into(state: BatchState, stack: LayerStack) -> list[Any]:
     tokens by identity, whatever the shapes. Returns the handles."""
     handles = []
 
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        value = kwargs.get(RELATIVE_POSITIONS_ARG)
-        if value is None:
-            names = list(inspect.signature(module.forward).parameters)
-            at = names.index(RELATIVE_POSITIONS_ARG)
-            value = args[at] if at < len(args) else None
-        if isinstance(value, torch.Tensor):
-            state.position_inputs.append(value)
+    def recorder(at: int) -> Any:  # ``at``: the argument's position in the module's forward
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            value = kwargs.get(RELATIVE_POSITIONS_ARG, args[at] if at < len(args) else None)
+            if isinstance(value, torch.Tensor):
+                state.position_inputs.append(value)
+
+        return record
 
     def record_dropped(module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, torch.Tensor):
@@ -183,11 +188,12 @@ def position_inputs_into(state: BatchState, stack: LayerStack) -> list[Any]:
     for layer in stack.layers:
         for module in layer.modules():
             try:
-                takes = RELATIVE_POSITIONS_ARG in inspect.signature(module.forward).parameters
+                names = list(inspect.signature(module.forward).parameters)
             except (TypeError, ValueError):
-                takes = False
-            if takes:  # the layer, its attention and the attention's inner module pass on the same tensor
-                handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+                continue
+            if RELATIVE_POSITIONS_ARG in names:  # the layer, its attention and its inner module pass on one tensor
+                at = names.index(RELATIVE_POSITIONS_ARG)
+                handles.append(module.register_forward_pre_hook(recorder(at), with_kwargs=True))
                 dropout = getattr(module, "pos_dropout", None)
                 if isinstance(dropout, nn.Module):
                     handles.append(dropout.register_forward_hook(record_dropped))
@@ -199,7 +205,7 @@ def reads_positions(x: Any, state: BatchState) -> bool:
     if not isinstance(x, torch.Tensor) or not state.position_inputs:
         return False
     base = x._base if x._base is not None else x
-    return any(base is t or x is t or (t._base is not None and base is t._base) for t in state.position_inputs)
+    return any(base is t or (t._base is not None and base is t._base) for t in state.position_inputs)
 
 
 def capture_output_into(state: BatchState) -> Any:

@@ -36,6 +36,7 @@ from .inputs import (
     position_inputs_into,
     progress_bar,
     reads_positions,
+    shape_of,
     token_stream,
 )
 
@@ -313,7 +314,7 @@ def _measure(
                 _one: StackPass = one,
             ) -> None:
                 if reads_pos.get(id(_w)):  # DeBERTa's projection of its relative position embeddings: not counted
-                    other[_l] = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                    other[_l] = shape_of(output)
                     return
                 state = _one.other_state if reads_other.get(id(_w)) and _one.other_state else _one.state
                 _add(current, other, state, _l, output, _s)
@@ -370,7 +371,7 @@ def _add(
     mask = state.mask.to(torch.float64) if state.mask is not None else None
     out = token_stream(output, mask)
     if out is None:  # not a token's output (DeBERTa's projections of its relative position embeddings): not counted
-        other[layer] = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        other[layer] = shape_of(output)
         return
     squares = out.detach().to(torch.float64).square().sum(dim=-1) * (scaling * scaling)
     sums = (squares * mask).sum(dim=1)
