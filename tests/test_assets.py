@@ -29,3 +29,11 @@ def test_the_gguf_can_be_named_by_path(tmp_path, monkeypatch):
         assets._smollm2_gguf()
     missing.write_bytes(b"GGUF")
     assert assets._smollm2_gguf() == missing
+
+
+def test_path_gguf_prints_the_file_make_gpu_wheels_splits(tmp_path, monkeypatch, capsys):
+    given = tmp_path / "smollm2.gguf"
+    given.write_bytes(b"GGUF")
+    monkeypatch.setenv("LORAPLAN_SMOLLM2_GGUF", str(given))
+    assert assets.main(["path", "gguf"]) == 0
+    assert capsys.readouterr().out.strip() == str(given)

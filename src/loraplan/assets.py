@@ -127,21 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare", help="convert SmolLM2 and write the reviews as JSONL")
     prep.add_argument("--data-dir", default=None, help="where to write fine_foods_{train,test}.jsonl (default: cache)")
     where = sub.add_parser("path", help="print the directory of a packaged model (converting SmolLM2 if needed)")
-    where.add_argument("model", choices=["smollm2", "minilm", "data"])
+    where.add_argument("model", choices=["smollm2", "minilm", "data", "gguf"])
     args = parser.parse_args(argv)
     if args.command == "path":
         found = {
             "smollm2": lambda: smollm2_path(quiet=True),
             "minilm": minilm_path,
             "data": lambda: cache_dir() / "data",
+            "gguf": _smollm2_gguf,  # the SmolLM2 GGUF itself (make gpu-wheels splits it for the GPU machine)
         }
         print(found[args.model]())
         return 0
     model = smollm2_path()
     data_dir = Path(args.data_dir) if args.data_dir else cache_dir() / "data"
     for split in ("train", "test"):
-        records = fine_foods(split)
-        write_jsonl(records, data_dir / f"fine_foods_{split}.jsonl")
+        write_jsonl(fine_foods(split), data_dir / f"fine_foods_{split}.jsonl")
     try:
         minilm = str(minilm_path())
     except ConfigError:  # the SmolLM2 rows and the demo do not need it (the GPU machine does without)
