@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -126,6 +129,22 @@ def lora_sites_by_name(model) -> dict[str, int]:
 def read_sites():
     """:func:`lora_sites_by_name`, for test modules (conftest is not importable under importlib mode)."""
     return lora_sites_by_name
+
+
+def load_script(path: Path | str, name: str):
+    """A script of benchmarks/, recipes/ or .ci/ (not a package) as a module, registered in ``sys.modules`` (its
+    dataclasses look themselves up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def script():
+    """:func:`load_script`, for test modules (which cannot import this file)."""
+    return load_script
 
 
 @pytest.fixture

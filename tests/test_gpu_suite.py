@@ -3,7 +3,6 @@ results and doc blocks written into its own directory and never into the docs.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,22 +14,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _benchmark(name: str):
-    """A benchmark script as a module (its helpers beside it on the path, as when it runs)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+BENCHMARKS = REPO / "benchmarks"
 
 
-def test_every_sft_configuration_of_the_suite_runs_on_the_sft_task():
+def test_every_sft_configuration_of_the_suite_runs_on_the_sft_task(script):
     """The suite names its SFT rows with --methods; a task's own `methods` list must not drop one in silence (it
     dropped CKA + shared rest and the time-budget plan, whose six cells then ran nothing)."""
-    suite, quality = _benchmark("gpu_suite"), _benchmark("quality")
+    suite, quality = (
+        script(BENCHMARKS / "gpu_suite.py", "bench_gpu_suite"),
+        script(BENCHMARKS / "quality.py", "bench_quality"),
+    )
     config = yaml.safe_load((REPO / "benchmarks" / "quality.yaml").read_text())
     task = config["tasks"]["smollm2_sft"]
     assert not set(suite.SFT_METHODS) <= set(task["methods"])  # the case that was broken: not all are listed there
@@ -40,15 +33,15 @@ def test_every_sft_configuration_of_the_suite_runs_on_the_sft_task():
     assert [m["name"] for m in quality.task_methods(config, task, None)] == task["methods"]  # the default is kept
 
 
-def test_the_parts_fit_the_nine_minutes_and_one_device_command():
-    suite = _benchmark("gpu_suite")
+def test_the_parts_fit_the_nine_minutes_and_one_device_command(script):
+    suite = script(BENCHMARKS / "gpu_suite.py", "bench_gpu_suite")
     assert set(suite.LIMITS) == set(suite.PARTS)
     assert sum(suite.LIMITS.values()) <= 9 * 60 < 600
     assert sum(suite.STEP_SHARE.values()) == pytest.approx(1.0)
 
 
-def test_the_zero3_block_lists_every_check_or_says_the_run_did_not_finish():
-    suite = _benchmark("gpu_suite")
+def test_the_zero3_block_lists_every_check_or_says_the_run_did_not_finish(script):
+    suite = script(BENCHMARKS / "gpu_suite.py", "bench_gpu_suite")
     checks = {"engine_ok": True, "losses": [10.8, 10.7], "saved_ties_equal": True, "ALL_OK": True}
     block = suite.zero3_block({"status": "ok", "seconds": 12.5, "checks": checks}, 20, smoke=True)
     assert block.startswith("<!-- zero3:gpu:begin") and block.endswith("<!-- zero3:gpu:end -->")

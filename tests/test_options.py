@@ -4,7 +4,6 @@ recipe's `loraplan:` section, each described with the field's own help text."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
@@ -57,13 +56,6 @@ def _words(text: str) -> str:
     return " ".join(text.split())
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipes_trl_sft_options", REPO / "recipes" / "trl_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_setting_has_a_sample_and_a_description():
     names = [f.name for f in dataclasses.fields(PlanConfig)]
     assert sorted(SAMPLES) == sorted(names), "a new PlanConfig setting needs a sample value here"
@@ -113,10 +105,10 @@ def test_the_axolotl_block_takes_every_setting_with_its_help(name):
 
 
 @pytest.mark.parametrize("name", list(SAMPLES))
-def test_the_trl_recipe_takes_every_setting_with_its_help(name, tmp_path):
+def test_the_trl_recipe_takes_every_setting_with_its_help(name, tmp_path, script):
     import yaml
 
-    recipe = _recipe()
+    recipe = script(REPO / "recipes" / "trl_sft.py", "recipes_trl_sft_options")
     config = tmp_path / "run.yaml"
     config.write_text("model: {name_or_path: packaged:smollm2}\nlora: {r: 4}\nloraplan: {}\n")
     value = SAMPLES[name][0]

@@ -4,9 +4,7 @@ stock PEFT's without, and the report block replaces itself in a doc. No timing i
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,12 +32,8 @@ MICRO = dict(
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("step_time_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(script):
+    return script(SCRIPT, "step_time_benchmark")
 
 
 def test_presets_cover_the_design_settings(bench):
