@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from loraplan import ConfigError, LoraPlan, PlanConfig, make_plan
+from loraplan.allocation import select_within_budget
 from loraplan.cli import main
-from loraplan.cost import LayerCosts, flop_costs, measure_costs, predict, regimes, relative, select_within_budget
+from loraplan.cost import LayerCosts, flop_costs, measure_costs, predict, regimes, relative
 from loraplan.layers import find_layers
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,7 +118,7 @@ def test_time_budget_trades_importance_for_backward_depth():
     layers, record = select_within_budget(
         importance, costs, time_budget=0.6, param_budget=None, checkpointing=True, base_rank=8, plan_rank=8
     )  # 0.6 * 38 = 22.8
-    by_cut = {c["lowest"]: c for c in record["candidates"]}
+    by_cut = {c["lowest"]: c for c in record.candidates}
     # cut 0, layer 0 alone: 6 + five back-propagated layers (4 each) + head 2 = 28: does not fit
     assert by_cut[0]["fits"] is False and by_cut[0]["time"] == pytest.approx(28 / 38)
     # cut 2: two skipped (1 each) + 6 + three back-propagated (12) + 2 = 22; one more LoRA layer adds 2: 24 > 22.8
@@ -125,11 +126,11 @@ def test_time_budget_trades_importance_for_backward_depth():
     # cut 3: 3 + 6 + 4 + 4 + 2 = 19, plus layer 4 (the next most important): 21; plus layer 5: 23 > 22.8
     assert by_cut[3]["layers"] == [3, 4] and by_cut[3]["time"] == pytest.approx(21 / 38)
     assert by_cut[4]["layers"] == [4, 5] and by_cut[4]["importance"] == 8.0
-    assert layers == record["chosen"]["layers"] == [3, 4] and record["chosen"]["importance"] == 9.0
+    assert layers == record.chosen["layers"] == [3, 4] and record.chosen["importance"] == 9.0
     # the two most important layers would be 0 and 3: 6 + 6 + four back-propagated (16) + 2 = 30
-    assert record["top_by_importance"]["layers"] == [0, 3]
-    assert record["top_by_importance"]["time"] == pytest.approx(30 / 38)
-    assert "2 layers from layer 3 up, predicted 0.55x" in record["summary"] and "would cost 0.79x" in record["summary"]
+    assert record.top_by_importance["layers"] == [0, 3]
+    assert record.top_by_importance["time"] == pytest.approx(30 / 38)
+    assert "2 layers from layer 3 up, predicted 0.55x" in record.summary and "would cost 0.79x" in record.summary
     # a generous budget takes the important layer 0 after all
     layers, _ = select_within_budget(
         importance, costs, time_budget=1.0, param_budget=None, checkpointing=True, base_rank=8, plan_rank=8
@@ -139,7 +140,7 @@ def test_time_budget_trades_importance_for_backward_depth():
     layers, record = select_within_budget(
         importance, costs, time_budget=None, param_budget=0.5, checkpointing=True, base_rank=8, plan_rank=8
     )
-    assert layers == [0, 3, 4] and record["param_layers"] == 3
+    assert layers == [0, 3, 4] and record.param_layers == 3
     layers, _ = select_within_budget(
         importance, costs, time_budget=1.0, param_budget=0.34, checkpointing=True, base_rank=8, plan_rank=16
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraplan.sharing import expanded_rank
+from loraplan.allocation import expanded_rank
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "quality.py"

@@ -10,9 +10,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from loraplan import LoraPlan, PlanConfig, apply_plan, hookimpl, make_plan
+from loraplan.allocation import allocate_ranks
 from loraplan.apply import lora_modules_by_layer
 from loraplan.errors import ConfigError, PlanMismatchError, PluginError
-from loraplan.ranks import allocate_ranks
 from loraplan.report import format_plan
 from loraplan.strategies import Sharer, SharingResult
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from loraplan.allocation import expanded_rank
 from loraplan.errors import ConfigError
-from loraplan.sharing import expanded_rank, group_layers, odd_even_groups
+from loraplan.sharing import group_layers, odd_even_groups
 
 
 def _matrix(size, pairs, high=0.9, low=0.1):

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .allocation import counting
 from .errors import LayerDiscoveryError, PlanMismatchError
 from .layers import find_layers, hidden_size, stack_at, text_config, unwrap
 from .layout import plan_lora_config
 from .plan_stacks import FORMAT, FORMAT_STACKS, stacks_from_dict, stacks_to_dict
-from .sharing import expanded_rank
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -179,7 +179,7 @@ class LoraPlan:
     @property
     def adapted_layers(self) -> list[int]:
         """Every layer that carries LoRA: the selected ones and the members of share groups outside them."""
-        return sorted(set(self.selected_layers).union(*map(set, self.share_groups)))
+        return counting.adapted_layers(self.selected_layers, self.share_groups)
 
     @property
     def shared_rest(self) -> list[int]:
@@ -200,28 +200,18 @@ class LoraPlan:
 
     def resolve_rank(self, base_rank: int) -> int:
         """The LoRA rank this plan asks for, given the LoRA config's ``r``."""
-        policy = self.config.get("rank_policy", "keep")
-        if isinstance(policy, int):
-            return policy
-        if policy == "budget":  # the selected layers' parameters; a shared rest adds its module set at that rank
-            selected = set(self.selected_layers)
-            among = [g for g in self.share_groups if set(g) <= selected]
-            return expanded_rank(len(self.selected_layers), among, base_rank)
-        return base_rank
+        return counting.policy_rank(
+            self.config.get("rank_policy", "keep"), self.selected_layers, self.share_groups, base_rank
+        )
 
     def num_modules(self) -> int:
         """Distinct LoRA module sets after sharing: adapted layers minus the layers that reuse a group's."""
-        return len(self.adapted_layers) - sum(len(g) - 1 for g in self.share_groups)
+        return counting.num_modules(self.selected_layers, self.share_groups)
 
     def module_ranks(self, base_rank: int) -> list[int]:
         """The rank of every distinct LoRA module set (a share group counts once), in layer order of its first
         layer: what the LoRA parameters are proportional to."""
-        ranks = []
-        for layer in self.adapted_layers:
-            group = self.group_of(layer)
-            if group is None or self.share_groups[group][0] == layer:
-                ranks.append(self.layer_rank(layer, base_rank))
-        return ranks
+        return counting.module_ranks(self.selected_layers, self.share_groups, lambda i: self.layer_rank(i, base_rank))
 
     # -- checks -------------------------------------------------------------------------------------------------
     def validate(self, *, allow_empty: bool = False) -> None:

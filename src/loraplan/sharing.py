@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+from ._moved import moved
 from .errors import ConfigError
 
-__all__ = ["expanded_rank", "group_layers", "odd_even_groups"]
+__all__ = ["group_layers", "odd_even_groups"]
 
 
 def group_layers(
@@ -46,20 +46,5 @@ def odd_even_groups(layers: list[int]) -> list[list[int]]:
     return [[i, i + 1] for i in sorted(chosen) if i % 2 == 0 and i + 1 in chosen]
 
 
-def expanded_rank(num_layers: int, groups: list[list[int]], rank: int) -> int:
-    """ShareLoRA's budget rule: the rank that spends the parameters of ``num_layers`` unshared rank-``rank``
-    modules on the fewer modules left after sharing: ``floor(L r / (L - sum|S| + |S|))``.
-
-    ``num_layers`` is the number of adapted layers; ``groups`` the share groups among them.
-    """
-    if num_layers < 1:
-        raise ConfigError(f"`num_layers` must be at least 1, got {num_layers}.")
-    if rank < 1:
-        raise ConfigError(f"`rank` must be at least 1, got {rank}.")
-    members = sum(len(g) for g in groups)
-    modules = num_layers - members + len(groups)
-    if modules < 1 or members > num_layers:
-        raise ConfigError(
-            f"`groups` {groups} hold {members} layers, more than the {num_layers} adapted layers they come from."
-        )
-    return max(rank, math.floor(num_layers * rank / modules))
+#: moved to :mod:`loraplan.allocation.counting` with the other rank rules
+__getattr__ = moved(__name__, {"expanded_rank": "loraplan.allocation.counting"})

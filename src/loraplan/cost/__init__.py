@@ -24,11 +24,11 @@ layer's recomputation; estimated from shapes with ``flops``, measured (bytes of 
 ``timed``.
 
 The pieces: :mod:`.prediction` (the regimes and the arithmetic over :class:`LayerCosts`, nothing touches a model),
-:mod:`.budget` (choosing layers within a time or parameter budget), :mod:`.flops` (costs from module shapes) and
-:mod:`.timing` (costs measured on a copy of layer 0) and :mod:`.fitted` (costs fitted from timed whole-model steps).
+:mod:`.flops` (costs from module shapes), :mod:`.timing` (costs measured on a copy of layer 0) and :mod:`.fitted`
+(costs fitted from timed whole-model steps). Choosing layers within a budget is :mod:`loraplan.allocation`'s.
 """
 
-from .budget import select_within_budget
+from .._moved import moved
 from .fitted import fit_step_costs, fitted_costs
 from .flops import flop_costs
 from .prediction import (
@@ -60,5 +60,7 @@ __all__ = [
     "predictions",
     "regimes",
     "relative",
-    "select_within_budget",
 ]
+
+#: moved to :mod:`loraplan.allocation` (the budget search decides what trains; this package only prices it)
+__getattr__ = moved(__name__, {"select_within_budget": "loraplan.allocation.budget"})
