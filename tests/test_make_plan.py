@@ -382,3 +382,15 @@ def test_the_budget_rank_follows_an_adjusted_plan(pm, make_llama, make_batches):
     )
     # 4 adapted layers in 2 modules: floor(4 * 4 / 2) = 8, not the 4 of the selection before the hook
     assert plan.share_groups == [[2, 3], [4, 5]] and plan.rank == 8 == plan.resolve_rank(4)
+
+
+def test_a_wrapped_model_is_planned_with_its_active_adapters_rank_and_targets(pm, make_llama, make_batches):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_llama(layers=4), LoraConfig(r=8, target_modules=["q_proj"]), adapter_name="first")
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["v_proj"]))
+    model.set_adapter("second")
+    plan = make_plan(model, make_batches(), PlanConfig(ratio=0.5), plugin_manager=pm, progress=False)
+    # the rank and the targets both come from the adapter that trains, not from the first one PEFT lists
+    assert plan.calibration["base_rank"] == 4 and plan.rank == 4
+    assert plan.stack["target_modules"] == ["v_proj"] and plan.stack["targets_from"] == "peft"
