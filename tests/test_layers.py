@@ -197,6 +197,28 @@ def test_a_plugin_teaches_an_unknown_architecture(pm):
     assert stack.path == "stages" and stack.num_layers == 3
 
 
+def test_without_a_manager_only_the_built_in_discovery_runs_and_no_manager_is_built(pm, make_llama, monkeypatch):
+    import loraplan.hooks.manager as manager
+
+    class Teach:
+        @hookimpl
+        def loraplan_find_layers(self, model):
+            return LayerStack(layers=model.stages, path="stages", backbone=model) if isinstance(model, _Odd) else None
+
+    pm.register(Teach(), name="teach-odd")
+
+    def no_manager(**_):
+        raise AssertionError("find_layers built a plugin manager of its own")
+
+    monkeypatch.setattr(manager, "get_plugin_manager", no_manager)
+    model = make_llama(layers=3)
+    assert find_layers(model).path == find_layers(model, pm).path == "model.layers"
+    # the architecture the caller's plugin teaches is found with that manager only, never behind its back
+    assert find_layers(_Odd(), pm).path == "stages"
+    with pytest.raises(LayerDiscoveryError, match="loraplan_find_layers"):
+        find_layers(_Odd())
+
+
 def test_a_hook_returning_the_wrong_type_is_an_error(pm):
     class Wrong:
         @hookimpl

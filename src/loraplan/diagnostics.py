@@ -14,7 +14,7 @@ from .similarity import is_constant, sample_variance_share, spearman
 from .strategies import SelectionContext, check_scores
 
 if TYPE_CHECKING:
-    from .hooks.manager import Registered
+    from .hooks.calls import Registered
 
 __all__ = ["calibration_diagnostics", "flag_reasons", "one_read_token", "stability"]
 

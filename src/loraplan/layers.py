@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .errors import LayerDiscoveryError
+from .hooks.calls import call_hook
 
 if TYPE_CHECKING:
     import pluggy
@@ -184,12 +185,11 @@ def default_layer_stack(model: nn.Module) -> LayerStack | None:
 
 
 def find_layers(model: nn.Module, pm: pluggy.PluginManager | None = None) -> LayerStack:
-    """The layer stack of ``model`` (a PEFT wrapper is looked through), asking plugins first."""
-    from .hooks.manager import call_hook, get_plugin_manager
-
+    """The layer stack of ``model`` (a PEFT wrapper is looked through): asking the plugins of ``pm`` first (the
+    caller's manager, e.g. :func:`loraplan.get_plugin_manager`'s), or by the built-in discovery alone without one.
+    No manager is built here: an architecture that a plugin teaches is found with that plugin's manager only."""
     base = unwrap(model)
-    pm = pm if pm is not None else get_plugin_manager()
-    stack = call_hook(pm, "loraplan_find_layers", model=base)
+    stack = call_hook(pm, "loraplan_find_layers", model=base) if pm is not None else default_layer_stack(base)
     if stack is None and not reads_text(base):
         stacks = ", ".join(f"`{name}`" for name, _ in block_stacks(base)) or "none"
         raise LayerDiscoveryError(

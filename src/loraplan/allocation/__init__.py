@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..calibration import CalibrationStats
     from ..config import PlanConfig
     from ..cost.prediction import LayerCosts
-    from ..hooks.manager import Registered
+    from ..hooks.calls import Registered
 
 __all__ = [
     "Allocation",

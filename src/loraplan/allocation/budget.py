@@ -18,7 +18,7 @@ from .records import SearchBudget
 if TYPE_CHECKING:
     from ..calibration import CalibrationStats
     from ..config import PlanConfig
-    from ..hooks.manager import Registered
+    from ..hooks.calls import Registered
 
 __all__ = ["Completion", "completion", "select_within_budget"]
 

@@ -24,7 +24,7 @@ from .sharing import Sharing, share
 if TYPE_CHECKING:
     from ..calibration import CalibrationStats
     from ..config import PlanConfig
-    from ..hooks.manager import Registered
+    from ..hooks.calls import Registered
 
 __all__ = ["Ranks", "allocate_ranks", "importance_base", "importance_ranks", "rank_total", "ranked_selection"]
 

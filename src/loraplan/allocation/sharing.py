@@ -13,7 +13,7 @@ from .counting import adapted_layers
 if TYPE_CHECKING:
     from ..calibration import CalibrationStats
     from ..config import PlanConfig
-    from ..hooks.manager import Registered
+    from ..hooks.calls import Registered
 
 __all__ = ["Sharing", "rest_notes", "share"]
 

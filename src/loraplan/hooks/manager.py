@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
-from ..errors import ConfigError, LoraPlanError, PluginError, closest
+from ..errors import ConfigError, PluginError, closest
 from . import specs
 from ._markers import PROJECT
+from .calls import Registered, call_hook
 
-__all__ = ["DEFAULT_PLUGINS", "AUTOLOAD_ENV", "Registered", "get_plugin_manager", "selectors", "sharers"]
+__all__ = ["DEFAULT_PLUGINS", "AUTOLOAD_ENV", "Registered", "call_hook", "get_plugin_manager", "selectors", "sharers"]
 
 #: Built-in plugins, registered on every manager, in this order.
 DEFAULT_PLUGINS = (
@@ -55,32 +55,6 @@ def get_plugin_manager(*, load_entrypoints: bool | None = None) -> pluggy.Plugin
             ) from exc
     pm.check_pending()
     return pm
-
-
-@dataclass(frozen=True)
-class Registered:
-    """A strategy together with the plugin that registered it."""
-
-    strategy: Any
-    plugin: str
-
-    @property
-    def name(self) -> str:
-        return self.strategy.name
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``strategy.method``; an unexpected exception is re-raised naming the plugin."""
-        from ..errors import LoraPlanError
-
-        try:
-            return getattr(self.strategy, method)(*args, **kwargs)
-        except LoraPlanError:
-            raise
-        except Exception as exc:
-            raise PluginError(
-                f"plugin {self.plugin!r} failed in {type(self.strategy).__name__}.{method}() of strategy "
-                f"{self.name!r}: {type(exc).__name__}: {exc}"
-            ) from exc
 
 
 def _collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, Registered]:
@@ -132,32 +106,3 @@ def lookup(registry: dict[str, Registered], name: str, key: str) -> Registered:
             f"'{PROJECT}' entry-point group or registered with get_plugin_manager().register(...)."
         )
     return registry[name]
-
-
-def call_hook(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> Any:
-    """Call a hook; an unexpected exception from a plugin is re-raised naming the plugin."""
-    caller = getattr(pm.hook, hook_name)
-    try:
-        return caller(**kwargs)
-    except LoraPlanError:
-        raise
-    except Exception as exc:
-        raise PluginError(
-            f"plugin {_blame(caller, exc)!r} failed in hook {hook_name!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def _blame(caller: Any, exc: BaseException) -> str:
-    """The plugin whose implementation raised ``exc``, from the traceback."""
-    tb = exc.__traceback__
-    codes = {
-        impl.function.__code__: impl.plugin_name
-        for impl in caller.get_hookimpls()
-        if hasattr(impl.function, "__code__")
-    }
-    blamed = "unknown"
-    while tb is not None:
-        if tb.tb_frame.f_code in codes:
-            blamed = codes[tb.tb_frame.f_code]
-        tb = tb.tb_next
-    return blamed
