@@ -1,7 +1,7 @@
 """`PlanConfig`: every setting of a plan, defined and validated once.
 
 The HF callback, the Axolotl args model and the CLI all build a :class:`PlanConfig`; none of them keeps its own
-defaults or its own validation.
+defaults or its own validation. The checks, and the values the settings allow, are :mod:`loraplan.config_checks`.
 """
 
 from __future__ import annotations
@@ -11,18 +11,40 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config_checks import (
+    COST_MODELS,
+    LAST_TOKEN_MODES,
+    POOLINGS,
+    RANK_POLICIES,
+    STACK_NAMES,
+    STACK_SETTINGS,
+    check_budgets,
+    check_calibration,
+    check_cost,
+    check_data,
+    check_options,
+    check_ranks,
+    check_selection,
+    check_stacks,
+    check_switches,
+    check_target_modules,
+)
 from .errors import ConfigError, closest
 
-__all__ = ["TRUNCATE_BACKWARD_HELP", "PlanConfig", "Setting", "setting", "settings"]
-
-POOLINGS = ("auto", "last", "first", "mean")
-#: the settings `stacks` may give one stack of an encoder-decoder model (how that stack is selected and shared)
-STACK_SETTINGS = ("selector", "ratio", "count", "cumulative", "share", "share_threshold")
-#: the stacks `stacks` may name (loraplan.layers.STACK_ROLES)
-STACK_NAMES = ("encoder", "decoder")
-LAST_TOKEN_MODES = ("auto", "mask", "reference")
-RANK_POLICIES = ("keep", "budget", "importance")
-COST_MODELS = ("flops", "timed", "fitted")
+# the values the settings allow are defined beside their checks (loraplan.config_checks) and imported from here
+__all__ = [
+    "COST_MODELS",
+    "LAST_TOKEN_MODES",
+    "POOLINGS",
+    "RANK_POLICIES",
+    "STACK_NAMES",
+    "STACK_SETTINGS",
+    "TRUNCATE_BACKWARD_HELP",
+    "PlanConfig",
+    "Setting",
+    "setting",
+    "settings",
+]
 
 #: the switch every integration takes beside the plan settings (``apply_plan(truncate_backward=...)``), described once
 TRUNCATE_BACKWARD_HELP = (
@@ -279,128 +301,38 @@ class PlanConfig:
     )
 
     def __post_init__(self) -> None:
-        # One check per setting, in field order, each naming its key and the fix: ~85 lines on purpose, since split
-        # up the checks of one setting would no longer sit side by side with the others.
-        _check_str("selector", self.selector, "a selector name such as 'cka' or 'activation'")
-        _check_number("ratio", self.ratio, 0.0, 1.0, low_open=True, fix="e.g. ratio=0.5 keeps half the layers")
-        if self.count is not None:
-            _check_int("count", self.count, 1, "an explicit number of layers to keep, at least 1")
-        if self.cumulative is not None:
-            _check_number(
-                "cumulative",
-                self.cumulative,
-                0.0,
-                1.0,
-                low_open=True,
-                fix="e.g. cumulative=0.9 keeps 90 % of the score",
-            )
-        if self.share is not None:
-            _check_str("share", self.share, "a sharer name such as 'angular', or None for no sharing")
-        _check_number(
-            "share_threshold", self.share_threshold, 0.0, 1.0, fix="the paper used 0.85 for LLaMA-2, 0.80 for LLaMA-3"
+        # one check per group of related settings, in field order, each error naming its key and the fix
+        # (loraplan.config_checks); `target_modules` and `cost_shape` come back as lists
+        check_selection(
+            selector=self.selector,
+            ratio=self.ratio,
+            count=self.count,
+            cumulative=self.cumulative,
+            share=self.share,
+            share_threshold=self.share_threshold,
         )
-        if isinstance(self.rank_policy, bool) or not (
-            self.rank_policy in RANK_POLICIES or (isinstance(self.rank_policy, int) and self.rank_policy >= 1)
-        ):
-            raise ConfigError(
-                f"`rank_policy` must be 'keep', 'budget', 'importance' or a positive integer, got "
-                f"{self.rank_policy!r}. Use 'keep' for the LoRA config's r, 'budget' for ShareLoRA's budget rule, "
-                "'importance' for per-layer ranks in proportion to the selector's scores, or e.g. rank_policy=16."
-            )
-        _check_int("min_rank", self.min_rank, 1, "the smallest rank a layer gets, e.g. 4")
-        _check_int("rank_multiple", self.rank_multiple, 1, "the multiple every allocated rank is rounded to, e.g. 4")
-        if self.lora_drop_steps is not None:
-            _check_int("lora_drop_steps", self.lora_drop_steps, 1, "the warm-up steps of selector='lora_drop'")
-        _check_int("calibration_samples", self.calibration_samples, 1, "the number of calibration samples, e.g. 128")
-        _check_int("max_length", self.max_length, 1, "tokens per calibration sample, e.g. 512")
-        _check_int("batch_size", self.batch_size, 1, "samples per calibration batch, e.g. 8")
-        _check_int("seed", self.seed, 0, "a non-negative integer seed")
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str) or not all(isinstance(m, str) for m in self.target_modules):
-                raise ConfigError(
-                    f"`target_modules` must be a list of module names, got {self.target_modules!r}. "
-                    "Pass e.g. ['q_proj', 'v_proj'], or leave it unset to use the LoRA config's targets."
-                )
-            if not self.target_modules:
-                raise ConfigError(
-                    "`target_modules` must name at least one module, got []. Name e.g. ['q_proj'], or leave it unset."
-                )
-            self.target_modules = list(self.target_modules)
-        _check_str("text_field", self.text_field, "the name of the text column, e.g. 'text'")
-        _check_str("target_field", self.target_field, "the name of the decoder's text column, e.g. 'target'")
-        _check_str("image_field", self.image_field, "the name of the image column, e.g. 'image'")
-        _check_choice("pooling", self.pooling, POOLINGS)
-        _check_choice("last_token", self.last_token, LAST_TOKEN_MODES)
-        for name in ("debiased", "stability", "cost_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
-        if self.time_budget is not None:
-            _check_number(
-                "time_budget",
-                self.time_budget,
-                0.0,
-                1.0,
-                low_open=True,
-                fix="a fraction of the step time of LoRA on every layer, e.g. time_budget=0.6",
-            )
-        if self.param_budget is not None:
-            _check_number(
-                "param_budget",
-                self.param_budget,
-                0.0,
-                1.0,
-                low_open=True,
-                fix="a fraction of the trainable parameters of LoRA on every layer, e.g. param_budget=0.5",
-            )
-        if self.cumulative is not None and (self.time_budget is not None or self.param_budget is not None):
-            given = "time_budget" if self.time_budget is not None else "param_budget"
-            raise ConfigError(
-                f"`cumulative` ({self.cumulative!r}) and `{given}` ({getattr(self, given)!r}) both decide how many "
-                f"layers to keep; set one of them (e.g. cumulative=None)."
-            )
-        _check_choice("cost_model", self.cost_model, COST_MODELS)
-        if self.cost_shape is not None:
-            shape = self.cost_shape
-            if (
-                isinstance(shape, str)
-                or not hasattr(shape, "__len__")
-                or len(shape) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
-            ):
-                raise ConfigError(
-                    f"`cost_shape` must be [batch, sequence length], two positive integers, got {shape!r}. "
-                    "Give the training step's shape, e.g. cost_shape=[8, 1024], or leave it unset."
-                )
-            self.cost_shape = list(shape)
+        check_ranks(rank_policy=self.rank_policy, min_rank=self.min_rank, rank_multiple=self.rank_multiple)
+        check_calibration(
+            lora_drop_steps=self.lora_drop_steps,
+            calibration_samples=self.calibration_samples,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        self.target_modules = check_target_modules(self.target_modules)
+        check_data(
+            text_field=self.text_field,
+            target_field=self.target_field,
+            image_field=self.image_field,
+            pooling=self.pooling,
+            last_token=self.last_token,
+        )
+        check_switches(debiased=self.debiased, stability=self.stability, cost_checkpointing=self.cost_checkpointing)
+        check_budgets(time_budget=self.time_budget, param_budget=self.param_budget, cumulative=self.cumulative)
+        self.cost_shape = check_cost(cost_model=self.cost_model, cost_shape=self.cost_shape)
         if self.stacks is not None:
-            self._check_stacks()
-        if not isinstance(self.options, dict):
-            raise ConfigError(f"`options` must be a mapping of plugin settings, got {self.options!r}.")
-
-    def _check_stacks(self) -> None:
-        if not isinstance(self.stacks, dict):
-            raise ConfigError(
-                f"`stacks` must be a mapping of stack name to settings, got {self.stacks!r}. Write e.g. "
-                "stacks={'encoder': {'count': 2}, 'decoder': {'selector': 'all'}}."
-            )
-        for name, overrides in self.stacks.items():
-            if name not in STACK_NAMES:
-                raise ConfigError(
-                    f"`stacks` names the stack {name!r}; the stacks of an encoder-decoder model are "
-                    f"{', '.join(map(repr, STACK_NAMES))}."
-                )
-            if not isinstance(overrides, dict):
-                raise ConfigError(f"`stacks.{name}` must be a mapping of settings, got {overrides!r}.")
-            unknown = sorted(set(overrides) - set(STACK_SETTINGS))
-            if unknown:
-                raise ConfigError(
-                    f"`stacks.{name}` sets {', '.join(f'`{k}`' for k in unknown)}, which is not a per-stack setting. "
-                    f"Per stack: {', '.join(STACK_SETTINGS)}; every other setting holds for the whole model."
-                )
-            try:
-                self.for_stack(name)
-            except ConfigError as exc:
-                raise ConfigError(f"`stacks.{name}`: {exc}") from None
+            check_stacks(self.stacks, self.for_stack)
+        check_options(self.options)
 
     def for_stack(self, name: str | None) -> PlanConfig:
         """The settings that hold for the stack called ``name`` (``"encoder"``, ``"decoder"``): these with the
@@ -486,27 +418,3 @@ def _args_section() -> str:
 
 
 PlanConfig.__doc__ = (PlanConfig.__doc__ or "").rstrip() + "\n" + _args_section()
-
-
-def _check_str(name: str, value: Any, what: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"`{name}` must be {what}, got {value!r}.")
-
-
-def _check_int(name: str, value: Any, low: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"`{name}` must be {what} (an integer >= {low}), got {value!r}.")
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, fix: str = "") -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ConfigError(f"`{name}` must be a number in {interval}, got {value!r}." + (f" Fix: {fix}." if fix else ""))
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
