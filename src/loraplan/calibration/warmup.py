@@ -112,52 +112,77 @@ def temporary_adapter(
     """Inject a LoRA adapter named :data:`ADAPTER_NAME` on the target modules of every layer, the only active and
     the only trainable adapter; yield, per layer, the LoRA layers carrying it; then remove it and restore the model."""
     from peft import LoraConfig
-    from peft.functional import cast_adapter_dtype, inject_adapter_in_model
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
 
-    names = {id(m): n for n, m in base.named_modules()}
-    sites: list[tuple[int, nn.Module, str, nn.Module]] = []  # (layer, parent, attribute, module there now)
-    for layer_number, modules in enumerate(layer_targets):
-        for module in modules.values():
-            full = names.get(id(module))
-            if full is None:  # pragma: no cover - the targets come from the stack inside `base`
-                raise CalibrationError(f"a target module of {_where(owners, layer_number)} is not inside the model")
-            parent_name, _, attribute = full.rpartition(".")
-            sites.append((layer_number, base.get_submodule(parent_name) if parent_name else base, attribute, module))
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer) and module.merged:
-            raise CalibrationError(
-                "selector='lora_drop' adds a temporary adapter beside the model's own, which cannot be done while an "
-                "adapter is merged into the weights. Unmerge it first (`model.unmerge_adapter()`)."
-            )
-        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {}):
-            raise CalibrationError(f"the model already has an adapter named {ADAPTER_NAME!r}; remove it first.")
-
-    # what has to be as it was afterwards
-    structure = [(n, id(m)) for n, m in model.named_modules(remove_duplicate=False)]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    adapter_states = [
-        (m, list(m.active_adapters), bool(m.disable_adapters))
-        for m in model.modules()
-        if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
-    ]
-    # PEFT's injection adds its config to a `peft_config` the model already has (a PEFT model's), else sets one
-    peft_config = base.__dict__.get("peft_config", _MISSING)
-    peft_entries = list(peft_config.items()) if isinstance(peft_config, dict) else None
-    if peft_entries is not None and ADAPTER_NAME in dict(peft_entries):
-        raise CalibrationError(f"the model already has an adapter named {ADAPTER_NAME!r}; remove it first.")
-
+    temporary = _Temporary(model, base, owners, layer_targets)
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.0,
         bias="none",
         # full names: exactly the modules the scores read, nothing else with the same leaf name
-        target_modules=sorted({names[id(module)] for _, _, _, module in sites}),
+        target_modules=sorted({temporary.names[id(module)] for _, _, _, module in temporary.sites}),
     )
     try:
+        yield temporary.inject(lora_config, seed)
+    finally:
+        temporary.restore()
+    temporary.check_restored()
+
+
+class _Temporary:
+    """Where :func:`temporary_adapter` puts its adapter, and what has to be as it was afterwards."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base: nn.Module,
+        owners: Sequence[tuple[StackPass | None, int]],
+        layer_targets: list[dict[str, nn.Module]],
+    ) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        self.model, self.base, self.owners, self.num_layers = model, base, owners, len(layer_targets)
+        self.names = {id(m): n for n, m in base.named_modules()}
+        self.sites: list[tuple[int, nn.Module, str, nn.Module]] = []  # (layer, parent, attribute, module there now)
+        for layer_number, modules in enumerate(layer_targets):
+            for module in modules.values():
+                full = self.names.get(id(module))
+                if full is None:  # pragma: no cover - the targets come from the stack inside `base`
+                    raise CalibrationError(f"a target module of {_where(owners, layer_number)} is not inside the model")
+                parent_name, _, attribute = full.rpartition(".")
+                parent = base.get_submodule(parent_name) if parent_name else base
+                self.sites.append((layer_number, parent, attribute, module))
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and module.merged:
+                raise CalibrationError(
+                    "selector='lora_drop' adds a temporary adapter beside the model's own, which cannot be done while "
+                    "an adapter is merged into the weights. Unmerge it first (`model.unmerge_adapter()`)."
+                )
+            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {}):
+                raise CalibrationError(f"the model already has an adapter named {ADAPTER_NAME!r}; remove it first.")
+
+        # what has to be as it was afterwards
+        self.structure = [(n, id(m)) for n, m in model.named_modules(remove_duplicate=False)]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.adapter_states = [
+            (m, list(m.active_adapters), bool(m.disable_adapters))
+            for m in model.modules()
+            if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        ]
+        # PEFT's injection adds its config to a `peft_config` the model already has (a PEFT model's), else sets one
+        self.peft_config = base.__dict__.get("peft_config", _MISSING)
+        self.peft_entries = list(self.peft_config.items()) if isinstance(self.peft_config, dict) else None
+        if self.peft_entries is not None and ADAPTER_NAME in dict(self.peft_entries):
+            raise CalibrationError(f"the model already has an adapter named {ADAPTER_NAME!r}; remove it first.")
+
+    def inject(self, lora_config: Any, seed: int) -> list[list[nn.Module]]:
+        """Inject the adapter, the only one that runs and trains; per layer, the LoRA layers carrying it."""
+        from peft.functional import cast_adapter_dtype, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        base = self.base
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")  # PEFT's notes on the temporary config (e.g. Conv1D's fan_in_fan_out)
             # the LoRA A matrices are drawn on the CPU generator (then moved): seeded, and the caller's RNG kept
@@ -171,61 +196,68 @@ def temporary_adapter(
                     "give LoRA on this model (the ones your LoraConfig targets)."
                 ) from exc
             cast_adapter_dtype(base, adapter_name=ADAPTER_NAME)  # fp16/bf16 weights train a float32 LoRA, as PEFT's
-        adapted: list[list[nn.Module]] = [[] for _ in layer_targets]
-        for layer_number, parent, attribute, _ in sites:
+        adapted: list[list[nn.Module]] = [[] for _ in range(self.num_layers)]
+        for layer_number, parent, attribute, _ in self.sites:
             wrapper = getattr(parent, attribute)
             if not isinstance(wrapper, BaseTunerLayer) or ADAPTER_NAME not in getattr(wrapper, "lora_A", {}):
                 raise CalibrationError(  # pragma: no cover - PEFT matched the full names given
-                    f"PEFT did not put the temporary LoRA on {names[id(parent)]}.{attribute} in "
-                    f"{_where(owners, layer_number)}; selector='lora_drop' cannot score this model."
+                    f"PEFT did not put the temporary LoRA on {self.names[id(parent)]}.{attribute} in "
+                    f"{_where(self.owners, layer_number)}; selector='lora_drop' cannot score this model."
                 )
             adapted[layer_number].append(wrapper)
         # only the temporary adapter runs and trains. PEFT's injection made it the only active one on every LoRA
         # layer and switched modules_to_save off; the layers of another adapter type it does not know are switched off
-        for module, _, _ in adapter_states:
+        for module, _, _ in self.adapter_states:
             if isinstance(module, BaseTunerLayer) and not hasattr(module, "lora_A"):
                 module.enable_adapters(False)
-        for p in model.parameters():
+        for p in self.model.parameters():
             p.requires_grad_(False)
         for wrappers in adapted:
             for wrapper in wrappers:
                 for p in (*wrapper.lora_A[ADAPTER_NAME].parameters(), *wrapper.lora_B[ADAPTER_NAME].parameters()):
                     p.requires_grad_(True)
-        yield adapted
-    finally:
-        # the model's own adapters active again (the temporary one then is nowhere active), then the temporary one gone
-        for module, active, disabled in adapter_states:
+        return adapted
+
+    def restore(self) -> None:
+        """The model's own adapters active again (the temporary one then is nowhere active), then the temporary one
+        gone, and the rest as it was."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module, active, disabled in self.adapter_states:
             module.set_adapter(active)
             module.enable_adapters(not disabled)
-        for _, parent, attribute, original in sites:
+        for _, parent, attribute, original in self.sites:
             current = getattr(parent, attribute)
             if current is original:
                 if isinstance(current, BaseTunerLayer) and ADAPTER_NAME in getattr(current, "lora_A", {}):
                     current.delete_adapter(ADAPTER_NAME)  # a layer of the model's own adapter
             elif isinstance(current, BaseTunerLayer) and getattr(current, "base_layer", None) is original:
                 setattr(parent, attribute, original)  # the wrapper PEFT put around a plain module
-        if peft_config is _MISSING:
-            base.__dict__.pop("peft_config", None)
+        if self.peft_config is _MISSING:
+            self.base.__dict__.pop("peft_config", None)
         else:
-            base.__dict__["peft_config"] = peft_config
-            if isinstance(peft_config, dict) and peft_entries is not None:
-                peft_config.clear()
-                peft_config.update(peft_entries)
-        for module, training in modes:
+            self.base.__dict__["peft_config"] = self.peft_config
+            if isinstance(self.peft_config, dict) and self.peft_entries is not None:
+                self.peft_config.clear()
+                self.peft_config.update(self.peft_entries)
+        for module, training in self.modes:
             module.training = training
-        for p, flag in flags:
+        for p, flag in self.flags:
             p.requires_grad_(flag)
-    if [(n, id(m)) for n, m in model.named_modules(remove_duplicate=False)] != structure:
-        raise CalibrationError(  # pragma: no cover - a PEFT release that injects differently
-            "the temporary LoRA-drop adapter could not be removed completely; the model's modules changed. Please "
-            "report this with your PEFT version."
-        )
-    for module, active, disabled in adapter_states:
-        if list(module.active_adapters) != active or bool(module.disable_adapters) != disabled:
-            raise CalibrationError(  # pragma: no cover - idem
-                "the model's active adapters could not be restored after the LoRA-drop warm-up. Please report this "
-                "with your PEFT version."
+
+    def check_restored(self) -> None:
+        """Refuse a model that :meth:`restore` could not bring back."""
+        if [(n, id(m)) for n, m in self.model.named_modules(remove_duplicate=False)] != self.structure:
+            raise CalibrationError(  # pragma: no cover - a PEFT release that injects differently
+                "the temporary LoRA-drop adapter could not be removed completely; the model's modules changed. Please "
+                "report this with your PEFT version."
             )
+        for module, active, disabled in self.adapter_states:
+            if list(module.active_adapters) != active or bool(module.disable_adapters) != disabled:
+                raise CalibrationError(  # pragma: no cover - idem
+                    "the model's active adapters could not be restored after the LoRA-drop warm-up. Please report "
+                    "this with your PEFT version."
+                )
 
 
 # -- the warm-up and the measurement ------------------------------------------------------------------------------
@@ -283,8 +315,34 @@ def _measure(
     tokens."""
     current: list[torch.Tensor | None] = [None] * len(adapted)
     other: dict[int, Any] = {}  # per layer, the shape of a call that was not on the token stream
-    reads_other: dict[int, bool] = {}  # per LoRA layer, whether this call's input is another stack's output
-    reads_pos: dict[int, bool] = {}  # per LoRA layer, whether this call's input is relative position embeddings
+    handles = _stack_hooks(passes) + _output_hooks(owners, adapted, current, other)
+    for one in passes:
+        one.other_state = next((p.state for p in passes if p.stack is one.other), one.state)
+    rows: list[torch.Tensor] = []
+    bar = progress_bar(data.num_samples, "loraplan LoRA-drop outputs", progress)
+    try:
+        with torch.no_grad():
+            for number, batch in enumerate(data.batches):
+                count = batch_rows(batch)
+                for one in passes:
+                    start_batch(one, batch, number, count, device, config, data)
+                current[:] = [None] * len(adapted)
+                runner = forward_runner(base, passes[0].stack, batch) if len(passes) == 1 else base
+                runner(**model_inputs(runner, batch, device))
+                rows.append(_block(current, other, owners, number))
+                bar.update(count)
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+        for one in passes:
+            one.state.other_stream = None
+            one.state.position_inputs.clear()
+    return torch.cat(rows)
+
+
+def _stack_hooks(passes: list[StackPass]) -> list[Any]:
+    """The hooks that fill each stack's batch state: position inputs, the other stack's output, the frames."""
     handles = []
     for one in passes:
         handles += position_inputs_into(one.state, one.stack)
@@ -294,6 +352,19 @@ def _measure(
             handles.append(
                 one.stack.layers[0].register_forward_pre_hook(frames_into(one.state), prepend=True, with_kwargs=True)
             )
+    return handles
+
+
+def _output_hooks(
+    owners: list[tuple[StackPass, int]],
+    adapted: list[list[nn.Module]],
+    current: list[torch.Tensor | None],
+    other: dict[int, Any],
+) -> list[Any]:
+    """The hooks that add each temporary LoRA branch's output to ``current`` (see :func:`_add`)."""
+    reads_other: dict[int, bool] = {}  # per LoRA layer, whether this call's input is another stack's output
+    reads_pos: dict[int, bool] = {}  # per LoRA layer, whether this call's input is relative position embeddings
+    handles = []
     for layer_number, wrappers in enumerate(adapted):
         one = owners[layer_number][0]
         for wrapper in wrappers:
@@ -321,42 +392,27 @@ def _measure(
 
             handles.append(wrapper.register_forward_pre_hook(pre))
             handles.append(wrapper.lora_B[ADAPTER_NAME].register_forward_hook(post))
-    for one in passes:
-        one.other_state = next((p.state for p in passes if p.stack is one.other), one.state)
-    rows: list[torch.Tensor] = []
-    bar = progress_bar(data.num_samples, "loraplan LoRA-drop outputs", progress)
-    try:
-        with torch.no_grad():
-            for number, batch in enumerate(data.batches):
-                count = batch_rows(batch)
-                for one in passes:
-                    start_batch(one, batch, number, count, device, config, data)
-                current[:] = [None] * len(adapted)
-                runner = forward_runner(base, passes[0].stack, batch) if len(passes) == 1 else base
-                runner(**model_inputs(runner, batch, device))
-                row = []
-                for i, value in enumerate(current):
-                    if value is None:
-                        one, index = owners[i]
-                        raise never_called(one.stack, index, other.get(i))
-                    row.append(value.cpu())
-                block = torch.stack(row, dim=1)
-                if not bool(torch.isfinite(block).all()):
-                    bad = int((~torch.isfinite(block)).any(dim=0).nonzero()[0])
-                    raise CalibrationError(
-                        f"non-finite LoRA outputs (nan/inf) in {_where(owners, bad)} on calibration batch {number} "
-                        "after the LoRA-drop warm-up. Check the weights, or calibrate in float32."
-                    )
-                rows.append(block)
-                bar.update(count)
-    finally:
-        bar.close()
-        for handle in handles:
-            handle.remove()
-        for one in passes:
-            one.state.other_stream = None
-            one.state.position_inputs.clear()
-    return torch.cat(rows)
+    return handles
+
+
+def _block(
+    current: list[torch.Tensor | None], other: dict[int, Any], owners: list[tuple[StackPass, int]], number: int
+) -> torch.Tensor:
+    """One batch's sums (samples, layers), refused where a layer's LoRA never ran or an output is not finite."""
+    row = []
+    for i, value in enumerate(current):
+        if value is None:
+            one, index = owners[i]
+            raise never_called(one.stack, index, other.get(i))
+        row.append(value.cpu())
+    block = torch.stack(row, dim=1)
+    if not bool(torch.isfinite(block).all()):
+        bad = int((~torch.isfinite(block)).any(dim=0).nonzero()[0])
+        raise CalibrationError(
+            f"non-finite LoRA outputs (nan/inf) in {_where(owners, bad)} on calibration batch {number} "
+            "after the LoRA-drop warm-up. Check the weights, or calibrate in float32."
+        )
+    return block
 
 
 def _add(
