@@ -1,21 +1,23 @@
 """Realising a plan with PEFT: narrowing and tying an already wrapped model, and saving/loading adapters so that
 stock PEFT reads them and loraplan re-ties them. Where LoRA may sit, and the `LoraConfig` that says so, is
-:mod:`loraplan.layout`."""
+:mod:`loraplan.layout`; taking LoRA out and re-creating it at another rank is :mod:`loraplan.narrowing`, and what
+apply_plan refuses before it changes anything (an optimizer or wrapper built too early) :mod:`loraplan.apply_guards`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .apply_guards import _parameters_replaced, _refuse_early_optimizers, _refuse_early_wrappers
 from .card import attach_card
 from .errors import ConfigError, PlanMismatchError
 from .layers import LayerStack, find_layers, stack_at
-from .layout import is_planned, plan_lora_config, planned_config
+from .layout import plan_lora_config, planned_config
+from .narrowing import _b_nonzero, _narrow, _rerank
 from .plan import PLAN_FILE, LoraPlan
 from .quantized import refuse_repacked
 from .sites import (
@@ -97,192 +99,6 @@ def adapter_of(peft_model: nn.Module, adapter_name: str | None) -> str:
     if "LORA" not in peft_type.upper():
         raise ConfigError(f"adapter {adapter_name!r} is {peft_type}, not LoRA; loraplan plans LoRA adapters.")
     return adapter_name
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
-def _b_nonzero(module: nn.Module, adapter: str) -> bool:
-    with torch.no_grad():
-        if adapter in module.lora_B:
-            return bool(module.lora_B[adapter].weight.detach().abs().max() > 0)
-        if adapter in getattr(module, "lora_embedding_B", {}):
-            return bool(module.lora_embedding_B[adapter].detach().abs().max() > 0)
-    return False
-
-
-def _fold_delta(module: nn.Module, adapter: str, why: str) -> None:
-    """Add a module's current LoRA delta to its base weight before the module is dropped or re-created, so an
-    initialisation that leaves B non-zero (PiSSA, OLoRA...) does not change the model's function."""
-    from peft.tuners.lora import LoraLayer, ParamWrapper
-
-    if not isinstance(module, LoraLayer) or not _b_nonzero(module, adapter):
-        return
-    if module.use_dora.get(adapter, False) or isinstance(module, ParamWrapper) or adapter not in module.lora_A:
-        raise ConfigError(
-            f"`init_lora_weights`: a LoRA module with a non-zero initialisation ({type(module).__name__}"
-            f"{', DoRA' if module.use_dora.get(adapter, False) else ''}) cannot be {why} after wrapping. Build the "
-            "model with plan.to_lora_config(...) instead of narrowing it with apply_plan."
-        )
-    base = module.get_base_layer()
-    with torch.no_grad():
-        base.weight.add_(module.get_delta_weight(adapter).to(base.weight.dtype))
-
-
-def _wrapper_chain(module: nn.Module) -> list[nn.Module]:
-    """A LoRA layer and the LoRA layers it wraps (parameter wrappers nest, one per targeted parameter)."""
-    from peft.tuners.lora import LoraLayer
-
-    chain = [module]
-    while isinstance(getattr(chain[-1], "base_layer", None), LoraLayer):
-        chain.append(chain[-1].base_layer)
-    return chain
-
-
-def _narrow(peft_model: nn.Module, plan: LoraPlan, stack: LayerStack, adapter: str) -> int:
-    """Remove ``adapter`` from the layers the plan does not select. Returns the number of sites removed."""
-    removed = 0
-    selected = set(plan.adapted_layers)
-    for index, modules in lora_modules_by_layer(peft_model, stack, adapter).items():
-        if index in selected:
-            continue
-        layer = stack.layers[index]
-        handled: list[str] = []
-        for name in sorted(modules):  # an outer wrapper sorts before the wrappers nested in it
-            if any(name.startswith(done + ".") for done in handled):
-                continue
-            handled.append(name)
-            chain = [m for m in _wrapper_chain(modules[name]) if adapter in adapters_of(m)]
-            for module in chain:
-                _fold_delta(module, adapter, "removed from an unplanned layer")
-            if all(adapters_of(m) <= {adapter} for m in _wrapper_chain(modules[name])):
-                _set_submodule(layer, name, modules[name].get_base_layer())
-            else:
-                for module in chain:
-                    module.delete_adapter(adapter)
-            removed += len(chain)
-    return removed
-
-
-def _rank_changes(
-    peft_model: nn.Module, adapter: str, config: Any, keep: Callable[[str], bool] = lambda name: True
-) -> list[tuple[nn.Module, int, Any]]:
-    """The LoRA layers (among the sites ``keep`` accepts) whose rank or alpha differs from what ``config`` gives them
-    (PEFT's own pattern rule), with the rank and alpha it gives."""
-    from peft.utils.other import get_pattern_key
-
-    changes = []
-    for (_, key), module in lora_sites(peft_model, adapter).items():
-        if not keep(key):
-            continue
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
-        if module.r[adapter] != r or module.lora_alpha[adapter] != alpha:
-            changes.append((module, r, alpha))
-    return changes
-
-
-def _rerank(peft_model: nn.Module, adapter: str, config: Any) -> int:
-    """Re-create every LoRA layer whose rank or alpha differs from what ``config`` gives it, so that the model is
-    what stock PEFT builds from the saved config. Returns how many were re-created."""
-    changes = _rank_changes(peft_model, adapter, config)
-    for module, r, alpha in changes:
-        _fold_delta(module, adapter, f"re-created at r={r}")
-        module.update_layer(adapter, r, lora_alpha=alpha, config=config)
-    return len(changes)
-
-
-def _adapter_parameters(module: nn.Module, adapter: str) -> list[nn.Parameter]:
-    """The parameters of ``adapter`` in one LoRA layer (its ``lora_A``/``lora_B``, embedding and DoRA entries)."""
-    return [p for name, p in module.named_parameters() if adapter in name.split(".") and "base_layer" not in name]
-
-
-def _parameters_replaced(
-    peft_model: nn.Module, plan: LoraPlan, stacks: list[tuple[LoraPlan, LayerStack]], adapter: str, config: Any
-) -> dict[int, str]:
-    """What :func:`apply_plan` is about to take out of the model (``id`` -> a name for messages): the LoRA parameters
-    of the unplanned layers (of every stack), of the modules re-created at another rank, and of the share-group
-    members that take their leader's modules. An optimizer that holds any of them was built too early."""
-    replaced: dict[int, str] = {}
-
-    def add(module: nn.Module, where: str) -> None:
-        for p in _adapter_parameters(module, adapter):
-            replaced.setdefault(id(p), where)
-
-    for one, stack in stacks:
-        selected = set(one.adapted_layers)
-        by_layer = lora_modules_by_layer(peft_model, stack, adapter)
-        for index, modules in by_layer.items():
-            if index not in selected:
-                for name, module in modules.items():
-                    add(module, f"{stack.path}.{index}.{name} (removed: layer {index} is not planned)")
-        for group in one.share_groups:
-            for member in group[1:]:
-                for name, module in by_layer.get(member, {}).items():
-                    lead = by_layer.get(group[0], {}).get(name)
-                    if lead is None or adapter not in getattr(module, "lora_A", {}):
-                        continue
-                    if module.lora_A[adapter] is not lead.lora_A[adapter]:
-                        add(module, f"{stack.path}.{member}.{name} (tied to layer {group[0]}'s module)")
-    for module, r, _ in _rank_changes(peft_model, adapter, config, lambda key: is_planned(plan, key)):
-        add(module, f"a LoRA module re-created at r={r}")
-    return replaced
-
-
-#: the wrappers that take a model's parameters over (their own buckets, flat copies, an optimizer inside): built
-#: around the model before apply_plan, they would go on with the replaced parameters. Matched by class name, so that
-#: DeepSpeed need not be imported to be recognised.
-_WRAPPERS = ("DeepSpeedEngine", "DistributedDataParallel", "FullyShardedDataParallel", "DataParallel")
-
-
-def _refuse_early_wrappers(peft_model: nn.Module, replaced: dict[int, str]) -> None:
-    """:class:`ConfigError` when a live DeepSpeed engine, DDP, FSDP (1) or DataParallel wrapper holds ``peft_model``
-    and apply_plan would replace some of its parameters."""
-    import gc
-
-    if not replaced:
-        return
-    for candidate in gc.get_objects():
-        name = type(candidate).__name__
-        if name in _WRAPPERS and isinstance(candidate, nn.Module) and candidate._modules.get("module") is peft_model:
-            raise ConfigError(
-                f"`model`: a {name} was built around the model before apply_plan, and applying the plan replaces "
-                f"{len(replaced)} of its LoRA parameter(s) ({next(iter(replaced.values()))}); the {name} would go on "
-                "training the old ones. Nothing was changed. Call apply_plan(peft_model, plan) on the PEFT model "
-                f"first, then build the {name} (and the optimizer) around it."
-            )
-
-
-def _refuse_early_optimizers(replaced: dict[int, str]) -> None:
-    """:class:`ConfigError` when a live ``torch.optim.Optimizer`` holds parameters apply_plan would replace: it would
-    go on updating tensors that are no longer in the model, and miss the ones that replace them."""
-    import gc
-
-    def holding() -> list[tuple[torch.optim.Optimizer, list[str]]]:
-        found = []
-        for candidate in gc.get_objects():
-            if issubclass(type(candidate), torch.optim.Optimizer):  # type(): no attribute lookup on odd objects
-                held = [replaced[id(p)] for g in candidate.param_groups for p in g["params"] if id(p) in replaced]
-                if held:
-                    found.append((candidate, held))
-        return found
-
-    if not replaced or not holding():
-        return
-    gc.collect()  # an optimizer nobody holds any more is no reason to refuse
-    found = holding()
-    if found:
-        optimizer, held = found[0]
-        raise ConfigError(
-            f"`optimizer`: an optimizer ({type(optimizer).__name__}) built before apply_plan holds {len(held)} LoRA "
-            f"parameter(s) that applying the plan replaces ({held[0]}{' and more' if len(held) > 1 else ''}); it "
-            "would update tensors that are no longer in the model and miss the ones that replace them. Nothing was "
-            "changed. Call apply_plan(peft_model, plan) first, then build the optimizer from the model's trainable "
-            "parameters."
-        )
 
 
 def tie_share_groups(
@@ -403,7 +219,7 @@ def _truncate_for_plan(
     encoder_adapted = len(stacks) > 1 and bool(stacks[0][0].adapted_layers)
     results = []
     for position, (one, stack) in enumerate(stacks):
-        name = str(one.stack.get("name") or "") if plan.stacks else ""
+        name = str(one.stack.name or "") if plan.stacks else ""
         lowest = min(one.adapted_layers) if one.adapted_layers else stack.num_layers
         if not enabled:
             results.append(disable_truncation(model, lowest, stack, name))
@@ -456,10 +272,13 @@ def apply_plan(
                 "apply_plan."
             )
     config, wanted = planned_config(plan, current, model=peft_model)  # refuses a text stack the plan does not cover
-    replaced = _parameters_replaced(peft_model, plan, stacks, adapter, config)
+    by_stack = [(one, stack, lora_modules_by_layer(peft_model, stack, adapter)) for one, stack in stacks]
+    replaced = _parameters_replaced(peft_model, plan, by_stack, adapter, config)
     _refuse_early_optimizers(replaced)
     _refuse_early_wrappers(peft_model, replaced)
-    removed = sum(_narrow(peft_model, one, stack, adapter) for one, stack in stacks)
+    removed = sum(
+        _narrow(one, stack, lora_modules_by_layer(peft_model, stack, adapter), adapter) for one, stack in stacks
+    )
     reranked = _rerank(peft_model, adapter, config)
     peft_model.peft_config[adapter] = config
     tied = sum(tie_share_groups(peft_model, one, adapter, stack=stack) for one, stack in stacks)
