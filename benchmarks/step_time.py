@@ -316,7 +316,7 @@ def run(settings: dict[str, Any], time_budget: float | None = None, seed: int = 
         "machine": info,
         "settings": described_settings(settings, described_model, described_data),
         "plans": {k: p.selected_layers for k, p in plans.items()},
-        "budget": {k: p.cost.get("budget", {}).get("summary") for k, p in plans.items() if "budget" in p.cost},
+        "budget": {k: budget.get("summary") for k, p in plans.items() if (budget := p.cost.budget_dict()) is not None},
         "cost_model": costs.to_dict(),
         "fitted_cost_model": fitted.to_dict(),
         "rows": rows(configs, settings),

@@ -52,7 +52,7 @@ def card_section(plan: LoraPlan, adapter_parameters: int | None = None) -> str:
     method += f", sharer `{plan.share}` (threshold {config.get('share_threshold')})" if plan.share else ", no sharing"
     groups = (
         "; ".join(
-            (f"{one.stack.get('name')} " if plan.stacks else "") + fold_ranges(group)
+            (f"{one.stack.name} " if plan.stacks else "") + fold_ranges(group)
             for one in plan.stack_plans()
             for group in one.share_groups
         )
@@ -68,7 +68,7 @@ def card_section(plan: LoraPlan, adapter_parameters: int | None = None) -> str:
         "## loraplan",
         "",
         f"The layers that carry LoRA and the layers that share one LoRA module were planned by loraplan "
-        f"{plan.versions.get('loraplan', '')} from a calibration pass of {plan.calibration.get('num_samples')} samples "
+        f"{plan.versions.get('loraplan', '')} from a calibration pass of {plan.calibration.num_samples} samples "
         f"(the whole plan: `{PLAN_FILE}` beside this file).",
         "",
         f"- **Method**: {method}",

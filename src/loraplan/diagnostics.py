@@ -4,12 +4,13 @@ and how stable a ranking is across two halves of the data."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from .calibration import CalibrationStats
 from .config import PlanConfig
+from .plan_records import DiagnosticsRecord
 from .similarity import is_constant, sample_variance_share, spearman
 from .strategies import SelectionContext, check_scores
 
@@ -63,11 +64,11 @@ _SAME_TOKEN_FIX = (
 )
 
 
-def calibration_diagnostics(stats: CalibrationStats) -> tuple[dict[str, Any], list[str]]:
+def calibration_diagnostics(stats: CalibrationStats) -> tuple[DiagnosticsRecord, list[str]]:
     """Per hidden state, the largest variance share of one sample and the distinct vectors; warnings where one
     sample dominates."""
     if stats.hidden is None:
-        return {}, []
+        return DiagnosticsRecord(), []
     shares = [sample_variance_share(h) for h in stats.hidden]
     distinct = [int(torch.unique(h, dim=0).shape[0]) for h in stats.hidden]
     warnings = []
@@ -88,7 +89,7 @@ def calibration_diagnostics(stats: CalibrationStats) -> tuple[dict[str, Any], li
             + _SAME_TOKEN_FIX
             + "; otherwise give varied calibration data."
         )
-    return {"max_sample_variance_share": shares, "distinct_vectors": distinct}, warnings
+    return DiagnosticsRecord(max_sample_variance_share=shares, distinct_vectors=distinct), warnings
 
 
 def stability(

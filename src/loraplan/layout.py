@@ -108,7 +108,7 @@ def _layer_ranks(plan: LoraPlan, base: LoraConfig, config: LoraConfig) -> None:
     proportions), and its alphas by the same factor, which keeps ``alpha / r`` (not with ``use_rslora``, whose
     ``alpha / sqrt(r)`` is meant to stay put). Entries for a layer come first, so PEFT's first-match rule picks them;
     the user's own entries follow for everything else (outside the stack, the shared rest)."""
-    made_for = plan.calibration.get("base_rank")
+    made_for = plan.calibration.base_rank
     if made_for is not None and int(made_for) != base.r:
         raise ConfigError(
             f"`r`: the plan's per-layer ranks (rank_policy='importance') were allocated for a LoRA rank of "
@@ -163,7 +163,7 @@ def _check_layers_to_transform(plan: LoraPlan, base: LoraConfig) -> None:
 def _other_stack_candidates(plan: LoraPlan) -> list[tuple[str, list[str]]]:
     """Recorded other text stacks, as (path, full module names of their linear modules)."""
     found = []
-    for stack in plan.stack.get("other_stacks") or []:
+    for stack in plan.stack.other_stacks or []:
         names = [f"{stack['path']}.{i}.{m}" for i in range(int(stack["num_layers"])) for m in stack.get("modules", [])]
         found.append((stack["path"], names))
     return found
@@ -280,7 +280,7 @@ def planned_config(
     plan.validate()
     path = _stack_path(plan.stack_plans()[0])
     _check_layers_to_transform(plan, base)
-    model_type = plan.model_fingerprint.get("model_type")
+    model_type = plan.model_fingerprint.model_type
     if model is None and _peft_rewrites_targets(base, model_type):
         raise ConfigError(
             f"`target_modules` {base.target_modules!r}: when PEFT wraps a {model_type} model it turns these targets "
@@ -301,7 +301,7 @@ def planned_config(
         refuse_other_stacks(
             {p: _reached_by_name(base, names, model_type) for p, names in _other_stack_candidates(plan)},
             path,
-            plan.model_fingerprint.get("class"),
+            plan.model_fingerprint.class_name,
         )
         return config, None
     wanted = expected_sites(model, plan, base)

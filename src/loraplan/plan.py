@@ -19,6 +19,16 @@ from .allocation import counting
 from .errors import LayerDiscoveryError, PlanMismatchError
 from .layers import find_layers, hidden_size, stack_at, text_config, unwrap
 from .layout import plan_lora_config
+from .plan_records import (
+    VOLATILE_CONFIG_KEYS,
+    CalibrationRecord,
+    CostRecord,
+    DiagnosticsRecord,
+    ModelFingerprint,
+    PlanRecord,
+    StackRecord,
+    json_ready,
+)
 from .plan_stacks import FORMAT, FORMAT_STACKS, stacks_from_dict, stacks_to_dict
 
 if TYPE_CHECKING:
@@ -32,65 +42,28 @@ logger = logging.getLogger("loraplan")
 #: the plan's file name beside an adapter or in a trainer's output directory
 PLAN_FILE = "loraplan.json"
 
-#: config keys that do not change the network (names, dtypes, heads, runtime switches)
-_VOLATILE_CONFIG_KEYS = frozenset(
-    {
-        "_name_or_path",
-        "_commit_hash",
-        "_attn_implementation",
-        "_attn_implementation_autoset",
-        "_attn_implementation_internal",
-        "architectures",
-        "dtype",
-        "torch_dtype",
-        "transformers_version",
-        "use_cache",
-        "id2label",
-        "label2id",
-        "num_labels",
-        "problem_type",
-        "quantization_config",
-        "output_hidden_states",
-        "output_attentions",
-        "return_dict",
-        "pad_token_id",
-        "tie_word_embeddings",
-    }
-)
-
-
-def _clean(value: Any) -> Any:
-    """JSON-ready: nan/inf become null, tuples become lists, floats are rounded to 10 significant digits."""
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else float(f"{value:.10g}")
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
 
 def _nan(values: list[Any]) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
 
-def fingerprint(model: nn.Module, stack: Any = None) -> dict[str, Any]:
+def fingerprint(model: nn.Module, stack: Any = None) -> ModelFingerprint:
     """Class, layer count, hidden size, layer path and a hash of the network-defining config of ``model``."""
     base = unwrap(model)
     stack = stack if stack is not None else find_layers(base)
     config = getattr(base, "config", None)
     relevant: dict[str, Any] = {}
     if config is not None:
-        relevant = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(_clean(relevant), sort_keys=True, default=str).encode()).hexdigest()
-    return {
-        "class": type(base).__name__,
-        "model_type": getattr(config, "model_type", None),
-        "num_layers": stack.num_layers,
-        "hidden_size": hidden_size(text_config(base)),
-        "layers_path": stack.path,
-        "config_hash": "sha256:" + digest[:16],
-    }
+        relevant = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(json_ready(relevant), sort_keys=True, default=str).encode()).hexdigest()
+    return ModelFingerprint(
+        class_name=type(base).__name__,
+        model_type=getattr(config, "model_type", None),
+        num_layers=stack.num_layers,
+        hidden_size=hidden_size(text_config(base)),
+        layers_path=stack.path,
+        config_hash="sha256:" + digest[:16],
+    )
 
 
 @dataclass
@@ -113,21 +86,21 @@ class LoraPlan:
     #: every PlanConfig setting
     config: dict[str, Any] = field(default_factory=dict)
     #: the model it was made for (see :func:`fingerprint`); JSON key ``model``
-    model_fingerprint: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: ModelFingerprint = field(default_factory=ModelFingerprint.empty)
     #: how the layer stack and its LoRA targets look: path, pattern, ambiguity, target module names and shapes,
     #: other text stacks; JSON key ``layers``
-    stack: dict[str, Any] = field(default_factory=dict)
-    #: calibration facts: samples, tokens, max length, data hash, seed, pooling, dtype, device, seconds
-    calibration: dict[str, Any] = field(default_factory=dict)
+    stack: StackRecord = field(default_factory=StackRecord.empty)
+    #: calibration facts: samples, tokens, max length, data hash, seed, pooling, dtype, device, base rank
+    calibration: CalibrationRecord = field(default_factory=CalibrationRecord.empty)
     #: layers that could not be scored, with the reason (never selected)
     flagged_layers: dict[int, str] = field(default_factory=dict)
     #: per-layer diagnostics of the calibration data (e.g. the largest variance share of a single sample)
-    diagnostics: dict[str, Any] = field(default_factory=dict)
+    diagnostics: DiagnosticsRecord = field(default_factory=DiagnosticsRecord.empty)
     #: rank correlation of each ranking across disjoint halves of the calibration data
     stability: dict[str, float] = field(default_factory=dict)
     #: the cost model (see :mod:`loraplan.cost`): per-layer costs, predicted step-time and peak-memory ratios versus
     #: LoRA on every layer, and, with a time or parameter budget, the trade-off the selection made
-    cost: dict[str, Any] = field(default_factory=dict)
+    cost: CostRecord = field(default_factory=CostRecord.empty)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
@@ -135,6 +108,11 @@ class LoraPlan:
     #: stack. With stacks, the fields above describe them as one index space, encoder layers first
     stacks: list[LoraPlan] = field(default_factory=list)
     format: str = FORMAT
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """The sub-records (:mod:`loraplan.plan_records`) may be given as their dicts, here and in the constructor."""
+        kind = _RECORDS.get(name)
+        super().__setattr__(name, kind.of(value) if kind is not None else value)
 
     # -- derived ------------------------------------------------------------------------------------------------
     @property
@@ -152,29 +130,29 @@ class LoraPlan:
     @property
     def stack_path(self) -> str | None:
         """Dotted path of the layer stack the plan is about (``layers.path``; older plans: the fingerprint's)."""
-        return self.stack.get("path") or self.model_fingerprint.get("layers_path")
+        return self.stack.path or self.model_fingerprint.layers_path
 
     @property
-    def model(self) -> dict[str, Any]:
+    def model(self) -> ModelFingerprint:
         """Deprecated name of :attr:`model_fingerprint` (the JSON key stays ``model``)."""
         _renamed("model", "model_fingerprint")
         return self.model_fingerprint
 
     @model.setter
-    def model(self, value: dict[str, Any]) -> None:
+    def model(self, value: ModelFingerprint | dict[str, Any]) -> None:
         _renamed("model", "model_fingerprint")
-        self.model_fingerprint = value
+        self.model_fingerprint = ModelFingerprint.of(value)
 
     @property
-    def layers(self) -> dict[str, Any]:
+    def layers(self) -> StackRecord:
         """Deprecated name of :attr:`stack` (the JSON key stays ``layers``)."""
         _renamed("layers", "stack")
         return self.stack
 
     @layers.setter
-    def layers(self, value: dict[str, Any]) -> None:
+    def layers(self, value: StackRecord | dict[str, Any]) -> None:
         _renamed("layers", "stack")
-        self.stack = value
+        self.stack = StackRecord.of(value)
 
     @property
     def adapted_layers(self) -> list[int]:
@@ -229,7 +207,7 @@ class LoraPlan:
             raise PlanMismatchError(f"`selected_layers` must be sorted and unique, got {self.selected_layers}.")
         if any(not isinstance(i, int) or i < 0 or i >= L for i in self.selected_layers):
             raise PlanMismatchError(f"`selected_layers` must be layer indices 0..{L - 1}, got {self.selected_layers}.")
-        made_for = self.model_fingerprint.get("num_layers")
+        made_for = self.model_fingerprint.num_layers
         if isinstance(made_for, int) and made_for != L:
             raise PlanMismatchError(
                 f"`num_layers` is {L}, but the plan's own model fingerprint (`model.num_layers`) says {made_for}: the "
@@ -292,31 +270,31 @@ class LoraPlan:
                 stack = stack_at(model, self.stack_path)
             except LayerDiscoveryError as exc:
                 raise PlanMismatchError(str(exc)) from exc
-        current = fingerprint(model, stack)
+        current, made_for = fingerprint(model, stack), self.model_fingerprint
         problems = []
-        if current.get("num_layers") is not None and self.num_layers != current["num_layers"]:
-            problems.append(f"num_layers: plan {self.num_layers!r}, model {current['num_layers']!r}")
+        if current.num_layers is not None and self.num_layers != current.num_layers:
+            problems.append(f"num_layers: plan {self.num_layers!r}, model {current.num_layers!r}")
         for key in ("num_layers", "hidden_size", "layers_path"):
-            want = self.model_fingerprint.get(key)
+            want, have = getattr(made_for, key), getattr(current, key)
             if key == "num_layers" and problems:
                 continue  # said once, from the plan's own field
-            if want is not None and current.get(key) is not None and want != current[key]:
-                problems.append(f"{key}: plan {want!r}, model {current[key]!r}")
-        made_for = self.model_fingerprint
+            if want is not None and have is not None and want != have:
+                problems.append(f"{key}: plan {want!r}, model {have!r}")
         if problems:
             raise PlanMismatchError(
-                f"the plan (made for {made_for.get('class')}, {made_for.get('num_layers')} layers) does not fit "
-                f"this {current['class']}: " + "; ".join(problems) + ". Recompute the plan for this model, or "
+                f"the plan (made for {made_for.class_name}, {made_for.num_layers} layers) does not fit "
+                f"this {current.class_name}: " + "; ".join(problems) + ". Recompute the plan for this model, or "
                 "load the plan that belongs to it."
             )
-        for key in ("class", "config_hash"):
-            if self.model_fingerprint.get(key) and self.model_fingerprint[key] != current[key]:
+        for key, attr in (("class", "class_name"), ("config_hash", "config_hash")):
+            want, have = getattr(made_for, attr), getattr(current, attr)
+            if want and want != have:
                 logger.warning(
                     "the plan was made for a model with %s %r; this model has %r. The layer stack fits, so the plan "
                     "is used.",
                     key,
-                    self.model_fingerprint[key],
-                    current[key],
+                    want,
+                    have,
                 )
 
     # -- PEFT ---------------------------------------------------------------------------------------------------
@@ -339,7 +317,7 @@ class LoraPlan:
             if f.name in _OMITTED_WHEN_EMPTY and not value:
                 continue
             data[key] = write(value) if write is not None else value
-        return _clean(data)
+        return json_ready(data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
@@ -444,7 +422,7 @@ _JSON: dict[str, tuple[str, Any, Any]] = {
     ),
     "scores": ("scores", None, lambda scores: {k: _nan(v) for k, v in scores.items()}),
     "similarity": ("similarity", None, lambda rows: [_nan(row) for row in rows] or None),
-    "model_fingerprint": ("model", None, None),
+    "model_fingerprint": ("model", None, None),  # the sub-records: json_ready writes their to_dict()
     "stack": ("layers", None, None),
     "flagged_layers": (
         "flagged_layers",
@@ -454,6 +432,14 @@ _JSON: dict[str, tuple[str, Any, Any]] = {
     "stability": ("stability", None, lambda values: {k: (math.nan if v is None else v) for k, v in values.items()}),
     "warnings": ("warnings", None, list),
     "notes": ("notes", None, list),
+}
+#: the fields that hold a sub-record (:mod:`loraplan.plan_records`), by field
+_RECORDS: dict[str, type[PlanRecord]] = {
+    "model_fingerprint": ModelFingerprint,
+    "stack": StackRecord,
+    "calibration": CalibrationRecord,
+    "diagnostics": DiagnosticsRecord,
+    "cost": CostRecord,
 }
 #: fields added after format 1 was first written: left out of the file when empty, so that a plan without them
 #: writes the same file as before

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import PlanMismatchError
+from .plan_records import CalibrationRecord, CostRecord, DiagnosticsRecord, ModelFingerprint, StackRecord
 
 if TYPE_CHECKING:
     from .plan import LoraPlan
@@ -51,12 +52,12 @@ def combine(stacks: list[LoraPlan], whole: LoraPlan) -> LoraPlan:
     common = [name for name in stacks[0].scores if all(name in s.scores for s in stacks)]
     whole.scores = {name: [v for s in stacks for v in s.scores[name]] for name in common}
     whole.similarity = None
-    whole.diagnostics = {}
+    whole.diagnostics = DiagnosticsRecord.empty()
     whole.stability = {}
-    whole.stack = {"stacks": [s.stack_path for s in stacks]}
+    whole.stack = StackRecord.empty().replace(stacks=[s.stack_path for s in stacks])
     ranks = {s.rank for s in stacks}
     whole.rank = ranks.pop() if len(ranks) == 1 else None
-    whole.model_fingerprint = {**whole.model_fingerprint, "num_layers": whole.num_layers, "layers_path": None}
+    whole.model_fingerprint = whole.model_fingerprint.replace(num_layers=whole.num_layers, layers_path=None)
     whole.format = FORMAT_STACKS
     return whole
 
@@ -67,7 +68,7 @@ def stacks_to_dict(plan: LoraPlan) -> dict[str, Any]:
     entries = []
     for stack in plan.stacks:
         entry = {key: value for key, value in stack.to_dict(single=True).items() if key not in _SHARED}
-        entries.append({"name": stack.stack.get("name"), "path": stack.stack_path, **entry})
+        entries.append({"name": stack.stack.name, "path": stack.stack_path, **entry})
     return {**whole, "format": FORMAT_STACKS, "num_layers": plan.num_layers, "stacks": entries}
 
 
@@ -86,7 +87,7 @@ def stacks_from_dict(cls: type[LoraPlan], data: dict[str, Any]) -> LoraPlan:
     except Exception as exc:  # noqa: BLE001 - whatever the settings hold, the message names the file's key
         raise PlanMismatchError(f"`config` of the plan is not valid: {exc}") from exc
     stacks = []
-    for entry in entries:
+    for entry in entries:  # each stack's plan read as the one-stack plan file it would have
         single = {key: value for key, value in entry.items() if key not in ("name", "path")}
         layers = {**(single.get("layers") or {}), "path": entry.get("path"), "name": entry.get("name")}
         model = {**(shared.get("model") or {}), "num_layers": entry.get("num_layers"), "layers_path": entry.get("path")}
@@ -107,9 +108,9 @@ def stacks_from_dict(cls: type[LoraPlan], data: dict[str, Any]) -> LoraPlan:
         num_layers=0,
         selected_layers=[],
         config=dict(shared.get("config") or {}),
-        model_fingerprint={**(shared.get("model") or {})},
-        calibration=dict(shared.get("calibration") or {}),
-        cost=dict(shared.get("cost") or {}),
+        model_fingerprint=ModelFingerprint.from_dict(shared.get("model")),
+        calibration=CalibrationRecord.from_dict(shared.get("calibration")),
+        cost=CostRecord.from_dict(shared.get("cost")),
         warnings=list(shared.get("warnings") or []),
         notes=list(shared.get("notes") or []),
         versions=dict(shared.get("versions") or {}),

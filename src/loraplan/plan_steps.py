@@ -19,6 +19,7 @@ from .errors import CalibrationError, ConfigError
 from .hooks.manager import Registered, call_hook, lookup, selectors, sharers
 from .layers import LayerStack, linear_modules, parameter_device, parameter_dtype, target_shapes
 from .plan import LoraPlan, fingerprint
+from .plan_records import CalibrationRecord, CostRecord, StackRecord
 from .quantized import quantization_of
 from .sites import refused_targets
 
@@ -188,24 +189,24 @@ def calibration_batches(
 
 def calibration_record(
     base: nn.Module, batches: CalibrationBatches, stats: CalibrationStats, config: PlanConfig, requires: frozenset[str]
-) -> dict[str, Any]:
+) -> CalibrationRecord:
     dtype, device = parameter_dtype(base), parameter_device(base)
-    return {
-        "num_samples": batches.num_samples,
-        "num_tokens": batches.num_tokens,
-        "max_length": config.max_length,
-        "batch_size": config.batch_size,
-        "data_hash": batches.data_hash,
-        "seed": config.seed,
-        "pooling": stats.meta.get("pooling"),
-        "last_token": config.last_token,
-        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-        "device": device.type if device is not None else None,
-        "statistics": sorted(requires),
-        **({"batching": "by length"} if batches.order is not None else {}),
-        **({"lora_drop": dict(stats.meta["lora_drop"])} if "lora_drop" in stats.meta else {}),
-        **({"quantization": quantized} if (quantized := quantization_of(base)) else {}),
-    }
+    return CalibrationRecord(
+        num_samples=batches.num_samples,
+        num_tokens=batches.num_tokens,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        data_hash=batches.data_hash,
+        seed=config.seed,
+        pooling=stats.meta.get("pooling"),
+        last_token=config.last_token,
+        dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
+        device=device.type if device is not None else None,
+        statistics=sorted(requires),
+        batching="by length" if batches.order is not None else None,
+        lora_drop=dict(stats.meta["lora_drop"]) if "lora_drop" in stats.meta else None,
+        quantization=quantization_of(base) or None,
+    )
 
 
 def record(
@@ -235,13 +236,13 @@ def record(
         similarity=sharing.similarity,
         config=config.to_dict(),
         model_fingerprint=fingerprint(base, stack),
-        stack={
-            "path": stack.path,
-            "pattern": stack.pattern,
-            "ambiguous": stack.ambiguous,
-            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in stats.target_names[0]}),
-            "module_shapes": {name: list(io) for name, io in target_shapes(stack.layers[0], targets).items()},
-        },
+        stack=StackRecord(
+            path=stack.path,
+            pattern=stack.pattern,
+            ambiguous=stack.ambiguous,
+            target_modules=sorted({name.rsplit(".", 1)[-1] for name in stats.target_names[0]}),
+            module_shapes={name: list(io) for name, io in target_shapes(stack.layers[0], targets).items()},
+        ),
         flagged_layers=scoring.flagged,
         diagnostics=diagnostics,
         stability={config.selector: rho} if rho is not None else {},
@@ -266,26 +267,23 @@ def price(
     beside the prediction; a plan without a cost model says why."""
     if base_rank is not None:
         plan.rank = plan.resolve_rank(base_rank)
-        plan.calibration["base_rank"] = base_rank
+        plan.calibration.base_rank = base_rank
         for stack in plan.stacks:  # an encoder-decoder model's: every stack at the rank the plan asks for
             stack.rank = plan.rank
-            stack.calibration["base_rank"] = base_rank
+            stack.calibration.base_rank = base_rank
     if costs is not None:
         rank = plan.resolve_rank(costs.rank)
         units = sum(plan.module_ranks(costs.rank)) if plan.rank_pattern else None
         predicted = predictions(costs, plan.adapted_layers, plan.num_modules(), rank, rank_units=units)
-        plan.cost = {**costs.to_dict(), "predicted": predicted}
-        if budget is not None:
-            plan.cost["budget"] = budget.to_dict()
+        recorded = LayerCosts.from_dict(costs.to_dict())  # a copy: the plan's notes are added to it
+        plan.cost = CostRecord(costs=recorded, predicted=predicted, budget=budget)
         if base_rank is None:
-            plan.cost["notes"].append(
-                f"the LoRA rank was not known when planning; the cost model assumed r={costs.rank}"
-            )
-        quantized = plan.calibration.get("quantization")
+            recorded.notes.append(f"the LoRA rank was not known when planning; the cost model assumed r={costs.rank}")
+        quantized = plan.calibration.quantization
         if quantized:
-            plan.cost["notes"].append(_quantized_cost_note(quantized, costs.source))
+            recorded.notes.append(_quantized_cost_note(quantized, costs.source))
     else:
-        plan.cost = {"unavailable": cost_problem}
+        plan.cost = CostRecord(unavailable=cost_problem)
         plan.warnings.append(f"no cost model: {cost_problem}")
 
 

@@ -113,7 +113,7 @@ def make_plan(
         scoring, chosen.sharer, stats, config, base_rank=base_rank, costs=costs, cost_problem=cost_problem
     )
     plan = record(base, stack, stats, config, scoring, allocation, targets, warnings)
-    plan.stack.update(targets_from=source, other_stacks=other_stacks)
+    plan.stack.targets_from, plan.stack.other_stacks = source, other_stacks
     plan.calibration = calibration_record(base, batches, stats, config, chosen.requires)
     plan.warnings, plan.versions = warnings, versions()
     adjust(plan, pm, base, stats)
@@ -162,7 +162,7 @@ def make_stacks_plan(
             allow_empty=one.selector == "none",
         )
         plan = record(base, stack, stats, one, scoring, allocation, targets, said)
-        plan.stack.update(name=name, targets_from=source, pooling=stats.meta.get("pooling"))
+        plan.stack.name, plan.stack.targets_from, plan.stack.pooling = name, source, stats.meta.get("pooling")
         plan.warnings = said
         warnings += [f"{name} stack: {message}" for message in said]
         plans.append(plan)
@@ -174,14 +174,14 @@ def make_stacks_plan(
         num_layers=0,
         selected_layers=[],
         config=config.to_dict(),
-        model_fingerprint={**fingerprint(base, stacks[0]), "stacks": [s.path for s in stacks]},
+        model_fingerprint=fingerprint(base, stacks[0]).replace(stacks=[s.path for s in stacks]),
         calibration=calibration_record(base, batches, all_stats[0], config, requires),
         warnings=warnings,
         versions=versions(),
     )
-    whole.calibration["pooling"] = {name: stats.meta.get("pooling") for name, stats in zip(names, all_stats)}
+    whole.calibration.pooling = {name: stats.meta.get("pooling") for name, stats in zip(names, all_stats)}
     for plan in plans:
-        plan.calibration = dict(whole.calibration)
+        plan.calibration = whole.calibration.copy()
         plan.versions = dict(whole.versions)
     plan = combine(plans, whole)
     adjust(plan, pm, base, all_stats[0])

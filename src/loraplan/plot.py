@@ -61,7 +61,7 @@ def plot_plan(plan: LoraPlan, path: str | Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel(primary)
     ax.set_title(
-        f"{plan.model_fingerprint.get('class')}: {plan.selector} selects "
+        f"{plan.model_fingerprint.class_name}: {plan.selector} selects "
         f"{len(plan.selected_layers)}/{plan.num_layers} (orange)" + ("; shared rest in blue" if rest else "")
     )
     finite = [v for v in values if not math.isnan(v)]

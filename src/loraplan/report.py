@@ -36,12 +36,12 @@ def parameter_count(plan: LoraPlan, rank: int | None = None) -> ParameterCount:
             all_layers=sum(c.all_layers for c in counts),
             plan=sum(c.plan for c in counts),
         )
-    made_for = plan.calibration.get("base_rank")
+    made_for = plan.calibration.base_rank
     if plan.rank_pattern and made_for:  # per-layer ranks hold for the rank they were allocated at
         rank = int(made_for)
     base = rank if rank is not None else made_for or plan.rank or 8
     plan_rank = plan.resolve_rank(base)
-    shapes = plan.stack.get("module_shapes") or {}
+    shapes = plan.stack.module_shapes or {}
     per_layer = sum(i + o for i, o in shapes.values())
     return ParameterCount(
         rank=base,
@@ -69,11 +69,11 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
     encoder-decoder model one such report per stack, then the parameters of the whole model."""
     if plan.stacks:
         parts = [
-            f"loraplan plan: {plan.model_fingerprint.get('class')}, {len(plan.stacks)} layer stacks planned on their "
-            f"own, {plan.calibration.get('num_samples')} calibration samples"
+            f"loraplan plan: {plan.model_fingerprint.class_name}, {len(plan.stacks)} layer stacks planned on their "
+            f"own, {plan.calibration.num_samples} calibration samples"
         ]
         for one in plan.stacks:
-            parts += ["", f"== {one.stack.get('name')} stack =="]
+            parts += ["", f"== {one.stack.name} stack =="]
             parts.append(format_plan(one, rank))
         count = parameter_count(plan, rank)
         parts += [
@@ -100,10 +100,10 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
         rows.append(row)
     widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(header)]
     lines = [
-        f"loraplan plan: {plan.model_fingerprint.get('class')} ({plan.num_layers} layers at {plan.stack.get('path')}), "
+        f"loraplan plan: {plan.model_fingerprint.class_name} ({plan.num_layers} layers at {plan.stack.path}), "
         f"selector={plan.selector}"
         + (f", share={plan.share} (threshold {plan.config.get('share_threshold')})" if plan.share else "")
-        + f", {plan.calibration.get('num_samples')} calibration samples",
+        + f", {plan.calibration.num_samples} calibration samples",
         "  ".join(h.rjust(w) for h, w in zip(header, widths)),
         "  ".join("-" * w for w in widths),
     ]
@@ -120,7 +120,7 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
         )
     count = parameter_count(plan, rank)
     if count.all_layers:
-        targets = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in plan.stack.get("module_shapes", {})}))
+        targets = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in plan.stack.module_shapes or {}}))
         lines.append(
             f"trainable LoRA parameters ({targets}): all layers at r={count.rank}: {count.all_layers:,}; "
             f"plan at {'per-layer ranks' if plan.rank_pattern else f'r={count.plan_rank}'}: {count.plan:,} "
@@ -139,16 +139,16 @@ def format_plan(plan: LoraPlan, rank: int | None = None) -> str:
 
 def format_cost(plan: LoraPlan) -> list[str]:
     """The cost model's predictions (and a budget's trade-off) as lines; none for a plan without a cost model."""
-    cost = plan.cost or {}
-    if "unavailable" in cost:
-        return [f"cost model: unavailable ({cost['unavailable']})"]
-    predicted = cost.get("predicted")
-    if not predicted:
+    cost = plan.cost
+    if cost.unavailable is not None:
+        return [f"cost model: unavailable ({cost.unavailable})"]
+    predicted, costs = cost.predicted, cost.costs
+    if not predicted or costs is None:
         return []
-    batch, seq = cost.get("shape", ["?", "?"])
-    how = "FLOP counts" if cost.get("source") == "flops" else f"timed on {cost.get('device')} ({cost.get('dtype')})"
+    batch, seq = costs.shape
+    how = "FLOP counts" if costs.source == "flops" else f"timed on {costs.device} ({costs.dtype})"
     lines = [
-        f"cost model ({how}, batch {batch} x {seq} tokens, r={cost.get('rank')}): predicted step time / peak memory "
+        f"cost model ({how}, batch {batch} x {seq} tokens, r={costs.rank}): predicted step time / peak memory "
         "as a fraction of LoRA on every layer:"
     ]
     labels = {
@@ -161,7 +161,7 @@ def format_cost(plan: LoraPlan) -> list[str]:
         if rows:
             cells = [f"{labels.get(k, k)} {v['time']:.2f}x / {v['memory']:.2f}x" for k, v in rows.items()]
             lines.append(f"  {title}: " + "; ".join(cells))
-    budget = cost.get("budget")
+    budget = cost.budget_dict()
     if budget:
         lines.append(f"budget: {budget.get('summary')}")
         candidates = [c for c in budget.get("candidates", []) if c.get("fits")]
@@ -171,7 +171,7 @@ def format_cost(plan: LoraPlan) -> list[str]:
                 "  best cuts (lowest layer: layers that fit, importance, predicted step time): "
                 + "; ".join(f"{c['lowest']}: {c['count']}, {c['importance']:.4g}, {c['time']:.2f}x" for c in best)
             )
-    for note in cost.get("notes", []):
+    for note in costs.notes:
         lines.append(f"  note: {note}")
     truncation = [n for n in plan.notes if n.startswith(NOTE_PREFIX)]
     lines += [f"{n}" for n in truncation]

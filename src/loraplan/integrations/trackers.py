@@ -42,7 +42,7 @@ def _number(value: Any) -> Any:
 
 def _predicted(plan: LoraPlan, checkpointing: bool, truncate_backward: bool) -> dict[str, float] | None:
     """The cost model's step-time and peak-memory ratios for the way this run trains, or ``None`` without one."""
-    predicted = (plan.cost or {}).get("predicted")
+    predicted = plan.cost.predicted
     if not predicted:
         return None
     rows = predicted.get("checkpointing" if checkpointing else "no_checkpointing") or {}
