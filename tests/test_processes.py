@@ -1,5 +1,5 @@
-"""loraplan.processes without a process group (one process: rank 0 of 1), and loraplan.distributed built on it:
-the same helpers, and a plan everywhere that is the plan of make_plan."""
+"""loraplan.processes without a process group (one process: rank 0 of 1), and loraplan.distributed built on it: a plan
+everywhere that is the plan of make_plan (and the helpers it re-exported, still there for a release with a warning)."""
 
 from __future__ import annotations
 
@@ -70,11 +70,14 @@ def test_a_plain_model_is_not_partitioned_and_gathering_changes_nothing(make_lla
         raise RuntimeError("raised inside")  # the context does not swallow an error
 
 
-def test_distributed_reexports_the_process_helpers():
-    for name in loraplan.processes.__all__:
-        assert getattr(loraplan.distributed, name) is getattr(loraplan.processes, name), name
-        assert name in loraplan.distributed.__all__
-    assert loraplan.distributed.from_main is loraplan.processes.from_main
+@pytest.mark.parametrize("name", loraplan.processes.__all__)
+def test_the_process_helpers_from_distributed_warn_and_are_the_same(name):
+    assert name not in loraplan.distributed.__all__
+    with pytest.warns(
+        DeprecationWarning, match=rf"loraplan\.distributed\.{name} has moved to loraplan\.processes\.{name}"
+    ):
+        helper = getattr(loraplan.distributed, name)
+    assert helper is getattr(loraplan.processes, name)
 
 
 def test_make_plan_everywhere_without_a_process_group_is_make_plan(pm, make_llama, make_batches):

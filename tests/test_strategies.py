@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import loraplan.calibration
+import loraplan.calibration.stats
 import loraplan.strategies
 from loraplan import PlanConfig
 from loraplan.errors import PluginError
@@ -173,7 +174,14 @@ def test_the_statistic_names_have_one_home():
     assert loraplan.strategies.HIDDEN is loraplan.calibration.HIDDEN
     assert loraplan.strategies.ACTIVATIONS is loraplan.calibration.ACTIVATIONS
     assert loraplan.strategies.GRADIENTS is loraplan.calibration.GRADIENTS
-    assert loraplan.strategies.STATISTICS is loraplan.calibration.STATISTICS
     assert loraplan.strategies.CalibrationStats is loraplan.calibration.CalibrationStats
     assert loraplan.strategies.LORA_OUTPUTS is loraplan.calibration.LORA_OUTPUTS
-    assert loraplan.strategies.STATISTICS == ("hidden", "activations", "gradients", "lora_outputs")
+
+
+@pytest.mark.parametrize("module", [loraplan.strategies, loraplan.calibration, loraplan.calibration.stats])
+def test_statistics_is_deprecated_and_still_there(module):
+    assert "STATISTICS" not in module.__all__
+    with pytest.warns(DeprecationWarning, match=rf"^{module.__name__}\.STATISTICS is deprecated: nothing in loraplan"):
+        statistics = module.STATISTICS
+    assert statistics is loraplan.calibration.stats._STATISTICS
+    assert statistics == ("hidden", "activations", "gradients", "lora_outputs")

@@ -6,8 +6,9 @@ DeepSpeed ZeRO-3 has already partitioned.
   around its own forward, in the same order everywhere; otherwise only rank 0 calibrates.
 - :func:`load_plan_everywhere` reads a plan file on rank 0 and gives it to every rank.
 
-The process helpers these are built from (rank, :func:`from_main`, :func:`gathered_parameters`) live in
-:mod:`loraplan.processes` and are importable from here too.
+The process helpers these are built from (rank, :func:`~loraplan.processes.from_main`,
+:func:`~loraplan.processes.gathered_parameters`) are :mod:`loraplan.processes`'s; importing them from here still
+works for a release, with a DeprecationWarning.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import processes as _processes
+from ._moved import moved
 from .config import PlanConfig
 from .hooks.manager import get_plugin_manager
 from .plan import LoraPlan
 from .planner import make_plan, strategies_for
-from .processes import from_main, gathered_parameters, is_main_process, is_partitioned, rank, world_size
 from .strategies import GRADIENTS, LORA_OUTPUTS
 
 if TYPE_CHECKING:
@@ -28,16 +30,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("loraplan")
 
-__all__ = [
-    "from_main",
-    "gathered_parameters",
-    "is_main_process",
-    "is_partitioned",
-    "load_plan_everywhere",
-    "make_plan_everywhere",
-    "rank",
-    "world_size",
-]
+__all__ = ["load_plan_everywhere", "make_plan_everywhere"]
+
+#: the process helpers this module re-exported until they were :mod:`loraplan.processes`'s alone
+__getattr__ = moved(
+    __name__,
+    {
+        name: "loraplan.processes"
+        for name in ("from_main", "gathered_parameters", "is_main_process", "is_partitioned", "rank", "world_size")
+    },
+)
 
 
 def _needs_whole_model(config: Any, plugin_manager: Any) -> bool:
@@ -65,27 +67,27 @@ def make_plan_everywhere(
     on every rank, as the first N training samples are) with the parameters gathered module by module; otherwise
     only rank 0 calibrates and the others wait for its plan.
     """
-    partitioned = is_partitioned(model)
+    partitioned = _processes.is_partitioned(model)
     whole = partitioned and _needs_whole_model(config, plugin_manager)
 
     def compute() -> LoraPlan:
-        with gathered_parameters(model, whole_model=whole):
+        with _processes.gathered_parameters(model, whole_model=whole):
             return make_plan(
                 model,
                 calibration_data,
                 config,
                 tokenizer,
                 lora_rank=lora_rank,
-                progress=progress and is_main_process(),
+                progress=progress and _processes.is_main_process(),
                 plugin_manager=plugin_manager,
                 processor=processor,
             )
 
-    if partitioned and world_size() > 1:
+    if partitioned and _processes.world_size() > 1:
         logger.info("loraplan: ZeRO-3 partitioned weights; every rank calibrates, rank 0's plan is used")
-    return from_main(compute, every_rank=partitioned, encode=LoraPlan.to_dict, decode=LoraPlan.from_dict)
+    return _processes.from_main(compute, every_rank=partitioned, encode=LoraPlan.to_dict, decode=LoraPlan.from_dict)
 
 
 def load_plan_everywhere(path: str | Path) -> LoraPlan:
     """Rank 0 reads the plan at ``path`` and every rank gets it (other ranks need not see the file)."""
-    return from_main(lambda: LoraPlan.load(path), encode=LoraPlan.to_dict, decode=LoraPlan.from_dict)
+    return _processes.from_main(lambda: LoraPlan.load(path), encode=LoraPlan.to_dict, decode=LoraPlan.from_dict)

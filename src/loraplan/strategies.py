@@ -11,20 +11,21 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._removed import removed
+
 # the statistics a strategy can ask for are CalibrationStats fields: named where they are collected
-from .calibration.stats import ACTIVATIONS, GRADIENTS, HIDDEN, LORA_OUTPUTS, STATISTICS, CalibrationStats
+from .calibration.stats import _STATISTICS, ACTIVATIONS, GRADIENTS, HIDDEN, LORA_OUTPUTS, CalibrationStats
 from .errors import PluginError
 
 if TYPE_CHECKING:
     from .config import PlanConfig
-    from .hooks.manager import Registered
+    from .hooks.calls import Registered
 
 __all__ = [
     "ACTIVATIONS",
     "GRADIENTS",
     "HIDDEN",
     "LORA_OUTPUTS",
-    "STATISTICS",
     "CalibrationStats",
     "SelectionContext",
     "Selector",
@@ -37,6 +38,9 @@ __all__ = [
     "shares_unselected",
     "top_k",
 ]
+
+#: STATISTICS is gone (nothing used it); kept for a release
+__getattr__ = removed(__name__, {"STATISTICS": _STATISTICS})
 
 
 @dataclass

@@ -45,7 +45,8 @@ def broadcast(out: Path, model_dir: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loraplan import CalibrationError, make_plan
-    from loraplan.distributed import from_main, load_plan_everywhere, make_plan_everywhere
+    from loraplan.distributed import load_plan_everywhere, make_plan_everywhere
+    from loraplan.processes import from_main
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -74,7 +75,8 @@ def zero3(out: Path, model_dir: str) -> dict:
     from transformers.integrations import HfDeepSpeedConfig
 
     from loraplan import make_plan
-    from loraplan.distributed import is_partitioned, make_plan_everywhere
+    from loraplan.distributed import make_plan_everywhere
+    from loraplan.processes import is_partitioned
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     rank = dist.get_rank()

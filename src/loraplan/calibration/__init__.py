@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from .._removed import removed
 from ..config import PlanConfig
 from ..data import CalibrationBatches
 from ..errors import CalibrationError
@@ -24,7 +25,7 @@ from ..layers import LayerStack, target_modules_of, unwrap
 from .forward import StackPass, forward_passes
 from .gradients import gradient_pass
 from .inputs import batch_rows, layer_name, loss_labels, model_inputs
-from .stats import ACTIVATIONS, GRADIENTS, HIDDEN, LORA_OUTPUTS, STATISTICS, CalibrationStats
+from .stats import _STATISTICS, ACTIVATIONS, GRADIENTS, HIDDEN, LORA_OUTPUTS, CalibrationStats
 from .warmup import lora_drop_pass
 
 __all__ = [
@@ -32,13 +33,15 @@ __all__ = [
     "GRADIENTS",
     "HIDDEN",
     "LORA_OUTPUTS",
-    "STATISTICS",
     "CalibrationStats",
     "calibrate",
     "calibrate_stacks",
     "loss_labels",
     "model_inputs",
 ]
+
+#: STATISTICS is gone (nothing used it); kept for a release
+__getattr__ = removed(__name__, {"STATISTICS": _STATISTICS})
 
 
 def calibrate(

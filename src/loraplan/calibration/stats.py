@@ -7,14 +7,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["ACTIVATIONS", "GRADIENTS", "HIDDEN", "LORA_OUTPUTS", "STATISTICS", "CalibrationStats"]
+from .._removed import removed
+
+__all__ = ["ACTIVATIONS", "GRADIENTS", "HIDDEN", "LORA_OUTPUTS", "CalibrationStats"]
 
 #: The statistics a strategy can ask the calibration pass for (its ``requires``): the fields of CalibrationStats.
 HIDDEN = "hidden"  # pooled residual-stream vectors h_0..h_L, one per sample
 ACTIVATIONS = "activations"  # input norms of the LoRA target modules, per sample and layer
 GRADIENTS = "gradients"  # Frobenius norms of dLoss/dW of the target modules, per batch and layer
 LORA_OUTPUTS = "lora_outputs"  # squared norms of a warmed-up LoRA's outputs (LoRA-drop), per sample and layer
-STATISTICS = (HIDDEN, ACTIVATIONS, GRADIENTS, LORA_OUTPUTS)
+_STATISTICS = (HIDDEN, ACTIVATIONS, GRADIENTS, LORA_OUTPUTS)  # STATISTICS, deprecated: nothing used it
 
 
 @dataclass
@@ -83,3 +85,6 @@ class CalibrationStats:
         if n < 2:
             return None
         return self.subset_batches(list(range(n // 2))), self.subset_batches(list(range(n // 2, n)))
+
+
+__getattr__ = removed(__name__, {"STATISTICS": _STATISTICS})

@@ -28,7 +28,7 @@ The pieces: :mod:`.prediction` (the regimes and the arithmetic over :class:`Laye
 (costs fitted from timed whole-model steps). Choosing layers within a budget is :mod:`loraplan.allocation`'s.
 """
 
-from .._moved import moved
+from .._removed import removed
 from .fitted import fit_step_costs, fitted_costs
 from .flops import flop_costs
 from .prediction import (
@@ -36,7 +36,7 @@ from .prediction import (
     REGIMES,
     LayerCosts,
     Prediction,
-    fmt_ratio,
+    _fmt_ratio,
     predict,
     predictions,
     regimes,
@@ -54,7 +54,6 @@ __all__ = [
     "fit_step_costs",
     "fitted_costs",
     "flop_costs",
-    "fmt_ratio",
     "measure_costs",
     "predict",
     "predictions",
@@ -62,5 +61,6 @@ __all__ = [
     "relative",
 ]
 
-#: moved to :mod:`loraplan.allocation` (the budget search decides what trains; this package only prices it)
-__getattr__ = moved(__name__, {"select_within_budget": "loraplan.allocation.budget"})
+#: select_within_budget moved to :mod:`loraplan.allocation` (the budget search decides what trains; this package only
+#: prices it); fmt_ratio is gone (nothing used it)
+__getattr__ = removed(__name__, {"fmt_ratio": _fmt_ratio}, moved={"select_within_budget": "loraplan.allocation.budget"})

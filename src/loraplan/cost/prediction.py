@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .._removed import removed
+
 REGIMES = ("skip", "frozen", "frozen_ckpt", "lora", "lora_ckpt", "lora_first", "lora_first_ckpt")
 #: bytes per LoRA parameter held in training: fp32 weight, gradient and AdamW's two moments
 LORA_TRAIN_BYTES = 4 * 4
@@ -127,7 +129,7 @@ def relative(costs: LayerCosts, selected: Sequence[int], **kwargs: Any) -> tuple
     return plan.time / reference.time, plan.memory / reference.memory
 
 
-def fmt_ratio(value: float) -> str:
+def _fmt_ratio(value: float) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}x"
 
 
@@ -154,3 +156,7 @@ def predictions(
             )
             out[label][name] = {"time": time_ratio, "memory": memory_ratio}
     return out
+
+
+#: fmt_ratio is gone (nothing used it); kept for a release
+__getattr__ = removed(__name__, {"fmt_ratio": _fmt_ratio})
