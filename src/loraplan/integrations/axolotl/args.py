@@ -98,12 +98,17 @@ class LoraPlanArgs(BaseModel):
     @model_validator(mode="after")
     def _block_required(self) -> Any:
         if getattr(self, "loraplan", None) is None:
-            defaults = PlanConfig()
-            raise ValueError(
-                f"`loraplan`: the plugin `{PLUGIN}` is listed under `plugins:` but the config has no `loraplan:` "
-                "block (or an empty one), so the plugin would do nothing. Add the block with the settings you want, "
-                f"e.g. `loraplan: {{selector: cka, ratio: 0.5, share: angular}}`, or `loraplan: {{}}` for the "
-                f"defaults (selector={defaults.selector}, ratio={defaults.ratio}, share={defaults.share}); or "
-                "remove the plugin."
-            )
+            raise ValueError(missing_block_message())
         return self
+
+
+def missing_block_message() -> str:
+    """What is wrong with a config that lists the plugin but has no ``loraplan:`` block, and the fix: the one wording
+    of the args model's validation and of the plugin's own check when it reads the block."""
+    defaults = PlanConfig()
+    return (
+        f"`loraplan`: the plugin `{PLUGIN}` is listed under `plugins:` but the config has no `loraplan:` block (or "
+        "an empty one), so the plugin would do nothing. Add the block with the settings you want, e.g. "
+        "`loraplan: {selector: cka, ratio: 0.5, share: angular}`, or `loraplan: {}` for the defaults "
+        f"(selector={defaults.selector}, ratio={defaults.ratio}, share={defaults.share}); or remove the plugin."
+    )

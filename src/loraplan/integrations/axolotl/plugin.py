@@ -41,7 +41,7 @@ from .._common import (
     refuse_untested_engine,
     resolve_plan,
 )
-from .args import PLUGIN, LoraPlanAxolotlConfig
+from .args import PLUGIN, LoraPlanAxolotlConfig, missing_block_message
 
 logger = logging.getLogger("loraplan")
 #: Axolotl's logger class shows INFO only for loggers under "axolotl": the plugin's summary lines go there
@@ -56,10 +56,7 @@ _CUSTOM_CHECKPOINTING = ("legacy", "disk", "offload_disk")
 def _block(cfg: Any) -> Any:
     data = cfg.get("loraplan")
     if data is None:
-        raise ConfigError(
-            f"`loraplan`: the plugin `{PLUGIN}` is active but the config has no `loraplan:` block. Add one (e.g. "
-            "`loraplan: {}` for the defaults) or remove the plugin."
-        )
+        raise ConfigError(missing_block_message())
     return LoraPlanAxolotlConfig.model_validate(_plain(data))
 
 
