@@ -61,13 +61,15 @@ demo: venv
 test: venv
 	$(PY) -m pytest -m "$(DEFAULT_MARKERS)" $(PYTEST_ARGS)
 
-# what CI checks before the tests: ruff (lint and format), mypy on src/loraplan, no import circles (docs/development.md)
+# what CI checks before the tests: ruff (lint and format), mypy on src/loraplan, no import circles, module and
+# function sizes (docs/development.md)
 LINT_PATHS := src tests benchmarks recipes .ci
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 	$(PY) .ci/import_cycles.py
+	$(PY) .ci/sizes.py
 
 format: venv
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
