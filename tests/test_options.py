@@ -26,6 +26,7 @@ SAMPLES = {
     "rank_policy": (4, ["--rank-policy", "4"]),
     "min_rank": (4, ["--min-rank", "4"]),
     "rank_multiple": (8, ["--rank-multiple", "8"]),
+    "max_rank": (32, ["--max-rank", "32"]),
     "calibration_samples": (16, ["--samples", "16"]),
     "max_length": (64, ["--max-length", "64"]),
     "batch_size": (4, ["--batch-size", "4"]),

@@ -121,7 +121,12 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="calibrate a model and write a plan")
     analyze.add_argument("model_dir", metavar="MODEL_DIR", help="a transformers model directory")
-    analyze.add_argument("--data", required=True, help="calibration data: .jsonl, .json, .csv, .parquet or .txt")
+    analyze.add_argument(
+        "--data",
+        default=None,
+        help="calibration data: .jsonl, .json, .csv, .parquet or .txt. Without it, a weight-only selector (--selector "
+        "snr or condition) reads MODEL_DIR's safetensors shards tensor by tensor, without building the model",
+    )
     plan = analyze.add_argument_group("plan settings (loraplan.PlanConfig)")
     for item in settings():
         _add_setting(plan, item)
@@ -273,7 +278,7 @@ def _load_model(model_dir: str, selector: str, dtype: str, device: str) -> tuple
 def _analyze(args: argparse.Namespace) -> int:
     from .data import read_texts
     from .hooks import get_plugin_manager
-    from .planner import check_strategies, make_plan
+    from .planner import check_strategies, make_plan, strategies_for
     from .report import format_plan
 
     # what can be checked without the model is checked first, so that no calibration is thrown away for it
@@ -288,10 +293,22 @@ def _analyze(args: argparse.Namespace) -> int:
         _check_destination(args.plot, "--plot")
     device = _device(args.device)
     _check_model_dir(args.model_dir)
-    samples = read_texts(args.data, config.text_field, limit=config.calibration_samples)  # texts or conversations
-    with _quiet_loading(args.quiet):
-        model, tokenizer = _load_model(args.model_dir, config.selector, args.dtype, device)
-    plan = make_plan(model, samples, config, tokenizer, plugin_manager=pm, lora_rank=args.rank, progress=not args.quiet)
+    if args.data is None:  # weight-only: streamed from the checkpoint, the model is never built
+        from .checkpoint import plan_checkpoint
+        from .plan_steps import check_data_free
+
+        try:
+            check_data_free(strategies_for(config, pm), config)
+        except ConfigError as exc:
+            raise ConfigError(f"`--data` is not given: {exc} (CLI: --data FILE)") from None
+        plan = plan_checkpoint(args.model_dir, config, plugin_manager=pm, lora_rank=args.rank, progress=not args.quiet)
+    else:
+        samples = read_texts(args.data, config.text_field, limit=config.calibration_samples)  # texts, conversations
+        with _quiet_loading(args.quiet):
+            model, tokenizer = _load_model(args.model_dir, config.selector, args.dtype, device)
+        plan = make_plan(
+            model, samples, config, tokenizer, plugin_manager=pm, lora_rank=args.rank, progress=not args.quiet
+        )
     print(format_plan(plan, args.rank))
     print(f"\nplan written to {_save(plan, args.out)}")
     if args.plot:

@@ -104,8 +104,8 @@ class PlanConfig:
         default="cka",
         help=(
             "Name of the layer selector: a built-in (`cka`, `activation`, `gradient`, `lora_drop`, `random`, `top`, "
-            "`bottom`, `every_other`, `all`; `none` for one stack of an encoder-decoder model, see `stacks`) or any "
-            "installed plugin's."
+            "`bottom`, `every_other`, `all`; `none` for one stack of an encoder-decoder model, see `stacks`; the "
+            "weight-only `snr` and `condition`, which need no calibration data) or any installed plugin's."
         ),
     )
     ratio: float = setting(
@@ -159,6 +159,14 @@ class PlanConfig:
         help=(
             'With `rank_policy="importance"`: every allocated rank is a multiple of this (e.g. 4 or 8, which suits '
             "GPU kernels)."
+        ),
+    )
+    max_rank: int | None = setting(
+        default=None,
+        help=(
+            "With `rank_policy=\"importance\"`: the largest rank a layer gets (a serving engine's cap, e.g. vLLM's "
+            "`max_lora_rank`); what a capped layer would have had goes to the others, the budget still spent within "
+            "one `rank_multiple`. Default: no cap."
         ),
     )
     calibration_samples: int = setting(
@@ -311,7 +319,12 @@ class PlanConfig:
             share=self.share,
             share_threshold=self.share_threshold,
         )
-        check_ranks(rank_policy=self.rank_policy, min_rank=self.min_rank, rank_multiple=self.rank_multiple)
+        check_ranks(
+            rank_policy=self.rank_policy,
+            min_rank=self.min_rank,
+            rank_multiple=self.rank_multiple,
+            max_rank=self.max_rank,
+        )
         check_calibration(
             lora_drop_steps=self.lora_drop_steps,
             calibration_samples=self.calibration_samples,

@@ -62,7 +62,7 @@ def check_selection(
     _check_number("share_threshold", share_threshold, 0.0, 1.0, fix="the paper used 0.85 for LLaMA-2, 0.80 for LLaMA-3")
 
 
-def check_ranks(*, rank_policy: Any, min_rank: Any, rank_multiple: Any) -> None:
+def check_ranks(*, rank_policy: Any, min_rank: Any, rank_multiple: Any, max_rank: Any = None) -> None:
     """The rank of the planned modules, and the bounds of an importance allocation."""
     if isinstance(rank_policy, bool) or not (
         rank_policy in RANK_POLICIES or (isinstance(rank_policy, int) and rank_policy >= 1)
@@ -74,6 +74,13 @@ def check_ranks(*, rank_policy: Any, min_rank: Any, rank_multiple: Any) -> None:
         )
     _check_int("min_rank", min_rank, 1, "the smallest rank a layer gets, e.g. 4")
     _check_int("rank_multiple", rank_multiple, 1, "the multiple every allocated rank is rounded to, e.g. 4")
+    if max_rank is not None:
+        _check_int("max_rank", max_rank, 1, "the largest rank a layer gets, e.g. 64, or None for no cap")
+        if max_rank < min_rank or max_rank < rank_multiple:
+            raise ConfigError(
+                f"`max_rank` {max_rank} is below `min_rank` {min_rank} or `rank_multiple` {rank_multiple}, so no "
+                "layer could get a rank. Raise max_rank to at least both, or lower them."
+            )
 
 
 def check_calibration(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -20,13 +19,13 @@ from .errors import LayerDiscoveryError, PlanMismatchError
 from .layers import find_layers, hidden_size, stack_at, text_config, unwrap
 from .layout import plan_lora_config
 from .plan_records import (
-    VOLATILE_CONFIG_KEYS,
     CalibrationRecord,
     CostRecord,
     DiagnosticsRecord,
     ModelFingerprint,
     PlanRecord,
     StackRecord,
+    config_hash,
     json_ready,
 )
 from .plan_stacks import FORMAT, FORMAT_STACKS, stacks_from_dict, stacks_to_dict
@@ -52,17 +51,13 @@ def fingerprint(model: nn.Module, stack: Any = None) -> ModelFingerprint:
     base = unwrap(model)
     stack = stack if stack is not None else find_layers(base)
     config = getattr(base, "config", None)
-    relevant: dict[str, Any] = {}
-    if config is not None:
-        relevant = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(json_ready(relevant), sort_keys=True, default=str).encode()).hexdigest()
     return ModelFingerprint(
         class_name=type(base).__name__,
         model_type=getattr(config, "model_type", None),
         num_layers=stack.num_layers,
         hidden_size=hidden_size(text_config(base)),
         layers_path=stack.path,
-        config_hash="sha256:" + digest[:16],
+        config_hash=config_hash(config.to_dict() if config is not None else {}),
     )
 
 

@@ -32,6 +32,7 @@ from .cost.prediction import LayerCosts
 
 __all__ = [
     "VOLATILE_CONFIG_KEYS",
+    "config_hash",
     "CalibrationRecord",
     "CostRecord",
     "DiagnosticsRecord",
@@ -68,6 +69,16 @@ VOLATILE_CONFIG_KEYS = frozenset(
         "tie_word_embeddings",
     }
 )
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """``"sha256:"`` and 16 hex digits of a model config's network-defining keys (without the volatile ones)."""
+    import hashlib
+    import json
+
+    relevant = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(json_ready(relevant), sort_keys=True, default=str).encode()).hexdigest()
+    return "sha256:" + digest[:16]
 
 
 def json_ready(value: Any) -> Any:
@@ -273,9 +284,11 @@ class CalibrationRecord(PlanRecord):
     quantization: str | None = None
     #: the LoRA config's ``r`` the plan was made for, when it was known
     base_rank: int | None = None
+    #: where a weight-only selector read the weights: ``"model"`` (in memory) or ``"checkpoint"`` (streamed)
+    weights: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _OPTIONAL = frozenset({"batching", "lora_drop", "quantization", "base_rank"})
+    _OPTIONAL = frozenset({"batching", "lora_drop", "quantization", "base_rank", "weights"})
 
 
 @dataclass(eq=False, kw_only=True)

@@ -9,6 +9,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .calibration import CalibrationStats
 from .config import PlanConfig
 from .cost.prediction import LayerCosts, predictions
@@ -17,11 +19,13 @@ from .data import CalibrationBatches, prepare_batches
 from .diagnostics import calibration_diagnostics, stability
 from .errors import CalibrationError, ConfigError
 from .hooks.manager import Registered, call_hook, lookup, selectors, sharers
-from .layers import LayerStack, linear_modules, parameter_device, parameter_dtype, target_shapes
+from .layers import LayerStack, linear_modules, parameter_device, parameter_dtype, target_modules_of, target_shapes
 from .plan import LoraPlan, fingerprint
 from .plan_records import CalibrationRecord, CostRecord, StackRecord
 from .quantized import quantization_of
 from .sites import refused_targets
+from .strategies import WEIGHTS
+from .weights import ModelWeights, WeightSource
 
 if TYPE_CHECKING:
     import pluggy
@@ -188,25 +192,69 @@ def calibration_batches(
 
 
 def calibration_record(
-    base: nn.Module, batches: CalibrationBatches, stats: CalibrationStats, config: PlanConfig, requires: frozenset[str]
+    base: nn.Module,
+    batches: CalibrationBatches | None,
+    stats: CalibrationStats,
+    config: PlanConfig,
+    requires: frozenset[str],
 ) -> CalibrationRecord:
+    """The calibration facts (``batches`` ``None``: planned without data, from the weights alone)."""
     dtype, device = parameter_dtype(base), parameter_device(base)
     return CalibrationRecord(
-        num_samples=batches.num_samples,
-        num_tokens=batches.num_tokens,
+        num_samples=batches.num_samples if batches is not None else 0,
+        num_tokens=batches.num_tokens if batches is not None else 0,
         max_length=config.max_length,
         batch_size=config.batch_size,
-        data_hash=batches.data_hash,
+        data_hash=batches.data_hash if batches is not None else None,
         seed=config.seed,
         pooling=stats.meta.get("pooling"),
         last_token=config.last_token,
         dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
         device=device.type if device is not None else None,
         statistics=sorted(requires),
-        batching="by length" if batches.order is not None else None,
+        batching="by length" if batches is not None and batches.order is not None else None,
         lora_drop=dict(stats.meta["lora_drop"]) if "lora_drop" in stats.meta else None,
         quantization=quantization_of(base) or None,
+        weights="model" if WEIGHTS in requires else None,
     )
+
+
+def check_data_free(chosen: Strategies, config: PlanConfig) -> None:
+    """Planning without calibration data (``calibration_data=None``): only for strategies that read no statistic of
+    a calibration pass (weight-only selectors such as ``snr``, the fixed baselines); anything else is refused."""
+    needs = {
+        "selector": set(chosen.selector.strategy.requires) - {WEIGHTS},
+        "share": set(chosen.sharer.strategy.requires) - {WEIGHTS} if chosen.sharer else set(),
+    }
+    if needs["selector"]:
+        raise ConfigError(
+            f"`calibration_data` is None, but selector {config.selector!r} reads the calibration statistics "
+            f"{sorted(needs['selector'])}. Give calibration data, or use a weight-only selector (snr, condition)."
+        )
+    if needs["share"]:
+        raise ConfigError(
+            f"`calibration_data` is None, but `share` {config.share!r} groups layers by their representations on "
+            f"data ({sorted(needs['share'])}). Give calibration data, or set share=None."
+        )
+
+
+def data_free_stats(stack: LayerStack, targets: list[str] | None) -> CalibrationStats:
+    """The statistics of no calibration pass: no sample, only each layer's target modules."""
+    return CalibrationStats(
+        num_layers=stack.num_layers,
+        tokens=torch.zeros(0, dtype=torch.float64),
+        batch_index=torch.zeros(0, dtype=torch.long),
+        target_names=[sorted(target_modules_of(layer, targets)) for layer in stack.layers],
+    )
+
+
+def weights_of(chosen: Strategies, stack: LayerStack, targets: list[str] | None, progress: bool) -> WeightSource | None:
+    """What a weight-only selector reads: the model's own weights (``None`` for a selector that does not)."""
+    if WEIGHTS not in chosen.requires:
+        return None
+    weights = ModelWeights(stack, targets)
+    weights.progress = progress
+    return weights
 
 
 def record(

@@ -26,8 +26,10 @@ from .plan_steps import (
     adjust,
     calibration_batches,
     calibration_record,
+    check_data_free,
     check_strategies,
     cost_model,
+    data_free_stats,
     final,
     linear_targets,
     lora_rank_of,
@@ -39,8 +41,10 @@ from .plan_steps import (
     strategies_for,
     targets_from,
     versions,
+    weights_of,
 )
 from .quantized import training_numerics
+from .strategies import WEIGHTS
 
 if TYPE_CHECKING:
     import pluggy
@@ -100,15 +104,21 @@ def make_plan(
     targets = targets if targets is not None else linear_targets(base, stack)
     other_stacks = other_stacks_reached(base, stack, targets)
     warnings: list[str] = []
-    # forward statistics are per sample: batched by length they pad far less (gradients are per batch: file order)
-    by_length = chosen.requires <= {HIDDEN, ACTIVATIONS}
-    needed = chosen.minimum_samples(config)
-    batches = calibration_batches(calibration_data, config, tokenizer, base, needed, warnings, processor, by_length)
+    batches = None  # without data: only strategies that read no calibration statistic (weight-only selectors)
+    if calibration_data is None:
+        check_data_free(chosen, config)
+    else:  # forward statistics are per sample: batched by length they pad far less (gradients: file order)
+        by_length, needed = chosen.requires <= {HIDDEN, ACTIVATIONS, WEIGHTS}, chosen.minimum_samples(config)
+        batches = calibration_batches(calibration_data, config, tokenizer, base, needed, warnings, processor, by_length)
     base_rank = lora_rank_of(model, lora_rank)
     with training_numerics(model):  # 4-bit weights stay as they are (loraplan.quantized)
-        stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
+        if batches is None:
+            stats = data_free_stats(stack, targets)
+        else:
+            stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
         costs, cost_problem = cost_model(model, stack, config, targets, base_rank)
-    scoring = score(chosen.selector, stats, config, stack.num_layers, k)
+        weights = weights_of(chosen, stack, targets, progress)
+        scoring = score(chosen.selector, stats, config, stack.num_layers, k, weights)
     allocation = allocate(
         scoring, chosen.sharer, stats, config, base_rank=base_rank, costs=costs, cost_problem=cost_problem
     )
@@ -142,6 +152,12 @@ def make_stacks_plan(
     targets = resolve_targets(model, config)
     source = targets_from(config, targets)
     warnings: list[str] = []
+    if calibration_data is None:
+        raise ConfigError(
+            f"`calibration_data` is None: an encoder-decoder model ({' and '.join(s.path for s in stacks)}) is not "
+            "planned without data yet. Give calibration data (a weight-only selector such as snr reads the weights "
+            "then, and the data only sizes the pass)."
+        )
     needed = max(c.minimum_samples(one) for c, one in zip(chosen, settings))
     batches = calibration_batches(calibration_data, config, tokenizer, base, needed, warnings)
     base_rank = lora_rank_of(model, lora_rank)
@@ -150,7 +166,8 @@ def make_stacks_plan(
     plans = []
     for stack, name, one, strategies, k, stats in zip(stacks, names, settings, chosen, counts, all_stats):
         said: list[str] = []
-        scoring = score(strategies.selector, stats, one, stack.num_layers, k)
+        weights = weights_of(strategies, stack, targets, progress)
+        scoring = score(strategies.selector, stats, one, stack.num_layers, k, weights)
         allocation = allocate(
             scoring,
             strategies.sharer,

@@ -20,12 +20,14 @@ from .errors import PluginError
 if TYPE_CHECKING:
     from .config import PlanConfig
     from .hooks.calls import Registered
+    from .weights import WeightSource
 
 __all__ = [
     "ACTIVATIONS",
     "GRADIENTS",
     "HIDDEN",
     "LORA_OUTPUTS",
+    "WEIGHTS",
     "CalibrationStats",
     "SelectionContext",
     "Selector",
@@ -38,6 +40,11 @@ __all__ = [
     "shares_unselected",
     "top_k",
 ]
+
+#: Not a statistic of the calibration pass: a selector that ``requires`` it reads the target modules' weights
+#: (:attr:`SelectionContext.weights`, :mod:`loraplan.weights`) and needs no calibration data at all when it requires
+#: nothing else (``make_plan(model, None, config)``, ``loraplan analyze DIR`` without ``--data``)
+WEIGHTS = "weights"
 
 #: STATISTICS is gone (nothing used it); kept for a release
 __getattr__ = removed(__name__, {"STATISTICS": _STATISTICS})
@@ -52,6 +59,9 @@ class SelectionContext:
     num_layers: int
     #: the number of layers to keep (from ``ratio`` or ``count``)
     k: int
+    #: the target modules' weights, layer by layer, for a selector that requires :data:`WEIGHTS` (else ``None``):
+    #: from the model in memory, or streamed from a checkpoint directory without building the model
+    weights: WeightSource | None = None
 
 
 @dataclass

@@ -29,34 +29,40 @@ if TYPE_CHECKING:
 __all__ = ["Ranks", "allocate_ranks", "importance_base", "importance_ranks", "rank_total", "ranked_selection"]
 
 
-def allocate_ranks(weights: Sequence[float], total: int, *, min_rank: int = 1, rank_multiple: int = 1) -> list[int]:
+def allocate_ranks(
+    weights: Sequence[float],
+    total: int,
+    *,
+    min_rank: int = 1,
+    rank_multiple: int = 1,
+    max_rank: int | None = None,
+) -> list[int]:
     """Ranks for units with importance ``weights`` (non-negative; ``nan`` never gets a rank) that sum to at most
     ``total``: each unit's share of ``total`` in proportion to its weight, rounded to a multiple of ``rank_multiple``
     by largest remainders (ties: the heavier unit, then the earlier one); units below ``min_rank`` get 0 and their
-    share goes to the rest. All-zero weights share equally."""
+    share goes to the rest. All-zero weights share equally. ``max_rank``: no unit gets more (rounded down to a
+    multiple of ``rank_multiple``); a capped unit's excess is shared among the others in proportion to their
+    weights, so the ranks still sum to ``total`` within one ``rank_multiple`` unless every unit is capped."""
     if total < 0:
         raise ConfigError(f"the rank budget must be at least 0, got {total}.")
     if min_rank < 1 or rank_multiple < 1:
         raise ConfigError(f"`min_rank` and `rank_multiple` must be at least 1, got {min_rank} and {rank_multiple}.")
+    if max_rank is not None and max_rank < max(min_rank, rank_multiple):
+        raise ConfigError(f"`max_rank` {max_rank} is below `min_rank` {min_rank} or `rank_multiple` {rank_multiple}.")
     values = [math.nan if w is None else float(w) for w in weights]
     if any(v < 0 for v in values if not math.isnan(v)):
         bad = {i: v for i, v in enumerate(values) if v < 0}
         raise ConfigError(
             f"`rank_policy`='importance' shares ranks in proportion to the selector's importance, which must be "
             f"non-negative; got negative importance for {bad}. Use a selector with non-negative scores (cka, "
-            "activation, gradient, lora_drop) or another rank_policy."
+            "activation, gradient, lora_drop, snr) or another rank_policy."
         )
     live = [i for i, v in enumerate(values) if not math.isnan(v)]
     ranks = [0] * len(values)
     floor_units = math.ceil(min_rank / rank_multiple)  # the fewest multiples a unit may get
+    cap = max_rank // rank_multiple if max_rank is not None else math.inf  # the most multiples a unit may get
     while live:
-        units = total // rank_multiple
-        mass = sum(values[i] for i in live)
-        share = {i: (values[i] / mass if mass > 0 else 1 / len(live)) * units for i in live}
-        got = {i: math.floor(share[i] + 1e-9) for i in live}
-        spare = units - sum(got.values())
-        for i in sorted(live, key=lambda i: (-(share[i] - got[i]), -values[i], i))[:spare]:
-            got[i] += 1
+        got = _shares(values, live, total // rank_multiple, cap)
         short = [i for i in live if got[i] < floor_units]
         if not short:
             for i in live:
@@ -66,6 +72,34 @@ def allocate_ranks(weights: Sequence[float], total: int, *, min_rank: int = 1, r
         drop = min(short, key=lambda i: (values[i], -i))
         live.remove(drop)
     return ranks
+
+
+def _shares(values: list[float], live: list[int], units: int, cap: float) -> dict[int, int]:
+    """``units`` shared over ``live`` in proportion to ``values`` by largest remainders, no unit above ``cap``: a unit
+    whose share passes the cap is held at it, and the rest is shared again among the others."""
+    held: dict[int, int] = {}
+    free, left = list(live), units
+    while True:
+        mass = sum(values[i] for i in free)
+        share = {i: (values[i] / mass if mass > 0 else 1 / len(free)) * left for i in free}
+        over = [i for i in free if share[i] > cap]
+        if not over:
+            break
+        for i in over:
+            held[i] = int(cap)
+            free.remove(i)
+            left -= int(cap)
+        if not free:
+            return held
+    got = {i: math.floor(share[i] + 1e-9) for i in free}
+    spare = left - sum(got.values())
+    for i in sorted(free, key=lambda i: (-(share[i] - got[i]), -values[i], i)):
+        if spare <= 0:
+            break
+        if got[i] < cap:
+            got[i] += 1
+            spare -= 1
+    return {**got, **held}
 
 
 @dataclass
@@ -108,7 +142,9 @@ def ranked_selection(
         usable = top_k([importance[i] if i in usable else math.nan for i in range(n)], config.count)
     total = rank_total(config, n, 0, base_rank, 0)
     weights = [importance[i] if i in usable else math.nan for i in range(n)]
-    ranks = allocate_ranks(weights, total, min_rank=config.min_rank, rank_multiple=config.rank_multiple)
+    ranks = allocate_ranks(
+        weights, total, min_rank=config.min_rank, rank_multiple=config.rank_multiple, max_rank=config.max_rank
+    )
     selected = [i for i, r in enumerate(ranks) if r > 0]
     budget = config.param_budget
     if not selected or budget is None:
@@ -151,7 +187,9 @@ def importance_ranks(
                 f"takes its r={r} per module set. Raise param_budget, or plan without share='{config.share}'."
             )
         weights = [sum(importance[i] for i in unit if i in chosen) for unit in units]
-        got = allocate_ranks(weights, total, min_rank=config.min_rank, rank_multiple=config.rank_multiple)
+        got = allocate_ranks(
+            weights, total, min_rank=config.min_rank, rank_multiple=config.rank_multiple, max_rank=config.max_rank
+        )
         dropped = [i for unit, rank in zip(units, got) for i in unit if rank == 0 and i in chosen]
         if not dropped:
             break
@@ -166,7 +204,9 @@ def importance_ranks(
     left_out = [i for i in original if i not in selected]
     note = (
         f"rank_policy 'importance': {total} rank units over {len(units)} module sets in proportion to importance "
-        f"(r={r}, min_rank {config.min_rank}, multiple {config.rank_multiple}): ranks "
+        f"(r={r}, min_rank {config.min_rank}, multiple {config.rank_multiple}"
+        + (f", max_rank {config.max_rank}" if config.max_rank is not None else "")
+        + "): ranks "
         + ", ".join(f"{i}:{pattern[i]}" for i in sorted(pattern))
         + (f"; left out (rounded below min_rank): {left_out}" if left_out else "")
         + (f"; the shared rest keeps r={r}" if rest else "")

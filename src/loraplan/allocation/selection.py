@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..config import PlanConfig
     from ..cost.prediction import LayerCosts
     from ..hooks.calls import Registered
+    from ..weights import WeightSource
 
 __all__ = ["Scoring", "score", "select"]
 
@@ -40,9 +41,17 @@ class Scoring:
         return [f"layer {layer} is flagged and not selected: {reason}." for layer, reason in self.flagged.items()]
 
 
-def score(selector: Registered, stats: CalibrationStats, config: PlanConfig, num_layers: int, k: int) -> Scoring:
-    """The selector's scores, and the layers it could not score; an error when it can score none."""
-    ctx = SelectionContext(stats=stats, config=config, num_layers=num_layers, k=k)
+def score(
+    selector: Registered,
+    stats: CalibrationStats,
+    config: PlanConfig,
+    num_layers: int,
+    k: int,
+    weights: WeightSource | None = None,
+) -> Scoring:
+    """The selector's scores, and the layers it could not score; an error when it can score none. ``weights``: what
+    a weight-only selector reads (``SelectionContext.weights``)."""
+    ctx = SelectionContext(stats=stats, config=config, num_layers=num_layers, k=k, weights=weights)
     scores = selector.call("score", ctx)
     importance = check_scores(selector, scores, num_layers)
     flagged = flag_reasons(stats, importance, config.selector)

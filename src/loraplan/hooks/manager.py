@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = (
     "loraplan.plugins.gradient",
     "loraplan.plugins.baselines",
     "loraplan.plugins.lora_drop",
+    "loraplan.plugins.spectral",
     "loraplan.plugins.angular",
     "loraplan.plugins.odd_even",
     "loraplan.plugins.shared_rest",
