@@ -40,7 +40,7 @@ DEMO_ARGS ?= --samples 128 --max-length 256 --selector cka --ratio 0.5 --share a
 
 .PHONY: venv demo test lint format test-fast test-latest constraints test-integrations-heavy axolotl-venv test-axolotl bench \
 	bench-gpu bench-gpu-smoke gpu-wheels bench-reference \
-	bench-speed bench-speed-smoke bench-quality bench-quality-smoke bench-quality-report clean
+	bench-weights bench-speed bench-speed-smoke bench-quality bench-quality-smoke bench-quality-report clean
 
 $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -162,6 +162,11 @@ bench-reference: venv
 # SPEED_ARGS adds options, e.g. SPEED_ARGS="--threads 1" on a CPU that other jobs share.
 SPEED_PRESET ?= cpu
 SPEED_ARGS ?=
+# weight-only planning streamed from a TinyLlama-1.1B-shape checkpoint (written once under .cache, 2.2 GB):
+# time, peak memory, the same layers as in memory (docs/benchmarks/calibration.md)
+bench-weights: venv
+	$(PY) benchmarks/weight_selection.py --dir $(CURDIR)/.cache/tinyllama-shape --json benchmarks/results/weight_selection_cpu.json
+
 bench-speed: venv
 	$(PY) benchmarks/step_time.py --preset $(SPEED_PRESET) --time-budget 0.6 --write-doc docs/speed.md \
 		--json benchmarks/results/step_time_$(SPEED_PRESET).json $(SPEED_ARGS)

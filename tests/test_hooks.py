@@ -26,6 +26,8 @@ def test_builtins_are_registered_as_plugins(pm):
         "bottom",
         "every_other",
         "none",
+        "snr",
+        "condition",
         "all",
     }
     assert set(sharers(pm)) == {"angular", "lora_drop", "odd_even"}
