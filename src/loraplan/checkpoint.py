@@ -25,7 +25,17 @@ from .hooks.manager import get_plugin_manager
 from .layers import hidden_size
 from .plan import LoraPlan
 from .plan_records import CalibrationRecord, ModelFingerprint, StackRecord, config_hash
-from .plan_steps import adjust, check_data_free, final, price, settings_of, strategies_for, versions
+from .plan_steps import (
+    adjust,
+    calibration_facts,
+    check_data_free,
+    data_free_stats,
+    final,
+    price,
+    settings_of,
+    strategies_for,
+    versions,
+)
 from .weights import CheckpointWeights
 
 if TYPE_CHECKING:
@@ -57,12 +67,7 @@ def plan_checkpoint(
     weights = CheckpointWeights(Path(directory), config.target_modules)
     weights.progress = progress
     k = config.layer_count(weights.num_layers)
-    stats = CalibrationStats(
-        num_layers=weights.num_layers,
-        tokens=torch.zeros(0, dtype=torch.float64),
-        batch_index=torch.zeros(0, dtype=torch.long),
-        target_names=[weights.names(i) for i in range(weights.num_layers)],
-    )
+    stats = data_free_stats([weights.names(i) for i in range(weights.num_layers)])
     scoring = score(chosen.selector, stats, config, weights.num_layers, k, weights)
     allocation = allocate(
         scoring, chosen.sharer, stats, config, base_rank=lora_rank, costs=None, cost_problem=NOT_PRICED
@@ -72,7 +77,7 @@ def plan_checkpoint(
         selected_layers=allocation.selected,
         share_groups=allocation.sharing.groups,
         rank_pattern=allocation.ranks.pattern,
-        scores={**{name: [float(v) for v in values] for name, values in scoring.scores.items()}},
+        scores={name: [float(v) for v in values] for name, values in scoring.scores.items()},
         config=config.to_dict(),
         model_fingerprint=_fingerprint(model_config, weights),
         stack=StackRecord(
@@ -84,7 +89,7 @@ def plan_checkpoint(
             targets_from="config" if config.target_modules else "all-linear",
             other_stacks=[],
         ),
-        calibration=_calibration(model_config, config, chosen.requires),
+        calibration=_calibration(model_config, config, chosen.requires, stats),
         flagged_layers=scoring.flagged,
         notes=list(allocation.notes),
         warnings=scoring.warnings + allocation.warnings,
@@ -141,21 +146,13 @@ def _fingerprint(model_config: Any, weights: CheckpointWeights) -> ModelFingerpr
     )
 
 
-def _calibration(model_config: Any, config: PlanConfig, requires: frozenset[str]) -> CalibrationRecord:
+def _calibration(
+    model_config: Any, config: PlanConfig, requires: frozenset[str], stats: CalibrationStats
+) -> CalibrationRecord:
     dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-    return CalibrationRecord(
-        num_samples=0,
-        num_tokens=0,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-        data_hash=None,
-        seed=config.seed,
-        pooling=None,
-        last_token=config.last_token,
-        dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
-        device=None,
-        statistics=sorted(requires),
-        weights="checkpoint",
+    name = str(dtype).replace("torch.", "") if dtype is not None else None
+    return calibration_facts(
+        None, stats, config, requires, dtype=name, device=None, quantization=None, weights="checkpoint"
     )
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,9 +75,6 @@ VOLATILE_CONFIG_KEYS = frozenset(
 
 def config_hash(config: dict[str, Any]) -> str:
     """``"sha256:"`` and 16 hex digits of a model config's network-defining keys (without the volatile ones)."""
-    import hashlib
-    import json
-
     relevant = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(json_ready(relevant), sort_keys=True, default=str).encode()).hexdigest()
     return "sha256:" + digest[:16]

@@ -19,7 +19,7 @@ from .data import CalibrationBatches, prepare_batches
 from .diagnostics import calibration_diagnostics, stability
 from .errors import CalibrationError, ConfigError
 from .hooks.manager import Registered, call_hook, lookup, selectors, sharers
-from .layers import LayerStack, linear_modules, parameter_device, parameter_dtype, target_modules_of, target_shapes
+from .layers import LayerStack, linear_modules, parameter_device, parameter_dtype, target_shapes
 from .plan import LoraPlan, fingerprint
 from .plan_records import CalibrationRecord, CostRecord, StackRecord
 from .quantized import quantization_of
@@ -198,8 +198,33 @@ def calibration_record(
     config: PlanConfig,
     requires: frozenset[str],
 ) -> CalibrationRecord:
-    """The calibration facts (``batches`` ``None``: planned without data, from the weights alone)."""
+    """The calibration facts of ``base`` (``batches`` ``None``: planned without data, from the weights alone)."""
     dtype, device = parameter_dtype(base), parameter_device(base)
+    return calibration_facts(
+        batches,
+        stats,
+        config,
+        requires,
+        dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
+        device=device.type if device is not None else None,
+        quantization=quantization_of(base) or None,
+        weights="model" if WEIGHTS in requires else None,
+    )
+
+
+def calibration_facts(
+    batches: CalibrationBatches | None,
+    stats: CalibrationStats,
+    config: PlanConfig,
+    requires: frozenset[str],
+    *,
+    dtype: str | None,
+    device: str | None,
+    quantization: str | None,
+    weights: str | None,
+) -> CalibrationRecord:
+    """The calibration record from the data, the statistics and what is known of the weights (``weights``: where a
+    weight-only selector read them, ``"model"`` or ``"checkpoint"``)."""
     return CalibrationRecord(
         num_samples=batches.num_samples if batches is not None else 0,
         num_tokens=batches.num_tokens if batches is not None else 0,
@@ -209,13 +234,13 @@ def calibration_record(
         seed=config.seed,
         pooling=stats.meta.get("pooling"),
         last_token=config.last_token,
-        dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
-        device=device.type if device is not None else None,
+        dtype=dtype,
+        device=device,
         statistics=sorted(requires),
         batching="by length" if batches is not None and batches.order is not None else None,
         lora_drop=dict(stats.meta["lora_drop"]) if "lora_drop" in stats.meta else None,
-        quantization=quantization_of(base) or None,
-        weights="model" if WEIGHTS in requires else None,
+        quantization=quantization,
+        weights=weights,
     )
 
 
@@ -238,13 +263,13 @@ def check_data_free(chosen: Strategies, config: PlanConfig) -> None:
         )
 
 
-def data_free_stats(stack: LayerStack, targets: list[str] | None) -> CalibrationStats:
-    """The statistics of no calibration pass: no sample, only each layer's target modules."""
+def data_free_stats(target_names: list[list[str]]) -> CalibrationStats:
+    """The statistics of no calibration pass: no sample, only each layer's target modules (``target_names``)."""
     return CalibrationStats(
-        num_layers=stack.num_layers,
+        num_layers=len(target_names),
         tokens=torch.zeros(0, dtype=torch.float64),
         batch_index=torch.zeros(0, dtype=torch.long),
-        target_names=[sorted(target_modules_of(layer, targets)) for layer in stack.layers],
+        target_names=target_names,
     )
 
 

@@ -16,7 +16,7 @@ from .calibration import ACTIVATIONS, HIDDEN, calibrate, calibrate_stacks
 from .config import PlanConfig
 from .errors import ConfigError
 from .hooks.manager import get_plugin_manager
-from .layers import LayerStack, find_stacks, stack_role, unwrap
+from .layers import LayerStack, find_stacks, stack_role, target_modules_of, unwrap
 from .layout import other_stacks_reached
 from .plan import LoraPlan, fingerprint
 from .plan_stacks import combine
@@ -113,7 +113,7 @@ def make_plan(
     base_rank = lora_rank_of(model, lora_rank)
     with training_numerics(model):  # 4-bit weights stay as they are (loraplan.quantized)
         if batches is None:
-            stats = data_free_stats(stack, targets)
+            stats = data_free_stats([sorted(target_modules_of(layer, targets)) for layer in stack.layers])
         else:
             stats = calibrate(model, stack, batches, chosen.requires, config, targets, progress)
         costs, cost_problem = cost_model(model, stack, config, targets, base_rank)

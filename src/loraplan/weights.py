@@ -11,6 +11,7 @@ from it.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ConfigError, LayerDiscoveryError
-from .layers import base_layer, target_modules_of
+from .layers import base_layer, target_modules_of, target_shapes
 
 if TYPE_CHECKING:
     from torch import nn
@@ -88,9 +89,7 @@ class ModelWeights(WeightSource):
         return weight.detach()
 
     def shapes(self, layer: int = 0) -> dict[str, tuple[int, int]]:
-        from .layers import features
-
-        return {name: features(module) for name, module in sorted(self._modules(layer).items())}
+        return target_shapes(self.stack.layers[layer], self.targets)
 
 
 @dataclass
@@ -197,14 +196,7 @@ class CheckpointWeights(WeightSource):
     @property
     def num_parameters(self) -> int:
         """Parameters of every tensor in the checkpoint (from the headers)."""
-        return sum(_count(entry.shape) for entry in self.entries.values())
-
-
-def _count(shape: list[int]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
+        return sum(math.prod(entry.shape) for entry in self.entries.values())
 
 
 def _header(file: Path) -> dict[str, _Entry]:
